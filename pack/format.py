@@ -200,6 +200,23 @@ class ShardWriter:
         fsync_dir(self.out_dir)
         return self.shards
 
+    def abort(self) -> None:
+        """After an error: close and delete the shard being written (its temporary file).
+        Shards already completed are left to the caller (they are listed in ``shards``)."""
+        for obj in (self._writer, self._sink):
+            try:
+                if obj is not None:
+                    obj.close()
+            except Exception:
+                pass
+        if self._tmp is not None:
+            try:
+                self._tmp.unlink()
+            except FileNotFoundError:
+                pass
+        self._writer = self._sink = self._tmp = None
+        self._buf = {c: [] for c in COLUMNS}
+
 
 def _list_array(rows: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
@@ -428,7 +445,7 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
         return [str(e)]
     vocab = manifest["tokenizer"].get("vocab_size")
     max_length = int(manifest["max_length"])
-    tokens_total = 0
+    tokens_total = samples_total = label_total = 0
     shards = manifest["shards"]
     it = shards
     if progress:
@@ -454,6 +471,8 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
             offs = {c: ds_cols[c].offsets.to_numpy() for c in COLUMNS}
             vals = {c: ds_cols[c].values.to_numpy() for c in COLUMNS}
             shard_tokens = 0
+            samples_total += int(len(vals["sample_index"]))
+            label_total += int(np.count_nonzero(vals["labels"] != IGNORE_INDEX))
             for r in range(table.num_rows):
                 row = {c: vals[c][offs[c][r]:offs[c][r + 1]] for c in COLUMNS}
                 shard_tokens += len(row["input_ids"])
@@ -470,27 +489,53 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
             tokens_total += shard_tokens
         if len(problems) >= max_problems:
             break
-    if invariants and not problems:
-        expected = manifest["stats"]["tokens"]
-        if tokens_total != expected:
-            problems.append(str(FormatError(f"shards hold {tokens_total} tokens, stats.tokens "
-                                            f"says {expected}", shard=MANIFEST,
-                                            rule="stats-tokens")))
+    if not problems:
+        stats = manifest["stats"]
+        found = {"packs": sum(int(s["packs"]) for s in shards)}
+        if invariants:
+            found.update(tokens=tokens_total, samples_packed=samples_total,
+                         label_tokens=label_total)
+        for key, got in found.items():
+            if got != stats[key]:
+                problems.append(str(FormatError(
+                    f"shards hold {got} {key.replace('_', ' ')}, stats.{key} says {stats[key]}; "
+                    f"the manifest was edited — rebuild the dataset", shard=MANIFEST,
+                    rule=f"stats-{key.replace('_', '-')}")))
     return problems
 
 
 # ---------------------------------------------------------------- tokenizer identity
 
+# tokenizer_config.json classes that are the generic fast tokenizer itself: loaded directly,
+# without AutoTokenizer (whose import pulls in torch through transformers' config machinery).
+_GENERIC_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+
+
+def _generic_tokenizer_dir(p: Path) -> bool:
+    try:
+        cfg = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(cfg, dict) and cfg.get("tokenizer_class") in _GENERIC_TOKENIZER_CLASSES
+            and not cfg.get("auto_map") and (p / "tokenizer.json").is_file())
+
+
 def load_tokenizer(path: str | os.PathLike):
     """Load a local tokenizer: a Hugging Face tokenizer/model directory or a tokenizer.json.
-    Never downloads (local_files_only); errors name the path."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    Never downloads (local_files_only); errors name the path. A directory whose
+    tokenizer_config.json names the generic fast tokenizer class is loaded with that class
+    directly (the same object AutoTokenizer returns, without importing torch)."""
+    from transformers import PreTrainedTokenizerFast
 
     p = Path(path)
     try:
         if p.is_file() and p.suffix == ".json":
             return PreTrainedTokenizerFast(tokenizer_file=str(p))
         if p.is_dir():
+            if _generic_tokenizer_dir(p):
+                return PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
+            from transformers import AutoTokenizer
+
             return AutoTokenizer.from_pretrained(str(p), local_files_only=True,
                                                  trust_remote_code=False)
     except Exception as e:  # transformers raises many types for unreadable files

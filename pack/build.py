@@ -1,0 +1,806 @@
+"""The pack-build pipeline: read records, render + tokenize them in worker processes, bin-pack the
+whole dataset, write Arrow shards and, last, the manifest.
+
+Stages (each with a progress bar on stderr unless ``quiet``):
+
+1. expand the inputs (files, directories, globs) and hash every source file (sha256, bytes);
+2. read records in order (inputs in the order given, records in file order; record ``k`` of the
+   build is ``sample_index`` ``k``) and hand them in chunks of :data:`CHUNK` records to ``workers``
+   processes that render and tokenize them (``workers == 1`` runs in-process). Results come back in
+   submission order, so the output does not depend on the number of workers. At most a few chunks
+   per worker are in flight, so memory does not grow with the corpus;
+3. truncate (keep the first ``max_length`` tokens) or drop overlong samples, force the label at
+   every sample start to -100, and append each kept sample (``input_ids``, ``labels``) as one row
+   of a *temporary* Arrow IPC file in the output directory. Only the per-sample lengths and record
+   numbers stay in memory;
+4. bin-pack all lengths at once (:func:`pack.binpack.pack`), shuffle the pack order with
+   ``numpy.random.default_rng(seed)``;
+5. gather each pack's samples from the memory-mapped temporary file and write it through
+   :class:`pack.format.ShardWriter` (shards are written under temporary names and renamed when
+   complete);
+6. remove the temporary file, write the dataset card ``README.md`` and, last, ``manifest.json``
+   (atomically). A directory without a manifest is not a dataset.
+
+On any error (or Ctrl-C) the temporary files and the shards of this build are removed and no
+manifest is left behind. Same inputs and arguments give byte-identical shards and a manifest that
+differs only in ``stats.seconds`` and ``stats.tokens_per_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import itertools
+import mmap
+import os
+import platform
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from . import format as fmt_mod
+from .format import IGNORE_INDEX, MANIFEST, PacktrainError
+
+CHUNK = 512            # records per task handed to a worker
+IN_FLIGHT_PER_WORKER = 3
+DETECT_RECORDS = 256   # records looked at to detect a file's format
+TMP_SAMPLES = ".packtrain-samples.tmp.arrow"
+CARD = "README.md"
+TEMPLATE_FOR_FORMAT = {"alpaca": "alpaca", "messages": "chat", "text": "none"}
+FORMATS = ("auto", "alpaca", "messages", "text")
+TEMPLATES = ("auto", "alpaca", "chat", "none")
+OVERLONG = ("truncate", "drop")
+TIMING_FIELDS = ("seconds", "tokens_per_s")  # the only stats that vary between equal builds
+_SAMPLE_SCHEMA = pa.schema([pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+                            pa.field("labels", pa.list_(pa.int32()), nullable=False)])
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """Every pack-build argument, with its default. ``tokenizer=None`` means the environment
+    variable ``PACKTRAIN_TOKENIZER``; ``workers=None`` means all usable cores."""
+
+    inputs: list[str]
+    out: str
+    tokenizer: str | None = None
+    max_length: int = 4096
+    format: str = "auto"
+    template: str = "auto"
+    chat_template: str | None = None
+    train_on_prompt: bool = False
+    overlong: str = "truncate"
+    strategy: str = "bfd"
+    seed: int = 0
+    workers: int | None = None
+    shard_size: str = "256MB"
+    overwrite: bool = False
+    skip_invalid: bool = False
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args: Any) -> "BuildConfig":
+        if isinstance(args, cls):
+            return args
+        d = dict(args) if isinstance(args, dict) else dict(vars(args))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------- small helpers
+
+def parse_shard_size(text: str | int) -> tuple[int | None, int | None]:
+    """``"1000"`` -> (1000 packs, no byte limit); ``"256MB"``/``"1GB"``/``"512KiB"`` -> bytes."""
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?", s, flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise PacktrainError(f"--shard-size {text!r}: expected a number of packs (e.g. 1000) or a "
+                             f"size such as 256MB or 1GB")
+    if not m.group(2):
+        if "." in m.group(1):
+            raise PacktrainError(f"--shard-size {text!r}: a pack count must be a whole number")
+        return int(m.group(1)), None
+    unit = m.group(2).upper().replace("I", "")
+    mult = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}[unit]
+    return None, max(1, int(float(m.group(1)) * mult))
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_tokenizer(path: str | None) -> str:
+    if path:
+        return path
+    env = os.environ.get("PACKTRAIN_TOKENIZER")
+    if env:
+        return env
+    raise PacktrainError("no tokenizer: pass --tokenizer PATH (a Hugging Face tokenizer directory "
+                         "or tokenizer.json) or set PACKTRAIN_TOKENIZER")
+
+
+_TOKENIZER_CACHE: dict[tuple, Any] = {}
+
+
+def load_tokenizer_cached(path: str):
+    """:func:`pack.format.load_tokenizer`, remembered per process for an unchanged path (loading
+    a 128k-vocabulary tokenizer takes seconds; tests and library callers build many times).
+    Nothing in the pipeline modifies a tokenizer, so sharing it is safe."""
+    p = Path(path)
+    try:
+        files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file())
+        key = (str(p.resolve()), tuple((x.name, x.stat().st_mtime_ns, x.stat().st_size)
+                                       for x in files))
+    except OSError:
+        return fmt_mod.load_tokenizer(path)
+    tok = _TOKENIZER_CACHE.get(key)
+    if tok is None:
+        tok = fmt_mod.load_tokenizer(path)
+        _TOKENIZER_CACHE.clear()
+        _TOKENIZER_CACHE[key] = tok
+    return tok
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"packtrain": __version__,
+                                  "python": platform.python_version(),
+                                  "pyarrow": pa.__version__}
+    for mod in ("tokenizers", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - both are dependencies
+            out[mod] = None
+    return out
+
+
+def _source_info(path: Path) -> dict[str, Any]:
+    try:
+        return {"path": str(path), "sha256": fmt_mod.file_sha256(path), "records": 0,
+                "bytes": path.stat().st_size}
+    except OSError as e:
+        raise PacktrainError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def length_histogram(lengths: np.ndarray, max_length: int) -> dict[str, list[int]]:
+    """Counts of sample lengths in ``[edges[i], edges[i+1])``; edges are 1, then powers of two
+    from 16 below max_length, then max_length + 1."""
+    edges = [1] + [1 << k for k in range(4, 40) if (1 << k) < max_length] + [max_length + 1]
+    counts, _ = np.histogram(np.asarray(lengths), bins=np.asarray(edges))
+    return {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+FILL_EDGES = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
+
+
+def fill_histogram(pack_tokens: np.ndarray, max_length: int) -> dict[str, list]:
+    """Counts of packs by fill (tokens / max_length) in ``[edges[i], edges[i+1])``, the last bin
+    closed."""
+    fills = np.asarray(pack_tokens, dtype=np.float64) / max_length
+    counts, _ = np.histogram(fills, bins=np.asarray(FILL_EDGES))
+    return {"edges": FILL_EDGES, "counts": [int(c) for c in counts]}
+
+
+# ---------------------------------------------------------------- the worker side
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSpec:
+    """What a worker needs to re-create the renderer: everything is picklable."""
+
+    tokenizer: str
+    fmt: str
+    template: str
+    train_on_prompt: bool
+    chat_template: str | None
+    max_length: int
+    overlong: str
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    keep: np.ndarray          # int64 local indices (in the chunk) of the kept samples
+    lengths: np.ndarray       # int32 length of each kept sample (after truncation)
+    ids: np.ndarray           # int32, kept samples back to back
+    labels: np.ndarray        # int32, same layout; -100 at every sample start
+    label_tokens: int
+    truncated: int
+    dropped: dict[str, int]
+    errors: list[tuple[int, str, str]]  # (local index, message, reason) of invalid records
+
+
+def _renderer_from_spec(spec: EncodeSpec, tokenizer=None):
+    from .templates import Renderer
+
+    if tokenizer is None:
+        tokenizer = fmt_mod.load_tokenizer(spec.tokenizer)
+    return Renderer(tokenizer, spec.fmt, spec.template, train_on_prompt=spec.train_on_prompt,
+                    chat_template=spec.chat_template)
+
+
+class Encoder:
+    """Renders and tokenizes chunks of records and applies the overlong policy."""
+
+    def __init__(self, spec: EncodeSpec, renderer=None):
+        from . import templates
+
+        self.spec = spec
+        self.renderer = renderer if renderer is not None else _renderer_from_spec(spec)
+        self._nothing = getattr(templates, "NothingToTrain", ())
+
+    def __call__(self, records: list[dict]) -> ChunkResult:
+        spec = self.spec
+        out = self.renderer.encode_batch(records)
+        keep: list[int] = []
+        lens: list[int] = []
+        ids_parts: list[np.ndarray] = []
+        lab_parts: list[np.ndarray] = []
+        errors: list[tuple[int, str, str]] = []
+        dropped: Counter = Counter()
+        truncated = label_tokens = 0
+        for j, r in enumerate(out):
+            if isinstance(r, BaseException):
+                if self._nothing and isinstance(r, self._nothing):
+                    dropped[getattr(r, "reason", None) or "empty-response"] += 1
+                elif isinstance(r, PacktrainError):
+                    reason = getattr(r, "reason", None) or "invalid-record"
+                    errors.append((j, str(r), str(reason)))
+                else:
+                    raise r
+                continue
+            ids, labels = r
+            ids = np.asarray(ids, dtype=np.int32)
+            labels = np.array(labels, dtype=np.int32)  # a copy: we write into it
+            n = len(ids)
+            if n == 0:
+                dropped["empty"] += 1
+                continue
+            cut = n > spec.max_length
+            if cut:
+                if spec.overlong == "drop":
+                    dropped["overlong"] += 1
+                    continue
+                ids, labels = ids[:spec.max_length], labels[:spec.max_length]
+            labels[0] = IGNORE_INDEX
+            nl = int(np.count_nonzero(labels != IGNORE_INDEX))
+            if nl == 0:
+                dropped["no-labels-after-truncation" if cut else "empty-response"] += 1
+                continue
+            truncated += cut
+            label_tokens += nl
+            keep.append(j)
+            lens.append(len(ids))
+            ids_parts.append(ids)
+            lab_parts.append(labels)
+        cat = (lambda p: np.concatenate(p) if p else np.zeros(0, np.int32))
+        return ChunkResult(np.asarray(keep, dtype=np.int64), np.asarray(lens, dtype=np.int32),
+                           cat(ids_parts), cat(lab_parts), label_tokens, truncated,
+                           dict(dropped), errors)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(spec: EncodeSpec) -> None:
+    """Set up one worker process. Under ``fork`` the parent's renderer (tokenizer loaded once,
+    in the parent) is inherited copy-on-write and reused; under ``spawn``/``forkserver`` the
+    worker loads the tokenizer itself, once."""
+    # Ctrl-C goes to the whole process group: the parent handles it and terminates the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; no rayon pool
+    try:
+        inherited = _WORKER.pop("inherit", None)
+        renderer = inherited[1] if inherited is not None and inherited[0] == spec else None
+        _WORKER["encoder"] = Encoder(spec, renderer)
+    except BaseException as e:  # reported on the first task instead of a respawn loop
+        _WORKER["error"] = e
+
+
+def _worker_encode(records: list[dict]) -> ChunkResult:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return _WORKER["encoder"](records)
+
+
+# ---------------------------------------------------------------- the parent side
+
+class _Progress:
+    """tqdm bars on stderr (none when quiet); bars still open when an error stops the build are
+    closed so that the error line starts on a line of its own."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars: list = []
+
+    def bar(self, **kw):
+        from tqdm import tqdm
+
+        b = tqdm(disable=self.quiet, file=sys.stderr, dynamic_ncols=True, leave=True, **kw)
+        self.bars.append(b)
+        return b
+
+    def close_all(self) -> None:
+        for b in self.bars:
+            try:
+                b.close()
+            except Exception:
+                pass
+        self.bars.clear()
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory without --overwrite (before any slow work)."""
+    if out.exists() and not out.is_dir():
+        raise PacktrainError(f"{out}: exists and is not a directory; choose another output "
+                             f"directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PacktrainError(f"{out}: output directory is not empty; pass --overwrite to "
+                             f"replace the dataset in it, or choose another directory")
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    _check_out_dir(out, overwrite)
+    if out.is_dir() and any(out.iterdir()):
+        # The manifest goes first: an interrupted rebuild must never look complete.
+        manifest = out / MANIFEST
+        if manifest.exists():
+            manifest.unlink()
+            fmt_mod.fsync_dir(out)
+        for p in out.iterdir():
+            if _is_ours(p.name):
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _is_ours(name: str) -> bool:
+    """Files a build writes (and --overwrite removes); anything else in the directory stays."""
+    return (name in (MANIFEST, CARD, TMP_SAMPLES)
+            or re.fullmatch(r"shard-\d{5,}\.arrow", name) is not None
+            or re.fullmatch(r"\.shard-\d{5,}\.arrow\.tmp", name) is not None
+            or (name.startswith(f".{MANIFEST}.tmp-")))
+
+
+def _cleanup(out: Path, shard_writer=None, remove_shards: bool = True) -> None:
+    if shard_writer is not None:
+        try:
+            shard_writer.abort()
+        except Exception:
+            pass
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        name = p.name
+        temp = name == TMP_SAMPLES or name.startswith(".")
+        if _is_ours(name) and (temp or remove_shards):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def _peek(it: Iterator, n: int) -> tuple[list, Iterator]:
+    head = list(itertools.islice(it, n))
+    return head, itertools.chain(head, it)
+
+
+def _chunked(it: Iterable, n: int) -> Iterator[list]:
+    it = iter(it)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+class _SampleStore:
+    """The temporary Arrow file: one row per kept sample, written as chunks come back, then
+    memory-mapped for gathering packs. Pages already gathered are released from the process
+    (MADV_DONTNEED) every so often, so resident memory does not grow with the corpus."""
+
+    RELEASE_EVERY = 8 << 20  # tokens gathered between releases
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, _SAMPLE_SCHEMA)
+        self._mm = None
+        self._refs: list[Any] = []
+
+    def append(self, lengths: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> None:
+        if len(lengths) == 0:
+            return
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        off = pa.array(offsets)
+        batch = pa.RecordBatch.from_arrays(
+            [pa.ListArray.from_arrays(off, pa.array(ids, type=pa.int32())),
+             pa.ListArray.from_arrays(off, pa.array(labels, type=pa.int32()))],
+            schema=_SAMPLE_SCHEMA)
+        self._writer.write_batch(batch)
+
+    def finish_writing(self) -> None:
+        self._writer.close()
+        self._sink.close()
+
+    def open(self, n_samples: int) -> None:
+        """Map the file; compute each sample's element offset (in int32 units from the start of
+        the file) of its input_ids and of its labels."""
+        with open(self.path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = pa.py_buffer(self._mm)
+        reader = pa.ipc.open_file(pa.BufferReader(buf))
+        base = buf.address
+        self.ids_at = np.zeros(n_samples, dtype=np.int64)
+        self.labels_at = np.zeros(n_samples, dtype=np.int64)
+        k = 0
+        for b in range(reader.num_record_batches):
+            rb = reader.get_batch(b)
+            starts = {}
+            for c in ("input_ids", "labels"):
+                col = rb.column(c)
+                vals = col.values
+                addr = vals.buffers()[1].address - base
+                assert addr % 4 == 0, "Arrow buffers are 8-byte aligned"
+                off = col.offsets.to_numpy()
+                starts[c] = addr // 4 + vals.offset + off[:-1]
+            m = rb.num_rows
+            self.ids_at[k:k + m] = starts["input_ids"]
+            self.labels_at[k:k + m] = starts["labels"]
+            k += m
+            del rb
+        assert k == n_samples, (k, n_samples)
+        del reader, buf
+        self.flat = np.frombuffer(self._mm, dtype=np.int32, count=len(self._mm) // 4)
+        self._since_release = 0
+
+    def gather(self, idx: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                     np.ndarray]:
+        """Tokens and labels of samples ``idx`` back to back, and their cu_seqlens."""
+        lens = lengths[idx].astype(np.int64)
+        cu = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        total = int(cu[-1])
+        ramp = np.arange(total, dtype=np.int64)
+        ids = self.flat[np.repeat(self.ids_at[idx] - cu[:-1], lens) + ramp]
+        labels = self.flat[np.repeat(self.labels_at[idx] - cu[:-1], lens) + ramp]
+        labels[cu[:-1]] = IGNORE_INDEX
+        self._since_release += total
+        if self._since_release >= self.RELEASE_EVERY:
+            self.release()
+        return ids, labels, cu.astype(np.int32)
+
+    def release(self) -> None:
+        self._since_release = 0
+        if self._mm is not None and hasattr(self._mm, "madvise"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        for name in ("flat", "ids_at", "labels_at"):
+            self.__dict__.pop(name, None)
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still alive somewhere; the unlink below is enough
+                pass
+            self._mm = None
+        try:
+            if not self._sink.closed:
+                self._writer.close()
+                self._sink.close()
+        except Exception:
+            pass
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Counter,
+                  sources: list[dict]) -> tuple[str, Iterator[tuple[str, dict]]]:
+    """Return the (detected) format and an iterator over (where, record) of all files in order.
+    With ``--format auto`` every file's format is detected from its first records and all files
+    must agree. Each source's ``records`` count is filled in as the iterator is consumed."""
+    from .sources import detect_format, iter_records
+
+    resolved = {"fmt": None if fmt == "auto" else fmt}
+
+    def file_iter(i: int, path: Path) -> Iterator[tuple[str, dict]]:
+        it = iter_records(path, skip_invalid=skip_invalid, skipped=skipped)
+        if fmt == "auto":
+            head, it = _peek(it, DETECT_RECORDS)
+            if head:
+                got = detect_format([r for _, r in head], str(path))
+                if resolved["fmt"] is None:
+                    resolved["fmt"] = got
+                elif got != resolved["fmt"]:
+                    raise PacktrainError(
+                        f"{path}: records are in {got!r} format but earlier inputs are in "
+                        f"{resolved['fmt']!r}; pack them separately or pass --format")
+        n = 0
+        for item in it:
+            n += 1
+            yield item
+        sources[i]["records"] = n
+
+    iters = [file_iter(i, p) for i, p in enumerate(paths)]
+    stream = itertools.chain.from_iterable(iters)
+    if resolved["fmt"] is None:
+        # Detect from the first file that has records (empty files are skipped over here and
+        # still counted with 0 records).
+        head, stream = _peek(stream, 1)
+        if not head:
+            raise PacktrainError(f"{', '.join(str(p) for p in paths)}: no records found in the "
+                                 f"inputs")
+    return resolved["fmt"], stream
+
+
+def build(args: Any) -> dict:
+    """Run the whole pipeline; return the manifest written to ``args.out``. ``args`` is a
+    :class:`BuildConfig`, an ``argparse.Namespace`` or a dict with the same names."""
+    cfg = BuildConfig.from_args(args)
+    # One core per worker process (and one in-process with --workers 1); this also keeps
+    # tokenizers from warning about a fork after its thread pool was used.
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return _build(cfg)
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _build(cfg: BuildConfig) -> dict:
+    t0 = time.perf_counter()
+    ui = _Progress(cfg.quiet)
+    from . import binpack
+    from .sources import expand_inputs
+
+    # ---- validate arguments (cheap checks first: no tokenizer needed to reject a bad call)
+    if not cfg.inputs:
+        raise PacktrainError("no inputs: pass one or more .jsonl/.json/.parquet files, "
+                             "directories or globs before the output directory")
+    if cfg.max_length < 1:
+        raise PacktrainError(f"--max-length {cfg.max_length}: must be a positive number of "
+                             f"tokens")
+    for name, value, allowed in (("--format", cfg.format, FORMATS),
+                                 ("--template", cfg.template, TEMPLATES),
+                                 ("--overlong", cfg.overlong, OVERLONG),
+                                 ("--strategy", cfg.strategy, binpack.STRATEGIES)):
+        if value not in allowed:
+            raise PacktrainError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
+    max_packs, max_bytes = parse_shard_size(cfg.shard_size)
+    workers = cfg.workers if cfg.workers else default_workers()
+    if workers < 1:
+        raise PacktrainError(f"--workers {cfg.workers}: must be at least 1")
+    tok_path = resolve_tokenizer(cfg.tokenizer)
+    chat_template_text = None
+    if cfg.chat_template:
+        try:
+            chat_template_text = Path(cfg.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PacktrainError(f"{cfg.chat_template}: cannot read the chat template "
+                                 f"({getattr(e, 'strerror', None) or e})") from None
+
+    out = Path(cfg.out)
+    _check_out_dir(out, cfg.overwrite)
+    paths = expand_inputs(list(cfg.inputs))
+    resolved_out = out.resolve()
+    for p in paths:
+        if resolved_out in p.resolve().parents:
+            raise PacktrainError(f"{p}: input lies inside the output directory {out}; choose "
+                                 f"another output directory")
+    tokenizer = load_tokenizer_cached(tok_path)
+    sources = [_source_info(p) for p in paths]
+
+    skipped: Counter = Counter()
+    fmt, stream = _read_sources(paths, cfg.format, cfg.skip_invalid, skipped, sources)
+    template = TEMPLATE_FOR_FORMAT[fmt] if cfg.template == "auto" else cfg.template
+    spec = EncodeSpec(tok_path, fmt, template, bool(cfg.train_on_prompt), chat_template_text,
+                      int(cfg.max_length), cfg.overlong)
+    # Built here first so that configuration errors surface once, cleanly, in this process.
+    renderer = _renderer_from_spec(spec, tokenizer)
+
+    created_out = not out.exists()
+    _prepare_out_dir(out, cfg.overwrite)
+    store: _SampleStore | None = None
+    writer: fmt_mod.ShardWriter | None = None
+    pool = None
+    try:
+        # ---- read, render, tokenize -> temporary sample file
+        store = _SampleStore(out / TMP_SAMPLES)
+        lengths_parts: list[np.ndarray] = []
+        index_parts: list[np.ndarray] = []
+        dropped: Counter = Counter()
+        truncated = label_tokens = records = 0
+        invalid: Counter = Counter()
+
+        chunks = _chunked(stream, CHUNK)
+        bar = ui.bar(desc="tokenize", unit="rec")
+        if workers == 1:
+            encoder = Encoder(spec, renderer)
+            results: Iterator = ((c, encoder([r for _, r in c])) for c in chunks)
+        else:
+            import multiprocessing as mp
+
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            _WORKER["inherit"] = (spec, renderer)  # seen by forked workers only
+            try:
+                pool = mp.get_context(method).Pool(workers, initializer=_worker_init,
+                                                   initargs=(spec,))
+            finally:
+                _WORKER.pop("inherit", None)
+            results = _ordered_map(pool, chunks, workers * IN_FLIGHT_PER_WORKER)
+        for chunk, res in results:
+            base = records
+            records += len(chunk)
+            if res.errors:
+                if not cfg.skip_invalid:
+                    j, msg, _ = res.errors[0]
+                    raise PacktrainError(f"{chunk[j][0]}: {msg} (pass --skip-invalid to skip "
+                                         f"invalid records and count them)")
+                for _, _, reason in res.errors:
+                    invalid[reason] += 1
+            dropped.update(res.dropped)
+            truncated += res.truncated
+            label_tokens += res.label_tokens
+            store.append(res.lengths, res.ids, res.labels)
+            lengths_parts.append(res.lengths)
+            index_parts.append(res.keep + base)
+            bar.update(len(chunk))
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        store.finish_writing()
+        if records == 0:
+            raise PacktrainError(f"{', '.join(str(p) for p in paths)}: no records found in the "
+                                 f"inputs")
+        lengths = (np.concatenate(lengths_parts) if lengths_parts
+                   else np.zeros(0, np.int32)).astype(np.int64)
+        sample_index = (np.concatenate(index_parts) if index_parts
+                        else np.zeros(0, np.int64))
+        del lengths_parts, index_parts
+        if len(lengths) == 0:
+            why = ", ".join(f"{k} {v}" for k, v in sorted((dropped + invalid).items()))
+            raise PacktrainError(f"{cfg.out}: none of the {records} records left a sample to "
+                                 f"pack ({why or 'nothing kept'})")
+
+        # ---- pack globally, shuffle the pack order
+        pbar = ui.bar(desc="pack", unit="sample", total=len(lengths))
+        bins = binpack.pack(lengths, int(cfg.max_length), cfg.strategy, seed=int(cfg.seed))
+        pbar.update(len(lengths))
+        pbar.close()
+        order = np.random.default_rng(int(cfg.seed)).permutation(len(bins))
+
+        # ---- write shards
+        store.open(len(lengths))
+        writer = fmt_mod.ShardWriter(out, max_packs=max_packs, max_bytes=max_bytes)
+        pack_tokens = np.zeros(len(bins), dtype=np.int64)
+        wbar = ui.bar(desc="write", unit="pack", total=len(bins))
+        for n, b in enumerate(order):
+            idx = bins[b]
+            ids, labels, cu = store.gather(idx, lengths)
+            writer.add(ids, labels, cu, sample_index[idx])
+            pack_tokens[n] = len(ids)
+            wbar.update(1)
+        shards = writer.close()
+        wbar.close()
+        store.close()
+
+        # ---- statistics, card, manifest (last)
+        tokens = int(lengths.sum())
+        seconds = time.perf_counter() - t0
+        lb = binpack.lower_bound(lengths, int(cfg.max_length))
+        stats = {
+            "records": records,
+            "samples_packed": int(len(lengths)),
+            "dropped": dict(sorted(dropped.items())),
+            "skipped_invalid": dict(sorted((skipped + invalid).items())),
+            "truncated": int(truncated),
+            "tokens": tokens,
+            "label_tokens": int(label_tokens),
+            "packs": len(bins),
+            "lower_bound": int(lb),
+            "fill": round(tokens / (len(bins) * int(cfg.max_length)), 6),
+            "length_histogram": length_histogram(lengths, int(cfg.max_length)),
+            "fill_histogram": fill_histogram(pack_tokens, int(cfg.max_length)),
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        }
+        arguments = dataclasses.asdict(cfg)
+        arguments["tokenizer"] = tok_path
+        arguments["workers"] = cfg.workers if cfg.workers else "auto"
+        resolved_ct = getattr(renderer, "chat_template", None)
+        template_rec = {"name": template, "format": fmt,
+                        "train_on_prompt": bool(cfg.train_on_prompt),
+                        "chat_template": cfg.chat_template,
+                        "chat_template_sha256": (hashlib.sha256(resolved_ct.encode()).hexdigest()
+                                                 if resolved_ct else None)}
+        manifest = {
+            "format": fmt_mod.FORMAT_NAME,
+            "format_version": fmt_mod.FORMAT_VERSION,
+            "created_by": _versions(),
+            "arguments": arguments,
+            "max_length": int(cfg.max_length),
+            "tokenizer": fmt_mod.tokenizer_record(tokenizer, tok_path),
+            "template": template_rec,
+            "sources": sources,
+            "packing": {"strategy": cfg.strategy, "seed": int(cfg.seed),
+                        "overlong": cfg.overlong, "shuffled": True,
+                        "max_packs_per_shard": max_packs, "max_bytes_per_shard": max_bytes},
+            "stats": stats,
+            "shards": [s.to_json() for s in shards],
+        }
+        fmt_mod.validate_manifest(manifest)
+        from .card import dataset_card
+
+        fmt_mod.write_atomic(out / CARD, dataset_card(manifest).encode())
+        fmt_mod.write_manifest(out, manifest)
+    except BaseException:
+        ui.close_all()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if store is not None:
+            store.close()
+        _cleanup(out, writer, remove_shards=True)
+        if created_out:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+    if not cfg.quiet:
+        print(summary(manifest), file=sys.stderr, flush=True)
+    return manifest
+
+
+def _ordered_map(pool, chunks: Iterator[list], window: int) -> Iterator[tuple[list, ChunkResult]]:
+    """Like ``pool.imap`` (results in submission order) but with at most ``window`` chunks in
+    flight, so reading never runs ahead of tokenizing and memory stays bounded."""
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append((chunk, pool.apply_async(_worker_encode, ([r for _, r in chunk],))))
+        if len(pending) >= window:
+            c, res = pending.popleft()
+            yield c, res.get()
+    while pending:
+        c, res = pending.popleft()
+        yield c, res.get()
+
+
+def summary(manifest: dict) -> str:
+    """The closing summary of a build (also used by pack-info)."""
+    s = manifest["stats"]
+
+    def counts(d: dict) -> str:
+        return ", ".join(f"{k} {v:,}" for k, v in d.items()) if d else "none"
+
+    size = sum(sh["bytes"] for sh in manifest["shards"])
+    lines = [
+        f"records read    {s['records']:,}",
+        f"samples packed  {s['samples_packed']:,}",
+        f"dropped         {counts(s.get('dropped', {}))}",
+        f"skipped invalid {counts(s.get('skipped_invalid', {}))}",
+        f"truncated       {s['truncated']:,}",
+        f"tokens          {s['tokens']:,} ({s['label_tokens']:,} with labels)",
+        f"packs           {s['packs']:,} (lower bound {s['lower_bound']:,}; fill "
+        f"{100 * s['fill']:.2f}% of {manifest['max_length']:,})",
+        f"shards          {len(manifest['shards'])} ({size / 1e6:,.1f} MB)",
+    ]
+    if "seconds" in s:
+        lines.append(f"time            {s['seconds']:.1f} s ({s.get('tokens_per_s', 0):,.0f} "
+                     f"tokens/s)")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Human-readable views of a manifest: the dataset card (README.md next to the shards) and the
+one-screen summary that ``pack-info`` prints. Both are derived from the manifest only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _counts(d: dict | None) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in d.items()) if d else "none"
+
+
+def text_histogram(edges: list, counts: list, width: int = 40, label=None) -> list[str]:
+    """One line per bin: ``[lo, hi)  count  ####``; bars scaled to the largest count."""
+    top = max(counts) if counts else 0
+    label = label or (lambda lo, hi: f"{lo:>6,}-{hi - 1:<6,}")
+    lines = []
+    for i, c in enumerate(counts):
+        bar = "#" * (round(width * c / top) if top else 0)
+        if c and not bar:
+            bar = "."
+        lines.append(f"  {label(edges[i], edges[i + 1])} {c:>9,}  {bar}")
+    return lines
+
+
+def _fill_label(lo: float, hi: float) -> str:
+    return f"{100 * lo:>5.1f}-{100 * hi:<5.1f}%"
+
+
+def info_text(manifest: dict[str, Any]) -> str:
+    """What a consumer needs on one screen."""
+    s = manifest["stats"]
+    tok = manifest["tokenizer"]
+    tpl = manifest["template"]
+    pk = manifest["packing"]
+    shards = manifest["shards"]
+    size = sum(sh["bytes"] for sh in shards)
+    created = manifest.get("created_by", {})
+    lines = [
+        f"packed dataset   format {manifest['format_version']}, written by packtrain "
+        f"{created.get('packtrain', '?')}",
+        f"tokenizer        {tok.get('name') or tok['path']} (vocab {tok['vocab_size']:,})",
+        f"  fingerprint    {tok['fingerprint']}",
+        f"template         {tpl['name']} (records: {tpl['format']}; train on prompt: "
+        f"{'yes' if tpl['train_on_prompt'] else 'no'})",
+        f"max_length       {manifest['max_length']:,}",
+        f"packing          {pk['strategy']}, seed {pk['seed']}, overlong: {pk['overlong']}",
+        f"records          {s['records']:,} read, {s['samples_packed']:,} packed",
+        f"  dropped        {_counts(s.get('dropped'))}",
+        f"  skipped        {_counts(s.get('skipped_invalid'))}",
+        f"  truncated      {s['truncated']:,}",
+        f"tokens           {s['tokens']:,} ({s['label_tokens']:,} with labels, "
+        f"{100 * s['label_tokens'] / max(1, s['tokens']):.1f}%)",
+        f"packs            {s['packs']:,} (lower bound {s['lower_bound']:,}, "
+        f"+{s['packs'] - s['lower_bound']:,}); fill {100 * s['fill']:.2f}%",
+        f"shards           {len(shards)} ({_fmt_bytes(size)})",
+    ]
+    srcs = manifest["sources"]
+    lines.append(f"sources          {len(srcs)} file(s)")
+    for src in srcs[:8]:
+        lines.append(f"  {src['path']}  {src['records']:,} records, sha256 {src['sha256'][:12]}")
+    if len(srcs) > 8:
+        lines.append(f"  ... and {len(srcs) - 8} more")
+    hist = s.get("length_histogram")
+    if hist and hist.get("counts"):
+        lines.append("sample lengths (tokens)")
+        lines += text_histogram(hist["edges"], hist["counts"], width=36)
+    if "seconds" in s:
+        lines.append(f"built in         {s['seconds']:.1f} s ({s.get('tokens_per_s', 0):,.0f} "
+                     f"tokens/s)")
+    return "\n".join(lines)
+
+
+def dataset_card(manifest: dict[str, Any]) -> str:
+    """README.md for the output directory: what is in it and how to use it."""
+    s = manifest["stats"]
+    tok = manifest["tokenizer"]
+    tpl = manifest["template"]
+    pk = manifest["packing"]
+    shards = manifest["shards"]
+    size = sum(sh["bytes"] for sh in shards)
+    out = [
+        "# Packed dataset",
+        "",
+        f"Written by packtrain {manifest['created_by'].get('packtrain', '?')} "
+        f"(format `{manifest['format']}` {manifest['format_version']}). "
+        "`manifest.json` is the authority; this card is a summary of it.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| tokenizer | `{tok.get('name') or tok['path']}` (vocab {tok['vocab_size']:,}) |",
+        f"| fingerprint | `{tok['fingerprint']}` |",
+        f"| template | {tpl['name']} (records: {tpl['format']}, train on prompt: "
+        f"{'yes' if tpl['train_on_prompt'] else 'no'}) |",
+        f"| max_length | {manifest['max_length']:,} |",
+        f"| packing | {pk['strategy']}, seed {pk['seed']}, overlong samples: {pk['overlong']} |",
+        f"| records | {s['records']:,} read, {s['samples_packed']:,} packed |",
+        f"| dropped | {_counts(s.get('dropped'))} |",
+        f"| skipped invalid | {_counts(s.get('skipped_invalid'))} |",
+        f"| truncated | {s['truncated']:,} |",
+        f"| tokens | {s['tokens']:,} ({s['label_tokens']:,} with labels) |",
+        f"| packs | {s['packs']:,} (lower bound {s['lower_bound']:,}), fill "
+        f"{100 * s['fill']:.2f}% |",
+        f"| shards | {len(shards)} ({_fmt_bytes(size)}) |",
+        "",
+        "## Sources",
+        "",
+    ]
+    for src in manifest["sources"]:
+        out.append(f"- `{src['path']}`: {src['records']:,} records, sha256 `{src['sha256']}`")
+    hist = s.get("length_histogram")
+    if hist and hist.get("counts"):
+        out += ["", "## Sample lengths (tokens)", "", "```"]
+        out += text_histogram(hist["edges"], hist["counts"], width=36)
+        out.append("```")
+    out += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "pack-verify .      # checksums and every pack's invariants",
+        "pack-info .        # this summary, from the manifest",
+        "train-run --shards . ...",
+        "```",
+        "",
+        "Each row of a `shard-*.arrow` file (Arrow IPC, uncompressed) is one pack: `input_ids`, "
+        "`labels` (-100 where no loss is taken, unshifted), `position_ids` (restart at every "
+        "sample), `cu_seqlens`, `sample_index` (the source record of each sample).",
+        "",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,424 @@
+"""Read training records from corpus files: JSON Lines, JSON arrays, Parquet, gzip/zstd JSONL.
+
+API (used by ``pack.build``):
+
+``expand_inputs(inputs) -> list[Path]``
+    Files and glob patterns, in the order given (each glob's matches sorted), duplicates removed.
+``iter_records(path, skip_invalid=False, skipped=None) -> Iterator[(where, record)]``
+    Streams ``(where, record)`` pairs, ``where`` being ``"FILE:LINE"`` (JSON Lines, 1-based line) or
+    ``"FILE:record N"`` (JSON array, Parquet; 1-based). Bad input raises a one-line
+    :class:`PacktrainError` naming file and line; with ``skip_invalid=True`` a bad *record* is
+    skipped and counted in ``skipped[reason]`` instead (reasons: ``invalid-json``,
+    ``not-an-object``, ``invalid-utf8``, ``nul-byte``). File-level problems (missing, empty,
+    corrupt compressed data, unsupported type) always raise.
+``detect_format(records, where) -> "alpaca" | "messages" | "text"``
+    From the first few records' keys.
+
+Supported files (by name, case-insensitive): ``.jsonl`` / ``.ndjson``; ``.json`` (a top-level
+array of objects, or JSON Lines); ``.parquet`` (read one row group batch at a time); and
+``.jsonl`` / ``.ndjson`` / ``.json`` compressed as ``.gz`` or ``.zst`` / ``.zstd`` (streamed).
+JSON Lines are read line by line, never whole; a JSON *array* has to be parsed whole (use JSONL
+for big corpora). Blank lines are ignored; a UTF-8 byte-order mark at the start is accepted.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+from .format import PacktrainError
+
+SKIP_HINT = "fix it or pass --skip-invalid to skip bad records"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)
+COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+PARQUET_BATCH_ROWS = 1024
+_GLOB_CHARS = set("*?[")
+_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PAR1": "parquet"}
+SUPPORTED = (".jsonl, .ndjson, .json, .parquet, or .jsonl/.json compressed as .gz, .zst or .zstd")
+
+
+# ---------------------------------------------------------------- inputs
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    """Expand files and globs (``*``, ``?``, ``[...]``, ``**`` recursive) into a list of files.
+
+    Order: the inputs' order, each glob's matches sorted; a file named twice is kept once (its
+    first place). Raises PacktrainError naming the pattern when a glob matches no file, or the
+    path when a named file does not exist or is a directory."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    inputs = list(inputs)
+    if not inputs:
+        raise PacktrainError("no input files given; pass one or more .jsonl/.json/.parquet files "
+                             "or globs")
+    for pattern in inputs:
+        pattern = str(pattern)
+        if any(c in _GLOB_CHARS for c in pattern) and not os.path.exists(pattern):
+            matches = [m for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+                       if os.path.isfile(m)]
+            if not matches:
+                raise PacktrainError(f"{pattern}: no file matches this pattern; check the path "
+                                     f"(quote globs so the shell does not expand them)")
+        else:
+            p = os.path.expanduser(pattern)
+            if os.path.isdir(p):
+                raise PacktrainError(f"{pattern}: is a directory; pass the files in it, e.g. "
+                                     f"'{pattern.rstrip('/')}/*.jsonl'")
+            if not os.path.isfile(p):
+                raise PacktrainError(f"{pattern}: no such file; check the path")
+            matches = [p]
+        for m in matches:
+            key = os.path.realpath(m)
+            if key not in seen:
+                seen.add(key)
+                out.append(Path(m))
+    return out
+
+
+# ---------------------------------------------------------------- reading
+
+def _kind(path: Path) -> tuple[str, str | None]:
+    """(container, compression): container in jsonl|json|parquet, compression None|gzip|zstd."""
+    name = path.name.lower()
+    compression = None
+    for suffix, comp in COMPRESSED.items():
+        if name.endswith(suffix):
+            compression, name = comp, name[: -len(suffix)]
+            break
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl", compression
+    if name.endswith(JSON_SUFFIXES):
+        return "json", compression
+    if name.endswith(".parquet") and compression is None:
+        return "parquet", None
+    raise PacktrainError(f"{path}: unsupported file type; expected {SUPPORTED}")
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def _parse_line(raw: bytes) -> dict:
+    """One JSON Lines line (bytes, stripped of nothing) -> object, or raise _Skip."""
+    if b"\x00" in raw:
+        col = raw.index(b"\x00") + 1
+        raise _Skip("nul-byte", f"NUL byte at column {col}; the file looks binary or corrupt "
+                                f"(it is not UTF-8 JSON Lines); {SKIP_HINT}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.start + 4]
+        raise _Skip("invalid-utf8", f"invalid UTF-8 at byte {e.start + 1} of the line ({bad!r}); "
+                                    f"re-encode the file as UTF-8 or {SKIP_HINT}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Skip("invalid-json", f"invalid JSON: {e.msg} at column {e.colno}; "
+                                    f"{SKIP_HINT}") from None
+    except RecursionError:
+        raise _Skip("invalid-json", f"invalid JSON: nested too deeply; {SKIP_HINT}") from None
+    if not isinstance(value, dict):
+        raise _Skip("not-an-object", f"expected a JSON object per line, got {_json_type(value)}; "
+                                     f"{SKIP_HINT}")
+    return value
+
+
+def _check_magic(path: Path, head: bytes, compression: str | None) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PacktrainError(f"{path}: the file is UTF-16 encoded; convert it to UTF-8 "
+                             f"(e.g. iconv -f UTF-16 -t UTF-8)")
+    if compression is None:
+        for magic, what in _MAGIC.items():
+            if head.startswith(magic):
+                hint = {"gzip": "name it *.jsonl.gz", "zstd": "name it *.jsonl.zst",
+                        "parquet": "name it *.parquet"}[what]
+                raise PacktrainError(f"{path}: the file is {what} data, not text; {hint}")
+
+
+def _open_stream(path: Path, compression: str | None) -> IO[bytes]:
+    """A buffered binary stream of the (decompressed) file."""
+    if compression is None:
+        return open(path, "rb", buffering=1 << 20)
+    f = open(path, "rb")
+    try:
+        if compression == "gzip":
+            return io.BufferedReader(gzip.GzipFile(fileobj=f, mode="rb"), buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdRaw(f), buffer_size=1 << 20)
+    except Exception:
+        f.close()
+        raise
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Streamed zstd decompression across concatenated frames that, unlike zstandard's
+    stream_reader, reports a truncated last frame as an error instead of a silent EOF."""
+
+    def __init__(self, f: IO[bytes], chunk: int = 1 << 20):
+        import zstandard
+
+        self._zstd, self._f, self._chunk = zstandard, f, chunk
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = self._dctx.decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._pending:
+            data = self._f.read(self._chunk)
+            if not data:
+                if self._in_frame:
+                    raise self._zstd.ZstdError("truncated zstd frame (unexpected end of file)")
+                return 0
+            while data:
+                self._in_frame = True
+                out = self._dobj.decompress(data)
+                self._pending += out
+                if self._dobj.eof:
+                    data = self._dobj.unused_data
+                    self._dobj = self._dctx.decompressobj()
+                    self._in_frame = False
+                else:
+                    data = b""
+        n = min(len(b), len(self._pending))
+        b[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    try:
+        import zstandard
+
+        errs.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        pass
+    return tuple(errs)
+
+
+def iter_records(path: Path, skip_invalid: bool = False,
+                 skipped: collections.Counter | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield ``(where, record)`` for every record of one file, streaming.
+
+    ``where`` is ``"FILE:LINE"`` for JSON Lines (1-based, blank lines count) and
+    ``"FILE:record N"`` (1-based) for JSON arrays and Parquet. Errors are PacktrainError with
+    one line naming the place; with ``skip_invalid`` bad records are counted in
+    ``skipped[reason]`` and skipped. A file with no records at all raises ("no records")."""
+    path = Path(path)
+    container, compression = _kind(path)
+    if not path.is_file():
+        raise PacktrainError(f"{path}: no such file; check the path")
+    if container == "parquet":
+        yield from _iter_parquet(path)
+        return
+    yield from _iter_json(path, container, compression, skip_invalid, skipped)
+
+
+def _iter_json(path: Path, container: str, compression: str | None, skip_invalid: bool,
+               skipped: collections.Counter | None) -> Iterator[tuple[str, dict]]:
+    errors = _decompress_errors()
+    what = f"{compression} " if compression else ""
+    lineno = 0
+    try:
+        stream = _open_stream(path, compression)
+    except errors as e:
+        raise PacktrainError(f"{path}: cannot read the file ({e})") from None
+    with stream:
+        try:
+            head = stream.peek(4)[:4]
+        except errors as e:
+            raise PacktrainError(f"{path}: corrupt or unreadable {what}file ({e}); re-create "
+                                 f"or re-download it") from None
+        _check_magic(path, head, compression)
+        if container == "json":
+            try:
+                start = stream.peek(4096)
+            except errors as e:  # pragma: no cover - peek(4) succeeded
+                raise PacktrainError(f"{path}: corrupt {what}file ({e})") from None
+            if start.startswith(b"\xef\xbb\xbf"):
+                start = start[3:]
+            if start.lstrip()[:1] == b"[":
+                yield from _iter_json_array(path, stream, errors, what)
+                return
+        nonblank = 0
+        try:
+            for raw in stream:
+                lineno += 1
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue
+                nonblank += 1
+                try:
+                    record = _parse_line(raw)
+                except _Skip as s:
+                    if skip_invalid:
+                        if skipped is not None:
+                            skipped[s.reason] += 1
+                        continue
+                    if container == "json" and nonblank == 1 and s.reason == "invalid-json" \
+                            and raw.lstrip()[:1] == b"{":
+                        _whole_json_object_hint(path, stream, raw, errors)
+                    raise PacktrainError(f"{path}:{lineno}: {s.message}") from None
+                yield f"{path}:{lineno}", record
+        except errors as e:
+            raise PacktrainError(f"{path}:{lineno + 1}: corrupt or truncated {what}data after "
+                                 f"line {lineno} ({e}); re-create or re-download the "
+                                 f"file") from None
+    if nonblank == 0:
+        raise PacktrainError(f"{path}: no records (the file is empty); remove it from the inputs")
+
+
+def _whole_json_object_hint(path: Path, stream: IO[bytes], first: bytes, errors) -> None:
+    """A .json file whose first line is not a complete object: if the whole file is one JSON
+    object (e.g. {"data": [...]}), say so instead of reporting line 1 as broken."""
+    try:
+        data = json.loads(first + stream.read())
+    except (ValueError, RecursionError, *errors):
+        return
+    if isinstance(data, dict):
+        keys = ", ".join(list(map(str, data))[:8])
+        raise PacktrainError(f"{path}: the file is one JSON object (keys: {keys}), not an array "
+                             f"of records or JSON Lines; extract the records into a JSON array or "
+                             f"JSONL file (e.g. jq -c '.KEY[]' {path.name} > data.jsonl)")
+
+
+def _iter_json_array(path: Path, stream: IO[bytes], errors, what: str
+                     ) -> Iterator[tuple[str, dict]]:
+    try:
+        data = stream.read()
+    except errors as e:
+        raise PacktrainError(f"{path}: corrupt or truncated {what}file ({e}); re-create or "
+                             f"re-download it") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if b"\x00" in data:
+        line = data.count(b"\n", 0, data.index(b"\x00")) + 1
+        raise PacktrainError(f"{path}:{line}: NUL byte; the file looks binary or corrupt (it is "
+                             f"not UTF-8 JSON); fix or re-create it")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PacktrainError(f"{path}:{line}: invalid UTF-8 ({data[e.start:e.start + 4]!r}); "
+                             f"re-encode the file as UTF-8") from None
+    del data
+    try:
+        array = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PacktrainError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}; "
+                             f"fix the file (a JSON array of objects) or convert it to "
+                             f"JSONL") from None
+    except RecursionError:
+        raise PacktrainError(f"{path}: invalid JSON: nested too deeply") from None
+    del text
+    if not isinstance(array, list):  # pragma: no cover - starts with '['
+        raise PacktrainError(f"{path}: expected a JSON array of objects")
+    if not array:
+        raise PacktrainError(f"{path}: no records (the JSON array is empty); remove it from the "
+                             f"inputs")
+    for i, record in enumerate(array, 1):
+        if not isinstance(record, dict):
+            raise PacktrainError(f"{path}:record {i}: expected a JSON object, got "
+                                 f"{_json_type(record)}; every array element must be a record")
+        array[i - 1] = None  # let records go as they are consumed
+        yield f"{path}:record {i}", record
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(path))
+    except (pa.ArrowException, OSError) as e:
+        raise PacktrainError(f"{path}: not a readable Parquet file ({e}); re-create or "
+                             f"re-download it") from None
+    if pf.metadata.num_rows == 0:
+        raise PacktrainError(f"{path}: no records (the Parquet file has no rows); remove it from "
+                             f"the inputs")
+    n = 0
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                n += 1
+                yield f"{path}:record {n}", record
+    except (pa.ArrowException, OSError) as e:
+        raise PacktrainError(f"{path}:record {n + 1}: corrupt Parquet data ({e}); re-create or "
+                             f"re-download the file") from None
+
+
+# ---------------------------------------------------------------- formats
+
+FORMATS = ("alpaca", "messages", "text")
+
+
+def record_format(record: dict) -> str | None:
+    """The format one record looks like, or None."""
+    if "messages" in record or "conversations" in record:
+        return "messages"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def detect_format(records: list[dict], where: str) -> str:
+    """Tell the format from the first few records (up to 8 are looked at):
+    ``messages`` (``messages: [{role, content}]`` or ShareGPT ``conversations: [{from, value}]``),
+    ``alpaca`` (``instruction`` and ``output``), ``text`` (``text``). ``where`` names the
+    source in errors. Raises PacktrainError listing the keys found when none fits, or when the
+    first records disagree."""
+    if not records:
+        raise PacktrainError(f"{where}: no records to tell the format from")
+    found = [(record_format(r) if isinstance(r, dict) else None) for r in records[:8]]
+    first = found[0]
+    if first is None:
+        keys = sorted(records[0]) if isinstance(records[0], dict) else []
+        raise PacktrainError(
+            f"{where}: cannot tell the record format from its keys "
+            f"[{', '.join(map(str, keys))}]; expected 'messages' (or ShareGPT 'conversations'), "
+            f"'instruction' + 'output' (alpaca) or 'text'; rename the fields or pass --format")
+    for i, fmt in enumerate(found[1:], 2):
+        if fmt != first:
+            keys = sorted(records[i - 1]) if isinstance(records[i - 1], dict) else []
+            raise PacktrainError(
+                f"{where}: record 1 looks like {first} but record {i} "
+                f"{'like ' + fmt if fmt else 'like none of alpaca/messages/text'} (keys "
+                f"[{', '.join(map(str, keys))}]); use one format per file or pass --format")
+    return first

@@ -1,0 +1,715 @@
+"""Render a record into text segments and token ids with a loss mask.
+
+API (used by ``pack.build``)::
+
+    r = Renderer(tokenizer, fmt, template, train_on_prompt=False, chat_template=None)
+    r.segments(record)       -> [(text, trained), ...]    raises PacktrainError / NothingToTrain
+    r.encode_batch(records)  -> [(input_ids int32, labels int32) | PacktrainError, ...]
+
+``fmt`` is the record format (``alpaca`` | ``messages`` | ``text``), ``template`` how it is rendered:
+
+``alpaca``  the Stanford Alpaca prompt, word for word (``PROMPT_INPUT`` / ``PROMPT_NO_INPUT``), the
+            response right after ``### Response:`` and then the EOS token, as Stanford's train.py
+            builds ``source + target``. Optional ``system`` is prepended (``system + "\\n\\n"``);
+            optional ``history`` (``[[instruction, output], ...]``) is rendered before, each earlier
+            turn a full no-input prompt + output + EOS, its output trained too. BOS first when the
+            tokenizer has one (and it differs from EOS). ``messages`` records may use it when they
+            hold one user and one assistant turn (and an optional system message).
+``chat``    the tokenizer's chat template (or ``chat_template=``, a template string or a file path).
+            Roles system/user/assistant (ShareGPT ``from``: system/human/gpt, also user/assistant).
+            Each assistant turn's content is trained together with the template's end-of-turn text
+            right after it, up to and including its first special token (``<|eot_id|>``,
+            ``<|im_end|>``; when the closing holds no special token, the closing without trailing
+            whitespace). Headers, system and user turns are not trained. The text is exactly
+            ``tokenizer.apply_chat_template(messages, tokenize=False)``. ``alpaca`` records go
+            through it as messages ``[system?], (history user/assistant)*, user, assistant`` with the
+            user turn ``instruction`` or ``instruction + "\\n\\n" + input``.
+``none``    ``text`` records: BOS (as above) + text + EOS, all trained.
+
+``train_on_prompt=True`` trains every segment. Whatever the template, ``labels[0]`` is -100.
+
+Nothing to train: a record whose response is empty (alpaca ``output`` blank, no assistant turn or
+only blank assistant turns, empty ``text``) raises :class:`NothingToTrain`, a PacktrainError
+subclass with ``.reason`` (``"empty-response"``, ``"no-assistant-turn"``, ``"empty-text"``). The
+builder drops such a record and counts ``dropped[e.reason]``; check ``isinstance(e,
+NothingToTrain)`` *before* treating a PacktrainError as fatal. Other PacktrainErrors name the field
+(``field output: expected a string, got number``); the caller prefixes ``FILE:LINE: ``.
+
+Chat rendering is cheap: for each role sequence the template is rendered once with placeholder
+contents; the fixed text between contents is cached and records are assembled by concatenation.
+An assembled text is checked against a real render (one render, linear) for the first
+``VERIFY_FIRST`` records of each role sequence and for every record whose contents are empty, have
+leading/trailing whitespace, or contain a string constant of the template (``</think>``,
+``<tool_response>``, ...: things a template can test). When the check fails (the template trims
+or rewrites contents), the real render is split along the cached fixed text; failing that, the
+record is placed by exact prefix rendering (quadratic, rare). ``verify_all=True`` checks every
+record.
+
+Workers: a Renderer pickles (its tokenizer pickles; caches are dropped) but a tokenizer is a
+~7 MB pickle, so prefer ``Renderer.from_config(renderer.config(), tokenizer)`` in each worker,
+with the tokenizer loaded there by ``pack.format.load_tokenizer``. ``config()`` is a small
+JSON-able dict holding the resolved chat template text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from itertools import chain
+from typing import Any, Iterable
+
+import numpy as np
+
+from .format import IGNORE_INDEX, PacktrainError
+
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+TEMPLATES = ("alpaca", "chat", "none")
+DEFAULT_TEMPLATE = {"alpaca": "alpaca", "messages": "chat", "text": "none"}
+ALLOWED = {"alpaca": ("alpaca", "chat"), "messages": ("chat", "alpaca"), "text": ("none",)}
+ROLES = ("system", "user", "assistant")
+_ROLE_SET = frozenset(ROLES)
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
+VERIFY_FIRST = 2
+_LAYOUT_CACHE_MAX = 8192
+_PH = "PKTPH{:06d}Z"  # placeholder content: alphanumeric, no whitespace
+# A second placeholder render wraps each placeholder in these characters (no whitespace at the
+# ends, which records are checked for anyway): a template that changes any of them (replace,
+# escape, upper/capitalize, ...) gets every record of that role sequence checked.
+_PROBE = "a \n\t\r\u3000\xa0Z9\u00e9\U0001F600\u4e2d<'\"&>{}[]()%#\\/|~`*_.,;:!?-+=$@^b"
+
+
+class NothingToTrain(PacktrainError):
+    """The record has no response to learn from; the builder drops and counts it by ``reason``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _jtype(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, (list, tuple)):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return type(v).__name__
+
+
+def _field_error(field: str, what: str) -> PacktrainError:
+    return PacktrainError(f"field {field}: {what}")
+
+
+def _req_str(record: dict, key: str, field: str | None = None) -> str:
+    field = field or key
+    if key not in record:
+        raise _field_error(field, "missing")
+    v = record[key]
+    if not isinstance(v, str):
+        raise _field_error(field, f"expected a string, got {_jtype(v)}")
+    return v
+
+
+def _opt_str(record: dict, key: str) -> str:
+    v = record.get(key)
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise _field_error(key, f"expected a string, got {_jtype(v)}")
+    return v
+
+
+def _merge(segs: Iterable[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Join neighbours with the same flag; drop empty texts."""
+    out: list[tuple[str, bool]] = []
+    for text, flag in segs:
+        if not text:
+            continue
+        if out and out[-1][1] == flag:
+            out[-1] = (out[-1][0] + text, flag)
+        else:
+            out.append((text, flag))
+    return out
+
+
+class _Layout:
+    """The fixed text of one role sequence: ``pieces[0] c0 pieces[1] c1 ... pieces[n]`` and, per
+    message j, how many leading characters of ``pieces[j + 1]`` are trained with it."""
+
+    __slots__ = ("pieces", "close", "checked", "always_verify")
+
+    def __init__(self, pieces: list[str], close: list[int]):
+        self.pieces, self.close = pieces, close
+        self.checked = 0
+        self.always_verify = False
+
+
+_NO_LAYOUT = object()
+
+
+class Renderer:
+    """Record -> segments -> (input_ids, labels). See the module docstring."""
+
+    def __init__(self, tokenizer, fmt: str, template: str | None = None,
+                 train_on_prompt: bool = False, chat_template: str | None = None, *,
+                 add_bos: bool | None = None, verify_all: bool = False):
+        if fmt not in ALLOWED:
+            raise PacktrainError(f"unknown record format {fmt!r}; use alpaca, messages or text")
+        template = template or DEFAULT_TEMPLATE[fmt]
+        if template not in TEMPLATES:
+            raise PacktrainError(f"unknown template {template!r}; use alpaca, chat or none")
+        if template not in ALLOWED[fmt]:
+            raise PacktrainError(f"--template {template} cannot render {fmt} records; use "
+                                 f"{' or '.join(ALLOWED[fmt])}")
+        self.tokenizer = tokenizer
+        self.fmt, self.template = fmt, template
+        self.train_on_prompt = bool(train_on_prompt)
+        self.verify_all = bool(verify_all)
+        self.bos = tokenizer.bos_token or ""
+        self.eos = tokenizer.eos_token or ""
+        if add_bos is None:
+            add_bos = bool(self.bos) and self.bos != self.eos
+        self.add_bos = bool(add_bos)
+        if not self.add_bos:
+            self.bos = ""
+        if template in ("alpaca", "none") and not self.eos:
+            raise PacktrainError("the tokenizer has no eos_token, needed to end each sample; "
+                                 "use a tokenizer that defines one")
+        self.chat_template: str | None = None
+        if template == "chat":
+            self.chat_template = self._resolve_chat_template(chat_template)
+        self._init_caches()
+
+    # ------------------------------------------------------------ set-up, pickling
+
+    def _resolve_chat_template(self, chat_template: str | None) -> str:
+        if chat_template:
+            if "{" not in chat_template and os.path.isfile(chat_template):
+                with open(chat_template, encoding="utf-8") as f:
+                    return f.read()
+            return chat_template
+        t = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(t, dict):
+            t = t.get("default")
+        if not t:
+            raise PacktrainError("the tokenizer has no chat template; pass --chat-template FILE "
+                                 "(a Jinja chat template) or use --template alpaca")
+        return t
+
+    def _init_caches(self) -> None:
+        self._layouts: dict[tuple[str, ...], Any] = {}
+        self._special_re = None
+        self._marker_re: tuple[str, ...] = ()
+        self._closing: str | None = None
+        self._backend = getattr(self.tokenizer, "_tokenizer", None)
+        if self._backend is not None and getattr(self._backend, "encode_special_tokens", False):
+            self._backend = None  # it would split special tokens: use the Python path
+        if self.template == "chat":
+            self._special_re = self._compile_specials()
+            self._marker_re = self._compile_markers()
+
+    def config(self) -> dict[str, Any]:
+        """A small JSON-able dict that, with the same tokenizer, re-creates this Renderer."""
+        return dict(fmt=self.fmt, template=self.template, train_on_prompt=self.train_on_prompt,
+                    chat_template=self.chat_template, add_bos=self.add_bos,
+                    verify_all=self.verify_all)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tokenizer) -> "Renderer":
+        return cls(tokenizer, config["fmt"], config["template"],
+                   train_on_prompt=config.get("train_on_prompt", False),
+                   chat_template=config.get("chat_template"), add_bos=config.get("add_bos"),
+                   verify_all=config.get("verify_all", False))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in ("_layouts", "_special_re", "_marker_re", "_closing", "_backend"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_caches()
+
+    def _compile_specials(self):
+        tok = self.tokenizer
+        specials = set(getattr(tok, "all_special_tokens", []) or [])
+        try:
+            for added in tok.added_tokens_decoder.values():
+                if getattr(added, "special", False):
+                    specials.add(str(added))
+        except AttributeError:  # pragma: no cover - slow tokenizers
+            pass
+        specials = sorted((s for s in specials if s), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def _compile_markers(self):
+        """String constants of the template (but role names and subscript keys) that a content
+        may contain and the template may test (``'</think>' in content``): contents holding one
+        are always checked."""
+        from jinja2 import Environment, TemplateSyntaxError, nodes
+
+        try:  # transformers' own environment knows its extensions ({% generation %}, loop controls)
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            env = _compile_jinja_template(self.chat_template).environment
+        except TemplateSyntaxError as e:
+            raise PacktrainError(f"the chat template is not valid Jinja ({e}); fix it or pass "
+                                 f"--chat-template FILE") from None
+        except Exception:  # pragma: no cover - private API moved
+            env = Environment(extensions=["jinja2.ext.loopcontrols"])
+        try:
+            ast = env.parse(self.chat_template)
+        except Exception as e:  # jinja2.TemplateSyntaxError
+            raise PacktrainError(f"the chat template is not valid Jinja ({e}); fix it or pass "
+                                 f"--chat-template FILE") from None
+        keys = {id(n.arg) for n in ast.find_all(nodes.Getitem)}
+        markers = set()
+        for node in ast.find_all(nodes.Const):
+            v = node.value
+            if isinstance(v, str) and id(node) not in keys:
+                v = v.strip()
+                if len(v) >= 2 and v not in _ROLE_SET:
+                    markers.add(v)
+        markers = sorted(markers, key=len, reverse=True)
+        return tuple(markers)
+
+    # ------------------------------------------------------------ records -> messages
+
+    def _messages(self, record: dict) -> list[tuple[str, str]]:
+        """Validated (role, content) pairs of a messages record (OpenAI or ShareGPT)."""
+        if "messages" in record:
+            key, rk, ck, names = "messages", "role", "content", None
+        elif "conversations" in record:
+            key, rk, ck, names = "conversations", "from", "value", SHAREGPT_ROLES
+        else:
+            raise _field_error("messages", "missing (expected 'messages' or 'conversations')")
+        msgs = record[key]
+        if not isinstance(msgs, list):
+            raise _field_error(key, f"expected an array of messages, got {_jtype(msgs)}")
+        if not msgs:
+            raise _field_error(key, "empty conversation")
+        if names is None:  # fast path for well-formed OpenAI messages; errors take the slow one
+            try:
+                out = [(m["role"], m["content"]) for m in msgs]
+            except (KeyError, TypeError):
+                out = None
+            if out is not None and all(r in _ROLE_SET and type(c) is str for r, c in out):
+                return out
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise _field_error(f"{key}[{i}]", f"expected an object, got {_jtype(m)}")
+            if rk not in m and names is not None and "role" in m:
+                rk, ck, names = "role", "content", None  # ShareGPT key with OpenAI messages
+            role = _req_str(m, rk, f"{key}[{i}].{rk}")
+            if names is None:
+                if role not in ROLES:
+                    raise _field_error(f"{key}[{i}].{rk}", f"unknown role {role!r}; use system, "
+                                                          f"user or assistant")
+            else:
+                if role not in names:
+                    raise _field_error(f"{key}[{i}].{rk}", f"unknown role {role!r}; use system, "
+                                                          f"human or gpt")
+                role = names[role]
+            out.append((role, _req_str(m, ck, f"{key}[{i}].{ck}")))
+        return out
+
+    def _alpaca_parts(self, record: dict) -> tuple[str, list[tuple[str, str, str]]]:
+        """(system, [(instruction, input, output), ...]) with history first."""
+        instruction = _req_str(record, "instruction")
+        output = _req_str(record, "output")
+        inp = _opt_str(record, "input")
+        system = _opt_str(record, "system")
+        turns = []
+        hist = record.get("history")
+        if hist is not None:
+            if not isinstance(hist, list):
+                raise _field_error("history", f"expected an array of [instruction, output] pairs, "
+                                              f"got {_jtype(hist)}")
+            for i, pair in enumerate(hist):
+                if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                    raise _field_error(f"history[{i}]", "expected [instruction, output]")
+                for k, v in enumerate(pair):
+                    if not isinstance(v, str):
+                        raise _field_error(f"history[{i}][{k}]",
+                                           f"expected a string, got {_jtype(v)}")
+                turns.append((pair[0], "", pair[1]))
+        turns.append((instruction, inp, output))
+        if not output.strip():
+            raise NothingToTrain("empty-response", "field output: empty response, nothing to "
+                                                   "train on")
+        return system, turns
+
+    def _messages_as_alpaca(self, record: dict) -> dict:
+        msgs = self._messages(record)
+        system = ""
+        if msgs and msgs[0][0] == "system":
+            system, msgs = msgs[0][1], msgs[1:]
+        if [r for r, _ in msgs] != ["user", "assistant"]:
+            raise _field_error("messages", "the alpaca template takes one user and one assistant "
+                                           "turn (plus an optional system message); use "
+                                           "--template chat for multi-turn conversations")
+        return {"system": system, "instruction": msgs[0][1], "output": msgs[1][1]}
+
+    def _alpaca_as_messages(self, record: dict) -> list[tuple[str, str]]:
+        system, turns = self._alpaca_parts(record)
+        msgs = [("system", system)] if system else []
+        for instruction, inp, output in turns:
+            msgs.append(("user", instruction + ("\n\n" + inp if inp else "")))
+            msgs.append(("assistant", output))
+        return msgs
+
+    # ------------------------------------------------------------ segments
+
+    def segments(self, record: dict) -> list[tuple[str, bool]]:
+        """The rendered text as consecutive ``(text, trained)`` segments (neighbours with equal
+        flags joined). Raises PacktrainError naming the field, or NothingToTrain."""
+        if not isinstance(record, dict):
+            raise PacktrainError(f"record: expected an object, got {_jtype(record)}")
+        if self.template == "chat":
+            msgs = self._alpaca_as_messages(record) if self.fmt == "alpaca" \
+                else self._messages(record)
+            segs = self._chat_segments(msgs)
+        elif self.template == "alpaca":
+            if self.fmt == "messages":
+                record = self._messages_as_alpaca(record)
+            segs = self._alpaca_segments(record)
+        else:
+            text = _req_str(record, "text")
+            if not text.strip():
+                raise NothingToTrain("empty-text", "field text: empty, nothing to train on")
+            segs = [(self.bos, False), (text + self.eos, True)]
+        if self.train_on_prompt:
+            return [("".join(t for t, _ in segs), True)]
+        return _merge(segs)
+
+    def _alpaca_segments(self, record: dict) -> list[tuple[str, bool]]:
+        system, turns = self._alpaca_parts(record)
+        segs = [(self.bos + (system + "\n\n" if system else ""), False)]
+        for instruction, inp, output in turns:
+            prompt = (PROMPT_INPUT.format(instruction=instruction, input=inp) if inp
+                      else PROMPT_NO_INPUT.format(instruction=instruction))
+            segs.append((prompt, False))
+            segs.append((output + self.eos, True))
+        return segs
+
+    # ------------------------------------------------------------ chat
+
+    def render(self, msgs: list[tuple[str, str]] | list[dict],
+               add_generation_prompt: bool = False) -> str:
+        """The chat template's text for messages (pairs or dicts), as apply_chat_template."""
+        conv = [m if isinstance(m, dict) else {"role": m[0], "content": m[1]} for m in msgs]
+        try:
+            return self.tokenizer.apply_chat_template(
+                conv, tokenize=False, chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt)
+        except PacktrainError:
+            raise
+        except Exception as e:  # jinja2 errors, raise_exception() in templates, ValueError
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise _field_error("messages", f"the chat template rejected this conversation "
+                                           f"({msg})") from None
+
+    def _trained_close(self, closing: str) -> int:
+        """How many leading characters of a turn's closing text are trained."""
+        if self._special_re is not None:
+            m = self._special_re.search(closing)
+            if m:
+                return m.end()
+        return len(closing.rstrip())
+
+    def _close_len(self, after: str, closing: str) -> int:
+        """How much of the text after an assistant content is trained with it: through a special
+        token that follows the content at once (``<|eot_id|>``, ``<|im_end|>``); otherwise
+        through the first special token of the part shared with the template's closing of a
+        final turn, or all of that closing but trailing whitespace when it is shared whole."""
+        if self._special_re is not None:
+            m = self._special_re.match(after)
+            if m:
+                return m.end()
+        common = os.path.commonprefix([after, closing])
+        if self._special_re is not None:
+            m = self._special_re.search(common)
+            if m:
+                return m.end()
+        return len(common.rstrip()) if common == closing else 0
+
+    def _closing_text(self) -> str:
+        """What the template writes right after the content of a final assistant turn."""
+        if self._closing is None:
+            ph1 = _PH.format(1)
+            try:
+                text = self.render([("user", _PH.format(0)), ("assistant", ph1)])
+                self._closing = text[text.index(ph1) + len(ph1):] if text.count(ph1) == 1 else ""
+            except PacktrainError:
+                self._closing = ""
+        return self._closing
+
+    def _layout(self, roles: tuple[str, ...]):
+        lay = self._layouts.get(roles)
+        if lay is not None:
+            return lay
+        if len(self._layouts) >= _LAYOUT_CACHE_MAX:
+            self._layouts.clear()
+        lay = self._build_layout(roles)
+        self._layouts[roles] = lay
+        return lay
+
+    def _build_layout(self, roles: tuple[str, ...]):
+        phs = [_PH.format(i) for i in range(len(roles))]
+        try:
+            text = self.render(list(zip(roles, phs)))
+        except PacktrainError:
+            return _NO_LAYOUT
+        pieces, pos = [], 0
+        for ph in phs:
+            i = text.find(ph, pos)
+            if i < 0 or text.count(ph) != 1:
+                return _NO_LAYOUT  # the template drops, repeats or rewrites contents
+            pieces.append(text[pos:i])
+            pos = i + len(ph)
+        pieces.append(text[pos:])
+        lay = _Layout(pieces, [])
+        try:
+            probed = self.render([(r, _PROBE + ph + _PROBE) for r, ph in zip(roles, phs)])
+            if probed != "".join(self._assemble(lay, roles, [_PROBE + ph + _PROBE for ph in phs],
+                                                text_only=True)):
+                lay.always_verify = True
+        except PacktrainError:
+            lay.always_verify = True
+        closing = self._closing_text()
+        close = lay.close
+        for j, role in enumerate(roles):
+            if role != "assistant":
+                close.append(0)
+                continue
+            close.append(self._close_len(pieces[j + 1], closing))
+        return lay
+
+    def _assemble(self, lay: _Layout, roles, contents, text_only: bool = False):
+        """Segments of one record from its layout, neighbours with equal flags already joined
+        (``text_only``: the pieces of the text, no flags)."""
+        pieces, close = lay.pieces, lay.close
+        if text_only:
+            return [pieces[0]] + [x for pair in zip(contents, pieces[1:]) for x in pair]
+        segs: list[tuple[str, bool]] = []
+        run = [pieces[0]]
+        for j, role in enumerate(roles):
+            nxt = pieces[j + 1]
+            if role == "assistant":
+                k = close[j]
+                head = "".join(run)
+                if head:
+                    segs.append((head, False))
+                segs.append((contents[j] + nxt[:k], True))
+                run = [nxt[k:]]
+            else:
+                run.append(contents[j])
+                run.append(nxt)
+        tail = "".join(run)
+        if tail:
+            segs.append((tail, False))
+        return segs
+
+    def _needs_check(self, lay: _Layout, contents: list[str]) -> bool:
+        if self.verify_all or lay.always_verify or lay.checked < VERIFY_FIRST:
+            return True
+        return self._visible_cause(contents)
+
+    def _visible_cause(self, contents: list[str]) -> bool:
+        """Whether a template could render these contents differently from placeholders:
+        empty, leading/trailing whitespace, or holding one of the template's string constants."""
+        for c in contents:
+            if not c or c[0].isspace() or c[-1].isspace():
+                return True
+        if self._marker_re:
+            joined = "\x00".join(contents)
+            return any(m in joined for m in self._marker_re)
+        return False
+
+    def _chat_segments(self, msgs: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+        roles = tuple(r for r, _ in msgs)
+        contents = [c for _, c in msgs]
+        asst = [c for r, c in msgs if r == "assistant"]
+        if not asst:
+            raise NothingToTrain("no-assistant-turn", "field messages: no assistant turn, "
+                                                      "nothing to train on")
+        if not any(c.strip() for c in asst):
+            raise NothingToTrain("empty-response", "field messages: every assistant turn is "
+                                                   "empty, nothing to train on")
+        lay = self._layout(roles)
+        if lay is _NO_LAYOUT:
+            return self._slow_segments(msgs, self.render(msgs), None)
+        segs = self._assemble(lay, roles, contents)
+        if not self._needs_check(lay, contents):
+            return segs
+        real = self.render(msgs)
+        if "".join(t for t, _ in segs) == real:
+            lay.checked += 1
+            return segs
+        if not self._visible_cause(contents):
+            lay.always_verify = True  # the template rewrites contents without a visible cause
+        lay.checked += 1
+        return self._slow_segments(msgs, real, lay)
+
+    def _split_rendered(self, lay: _Layout, contents: list[str], real: str
+                        ) -> list[tuple[int, int]]:
+        """Find the contents as the template wrote them (trimmed, cut, ...) between the fixed
+        pieces of the layout in a real render; each must be the content or a part of it.
+        Returns ``(start, end)`` of the contents found, in order, up to the first one that
+        cannot be found."""
+        pieces = lay.pieces
+        out: list[tuple[int, int]] = []
+        if not real.startswith(pieces[0]):
+            return out
+        n = len(contents)
+        pos = len(pieces[0])
+        for j in range(n):
+            c, nxt = contents[j], pieces[j + 1]
+            if j == n - 1:
+                end = len(real) - len(nxt)
+                cands = [end] if real.endswith(nxt) and end >= pos else []
+            else:
+                cands = []
+                for t in (c, c.strip(), c.lstrip(), c.rstrip()):
+                    if real.startswith(t + nxt, pos):
+                        cands.append(pos + len(t))
+                        break
+                else:
+                    i = real.find(nxt, pos)
+                    while i >= 0:
+                        cands.append(i)
+                        i = real.find(nxt, i + 1)
+            for p in cands:
+                if real[pos:p] in c:
+                    out.append((pos, p))
+                    pos = p + len(nxt)
+                    break
+            else:
+                return out
+        return out
+
+    def _prefix_span(self, msgs: list[tuple[str, str]], i: int, real: str) -> tuple[int, int]:
+        """Place assistant turn i by rendering the conversation cut before and after it; the
+        cut renders must be prefixes of the whole render. Raises PacktrainError otherwise."""
+        ph = _PH.format(0)
+        start = None
+        probe = self.render(msgs[:i] + [("assistant", ph)])
+        k = probe.find(ph)
+        if k >= 0 and real.startswith(probe[:k]):
+            start = k
+        elif i > 0:
+            head = self.render(msgs[:i], add_generation_prompt=True)
+            if real.startswith(head):
+                start = len(head)
+        upto = self.render(msgs[:i + 1])
+        if start is None or not real.startswith(upto) or start > len(upto):
+            raise _field_error(
+                f"messages[{i}]", "the chat template renders this conversation differently when "
+                                  "it is cut after this turn (it rewrites earlier turns), so the "
+                                  "trained text cannot be placed; drop or fix the record, or use a "
+                                  "training variant of the template")
+        end = len(upto)
+        closing = self._closing_text()
+        if closing and real[start:end].endswith(closing):
+            end -= len(closing) - self._trained_close(closing)
+        return start, end
+
+    def _slow_segments(self, msgs: list[tuple[str, str]], real: str, lay
+                       ) -> list[tuple[str, bool]]:
+        """Segments of a record whose assembled text differed from the real render (or whose
+        role sequence has no layout): split the real render along the layout's fixed pieces as
+        far as that goes, and place the remaining assistant turns by prefix rendering."""
+        found = self._split_rendered(lay, [c for _, c in msgs], real) if lay is not None else []
+        spans = []
+        for i, (role, _) in enumerate(msgs):
+            if role != "assistant":
+                continue
+            if i < len(found):
+                s, e = found[i]
+                spans.append((s, e + lay.close[i]))
+            else:
+                spans.append(self._prefix_span(msgs, i, real))
+        segs, pos = [], 0
+        for s, e in spans:
+            if s < pos or e < s:
+                raise _field_error("messages", "the chat template places assistant turns out of "
+                                               "order, so the trained text cannot be placed; "
+                                               "drop or fix the record")
+            segs.append((real[pos:s], False))
+            segs.append((real[s:e], True))
+            pos = e
+        segs.append((real[pos:], False))
+        return _merge(segs)
+
+    # ------------------------------------------------------------ tokens
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self._backend is not None:
+            encode = getattr(self._backend, "encode_batch_fast", None) or \
+                self._backend.encode_batch
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
+        """One entry per record: ``(input_ids, labels)`` (int32; labels -100 where not trained,
+        always at position 0) or the PacktrainError / NothingToTrain for that record. All
+        segments of the batch are tokenized in one call of the fast tokenizer."""
+        out: list[Any] = [None] * len(records)
+        texts: list[str] = []
+        flags: list[bool] = []
+        owners: list[int] = []  # record index of each segment
+        for i, rec in enumerate(records):
+            try:
+                segs = self.segments(rec)
+            except PacktrainError as e:
+                out[i] = e
+                continue
+            owners.append(i)
+            texts.extend(t for t, _ in segs)
+            flags.extend(f for _, f in segs)
+            out[i] = len(segs)
+        if not texts:
+            return out
+        ids_lists = self._encode_texts(texts)
+        seg_lens = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
+        total = int(seg_lens.sum())
+        ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int32, count=total)
+        mask = np.repeat(np.asarray(flags, dtype=bool), seg_lens)
+        labels = np.where(mask, ids, np.int32(IGNORE_INDEX)).astype(np.int32, copy=False)
+        nsegs = np.fromiter((out[i] for i in owners), dtype=np.int64, count=len(owners))
+        seg_end = np.cumsum(nsegs)
+        tok_end_of_seg = np.concatenate([[0], np.cumsum(seg_lens)])
+        rec_end = tok_end_of_seg[seg_end]
+        rec_start = np.concatenate([[0], rec_end[:-1]])
+        labels[rec_start[rec_end > rec_start]] = IGNORE_INDEX
+        cs = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+        trained = cs[rec_end] - cs[rec_start]
+        for k, i in enumerate(owners):
+            if trained[k] == 0:
+                out[i] = NothingToTrain("empty-response", "no trained tokens after "
+                                                          "tokenization, nothing to train on")
+                continue
+            s, e = int(rec_start[k]), int(rec_end[k])
+            out[i] = (ids[s:e], labels[s:e])
+        return out

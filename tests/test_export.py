@@ -1,0 +1,378 @@
+"""train.export: DeepSpeed checkpoints of every ZeRO stage -> Hugging Face dirs that reload exactly.
+
+Fast tests make their checkpoints in ONE subprocess (world size 1, DeepSpeed engines of ZeRO 0/2/3,
+full and LoRA, `stage3_param_persistence_threshold: 0` so ZeRO-3 really partitions), laid out as
+train-run lays out OUTPUT. That process also records each engine's loss on a fixed batch after
+training; the exported model reloaded with `from_pretrained` must give the same loss.
+Slow tests go through the real `train-run` (2 ranks) once it exists.
+
+Run `python tests/test_export.py make OUT TOKENIZER_DIR` to make the checkpoints by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name: (zero stage, lora, dtype, tied embeddings)
+CASES = {
+    "z0": (0, False, "fp32", False),
+    "z2": (2, False, "fp32", False),
+    "z3": (3, False, "fp32", False),
+    "z3-tied": (3, False, "fp32", True),
+    "z0-lora": (0, True, "fp32", False),
+    "z2-lora": (2, True, "fp32", False),
+    "z3-lora": (3, True, "fp32", False),
+    "z0-bf16": (0, False, "bf16", False),
+}
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+            lora_dropout=0.0)
+SEQ = 24
+
+
+def fixed_batch(vocab: int, seed: int = 1):
+    """Two packed samples in one row, as train-run feeds them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(vocab, 5000), (1, SEQ), generator=g)
+    labels = ids.clone()
+    labels[0, 0] = labels[0, 10] = -100
+    pos = torch.cat([torch.arange(10), torch.arange(SEQ - 10)]).unsqueeze(0)
+    return dict(input_ids=ids, labels=labels, position_ids=pos, use_cache=False)
+
+
+def loss_of(model, vocab: int) -> float:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return float(model(**fixed_batch(vocab)).loss)
+
+
+def make_checkpoints(out: Path, tokenizer_dir: Path, names: list[str]) -> None:
+    """(Subprocess body.) One OUTPUT directory per case under `out`, plus `out/base` (the
+    starting model) and `out/ref.json` (each engine's loss on fixed_batch after training)."""
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    import deepspeed
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train.tiny import copy_tokenizer_files, make_tiny_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    ref = {}
+    for name in names:
+        stage, lora, dtype, tied = CASES[name]
+        base = out / f"base-{'tied' if tied else 'untied'}"
+        if not base.exists():
+            make_tiny_model("qwen3", tokenizer_dir, base, hidden=32, layers=2, heads=4,
+                            kv_heads=2, tie_word_embeddings=tied, seed=3)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        vocab = model.config.vocab_size
+        run = out / name
+        (run / "model_config").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(base / "config.json", run / "model_config" / "config.json")
+        shutil.copy2(base / "generation_config.json", run / "model_config")
+        copy_tokenizer_files(base, run / "model_config")
+        if lora:
+            model = get_peft_model(model, LoraConfig(**LORA))
+            (run / "model_config" / "lora.json").write_text(
+                json.dumps(model.peft_config["default"].to_dict(), default=sorted, indent=1))
+        (run / "run.json").write_text(json.dumps({"args": {"model": str(base)},
+                                                  "world_size": 1}))
+        cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+               "bf16": {"enabled": dtype == "bf16"}, "steps_per_print": 10 ** 9}
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=3e-2)
+        eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        torch.manual_seed(0)
+        for step in range(3):
+            batch = fixed_batch(vocab, seed=10 + step)
+            loss = eng(**batch).loss
+            eng.backward(loss)
+            eng.step()
+        eng.save_checkpoint(str(run / "checkpoints"), tag="step-00000003")
+        (run / "checkpoints" / "step-00000003" / "packtrain_state.json").write_text(
+            json.dumps({"step": 3}))
+        eng.module.eval()
+        with torch.no_grad():
+            ref[name] = float(eng(**fixed_batch(vocab)).loss)
+        del eng, opt, model
+    (out / "ref.json").write_text(json.dumps(ref, indent=1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_maker(out: Path, tokenizer_dir: Path, names: list[str]) -> dict:
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, __file__, "make", str(out), str(tokenizer_dir),
+                        *names], env=env, capture_output=True, text=True, timeout=900)
+    if r.returncode:
+        raise AssertionError(f"checkpoint maker failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return json.loads((out / "ref.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tokenizer_dir):
+    out = tmp_path_factory.mktemp("ckpts")
+    ref = run_maker(out, tokenizer_dir, list(CASES))
+    return out, ref
+
+
+def _reload(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- full models
+
+@pytest.mark.parametrize("name", ["z0", "z2", "z3", "z3-tied"])
+def test_full_round_trip(ckpts, tmp_path, name):
+    from train.export import EXPORT_INFO, export_checkpoint
+
+    out, ref = ckpts
+    exp = export_checkpoint(out / name, tmp_path / "export")
+    assert (exp / "model.safetensors").is_file()
+    assert (exp / "tokenizer.json").is_file() and (exp / "tokenizer_config.json").is_file()
+    assert not list(exp.glob("*.bin")) and not list(exp.glob("*.pt"))
+    info = json.loads((exp / EXPORT_INFO).read_text())
+    assert info["kind"] == "full" and info["tag"] == "step-00000003" and info["step"] == 3
+    model = _reload(exp)
+    vocab = model.config.vocab_size
+    assert loss_of(model, vocab) == pytest.approx(ref[name], abs=2e-5, rel=1e-5)
+    # training moved the weights: the export is not the starting model
+    base = _reload(out / ("base-tied" if "tied" in name else "base-untied"))
+    assert abs(loss_of(base, vocab) - ref[name]) > 1e-3
+    if "tied" in name:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_checkpoint_forms_equal(ckpts, tmp_path):
+    """OUTPUT, OUTPUT/checkpoints and the tag dir export the same weights."""
+    from safetensors.torch import load_file
+
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+    a = export_checkpoint(out / "z2", tmp_path / "a")
+    b = export_checkpoint(out / "z2" / "checkpoints", tmp_path / "b")
+    c = export_checkpoint(out / "z2" / "checkpoints" / "step-00000003", tmp_path / "c")
+    sa, sb, sc = (load_file(str(p / "model.safetensors")) for p in (a, b, c))
+    assert sa.keys() == sb.keys() == sc.keys()
+    assert all((sa[k] == sb[k]).all() and (sa[k] == sc[k]).all() for k in sa)
+
+
+def test_bf16_stage0_uses_fp32_masters(ckpts, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from train.export import export_checkpoint, safe_load
+
+    out, _ = ckpts
+    exp = export_checkpoint(out / "z0-bf16", tmp_path / "e", dtype="float32")
+    got = load_file(str(exp / "model.safetensors"))
+    module = safe_load(out / "z0-bf16/checkpoints/step-00000003/mp_rank_00_model_states.pt")["module"]
+    assert all(got[k].dtype == torch.float32 for k in got)
+    assert all(torch.equal(got[k].to(torch.bfloat16), module[k]) for k in got)
+    # the masters carry more than bf16 precision: not just the bf16 weights upcast
+    assert any(not torch.equal(got[k], module[k].float()) for k in got)
+    assert json.loads((exp / "packtrain_export.json").read_text())["warnings"] == []
+    # default dtype follows the original config (float32 here)
+    exp2 = export_checkpoint(out / "z0-bf16", tmp_path / "e2")
+    assert load_file(str(exp2 / "model.safetensors"))["lm_head.weight"].dtype == torch.float32
+    exp3 = export_checkpoint(out / "z0-bf16", tmp_path / "e3", dtype="bfloat16")
+    assert load_file(str(exp3 / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+    assert json.loads((exp3 / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------- LoRA
+
+@pytest.mark.parametrize("name", ["z0-lora", "z2-lora", "z3-lora"])
+def test_lora_adapter_and_merged(ckpts, tmp_path, name):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from train.export import export_checkpoint
+
+    out, ref = ckpts
+    base_dir = out / "base-untied"
+    adapter = export_checkpoint(out / name, tmp_path / "adapter")
+    assert (adapter / "adapter_model.safetensors").is_file()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_dir)
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert tensors and all(t.numel() > 0 for t in tensors.values())  # ZeRO-3 empty-tensor trap
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in tensors.items())
+    assert (adapter / "tokenizer.json").is_file()
+
+    model = PeftModel.from_pretrained(_reload(base_dir), str(adapter))
+    vocab = model.config.vocab_size
+    assert loss_of(model, vocab) == pytest.approx(ref[name], abs=2e-5, rel=1e-5)
+
+    merged = export_checkpoint(out / name, tmp_path / "merged", merge=True)
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    m = _reload(merged)
+    assert not any("lora" in k for k in m.state_dict())
+    assert loss_of(m, vocab) == pytest.approx(ref[name], abs=1e-4, rel=1e-4)
+
+
+# ---------------------------------------------------------------- failures
+
+def test_half_written_export_leaves_no_final_dir(ckpts, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+
+    def boom(self, *a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", boom)
+    with pytest.raises(OSError, match="simulated"):
+        export_checkpoint(out / "z0", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    assert list(tmp_path.iterdir()) == []  # no tmp dir left either
+
+
+def test_failed_reexport_keeps_previous(ckpts, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+    exp = export_checkpoint(out / "z0", tmp_path / "export")
+    before = sorted(p.name for p in exp.iterdir())
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        lambda self, *a, **k: (_ for _ in ()).throw(OSError("simulated")))
+    with pytest.raises(OSError):
+        export_checkpoint(out / "z0", exp)
+    assert sorted(p.name for p in exp.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_errors_are_one_line(ckpts, tmp_path):
+    from pack.format import PacktrainError
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+    cases = []
+    with pytest.raises(PacktrainError, match="no such checkpoint") as e:
+        export_checkpoint(tmp_path / "nope", tmp_path / "x")
+    cases.append(e)
+    run = tmp_path / "run"
+    shutil.copytree(out / "z0", run)
+    (run / "checkpoints" / "latest").unlink()
+    with pytest.raises(PacktrainError, match="latest: missing") as e:
+        export_checkpoint(run, tmp_path / "x")
+    cases.append(e)
+    (run / "checkpoints" / "latest").write_text("step-00000099")
+    with pytest.raises(PacktrainError, match="does not exist") as e:
+        export_checkpoint(run, tmp_path / "x")
+    cases.append(e)
+    (run / "checkpoints" / "latest").write_text("step-00000003")
+    shutil.rmtree(run / "model_config")
+    with pytest.raises(PacktrainError, match="model_config") as e:
+        export_checkpoint(run, tmp_path / "x")
+    cases.append(e)
+    with pytest.raises(PacktrainError, match="only to LoRA runs") as e:
+        export_checkpoint(out / "z0", tmp_path / "x", merge=True)
+    cases.append(e)
+    # a model dir that is not an export is never overwritten
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    with pytest.raises(PacktrainError, match="not a packtrain export") as e:
+        export_checkpoint(out / "z0", keep)
+    cases.append(e)
+    assert (keep / "precious.txt").is_file()
+    for e in cases:
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_mismatched_config_refused(ckpts, tmp_path):
+    from pack.format import PacktrainError
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+    run = tmp_path / "run"
+    shutil.copytree(out / "z3", run)
+    cfg = json.loads((run / "model_config" / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    cfg["layer_types"] = cfg["layer_types"] + cfg["layer_types"][:1]
+    (run / "model_config" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PacktrainError, match=r"does not match model_config.*missing"):
+        export_checkpoint(run, tmp_path / "x")
+    cfg["num_hidden_layers"] = 2
+    cfg["layer_types"] = cfg["layer_types"][:2]
+    cfg["intermediate_size"] = 64
+    (run / "model_config" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PacktrainError, match="has shape"):
+        export_checkpoint(run, tmp_path / "x")
+    cfg["intermediate_size"] = 128
+    cfg["tie_word_embeddings"] = True  # untied checkpoint, tied config: never silently pick one
+    (run / "model_config" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PacktrainError, match="tied"):
+        export_checkpoint(run, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_truncated_checkpoint_refused(ckpts, tmp_path):
+    from pack.format import PacktrainError
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+    run = tmp_path / "run"
+    shutil.copytree(out / "z2", run)
+    f = run / "checkpoints/step-00000003/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(PacktrainError, match="weights-only torch file"):
+        export_checkpoint(run, tmp_path / "x")
+
+
+def test_export_main_cli(ckpts, tmp_path, capsys):
+    from train.export import export_main
+
+    out, _ = ckpts
+    assert export_main([str(out / "z0"), str(tmp_path / "e")]) == 0
+    assert "exported full" in capsys.readouterr().out
+    assert export_main([str(tmp_path / "missing"), str(tmp_path / "e2")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("train-export: error:") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- through train-run (2 ranks)
+
+def _have_trainer() -> bool:
+    return (ROOT / "train" / "cli.py").is_file() and (ROOT / "train" / "loop.py").is_file()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "make":
+        make_checkpoints(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:] or list(CASES))
+    else:
+        print(__doc__)

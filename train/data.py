@@ -1,0 +1,191 @@
+"""Rank-sharded, seeded, resumable stream of packs -> micro-batches.
+
+Order of the data
+-----------------
+Epoch ``e`` visits the packs in the order ``np.random.default_rng([seed, e]).permutation(P)``
+(P = packs in the dataset). Positions in that order are consumed one *global batch* at a time:
+
+    G = world_size * grad_accum * micro_batch          packs per optimizer step, all ranks
+
+The optimizer step starting at position ``i`` takes positions ``i .. i+G-1``; inside it, micro-step
+``k`` (0 <= k < grad_accum) of rank ``r`` takes the ``micro_batch`` positions starting at
+``i + (k * world_size + r) * micro_batch``. So ranks are disjoint, and the set of packs of one
+optimizer step depends only on G, not on how it is split over ranks and micro-steps: a 2-rank run
+with ``--grad-accum 2`` trains on exactly the packs of a 1-rank run with ``--grad-accum 4``.
+
+Remainder: when P is not a multiple of G, the last step of an epoch *wraps*: positions >= P read
+``order[pos % P]``, i.e. the first packs of the same epoch's order again. Every pack is trained at
+least once per epoch, at most ``G - 1`` packs twice, and every rank does the same number of
+micro-steps (``ceil(P / G) * grad_accum``), which DeepSpeed's fixed accumulation needs. An epoch
+ends when its position reaches P.
+
+State
+-----
+``DataState(epoch, index)``: the epoch and the position in that epoch's order of the next step.
+It is global (the same on every rank), so it is saved once in the checkpoint; restoring it
+continues the identical sequence. Resuming with another world size / micro-batch / accumulation
+continues at the same position of the same order (only the split of later steps changes).
+
+Micro-batches
+-------------
+The ``micro_batch`` packs of one micro-step are concatenated into one row (batch 1): input_ids,
+labels and position_ids back to back ([1, T] int64), cu_seqlens merged with offsets shifted (int32
+[n + 1]). Labels at every sample start are -100, so Hugging Face's shift never crosses a pack or
+sample boundary. Packs are read from the memory-mapped shards one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pack.format import IGNORE_INDEX, PackedDataset, PacktrainError
+
+
+@dataclass
+class DataState:
+    epoch: int = 0
+    index: int = 0  # position in epoch `epoch`'s permutation of the next optimizer step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataState":
+        return cls(epoch=int(d["epoch"]), index=int(d["index"]))
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor      # [1, T] int64
+    labels: torch.Tensor         # [1, T] int64, unshifted, -100 where no loss
+    position_ids: torch.Tensor   # [1, T] int64, restarting at 0 at each sample start
+    cu_seqlens: torch.Tensor     # [n + 1] int32
+    max_seqlen: int              # longest sample in the row
+    pack_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def num_label_tokens(self) -> int:
+        """Tokens that carry a loss after the causal shift: labels[..., 1:] != -100."""
+        return count_label_tokens(self.labels)
+
+    def to(self, device) -> "MicroBatch":
+        return MicroBatch(self.input_ids.to(device, non_blocking=True),
+                          self.labels.to(device, non_blocking=True),
+                          self.position_ids.to(device, non_blocking=True),
+                          self.cu_seqlens.to(device, non_blocking=True),
+                          self.max_seqlen, self.pack_ids)
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Label tokens of one packed row as the loss counts them (after the shift)."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def epoch_order(num_packs: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the packs."""
+    return np.random.default_rng([seed, epoch]).permutation(num_packs)
+
+
+def collate(packs: list[dict[str, np.ndarray]], pack_ids: list[int] | None = None) -> MicroBatch:
+    """Concatenate packs into one row; cu_seqlens merged with shifted offsets."""
+    if not packs:
+        raise ValueError("collate needs at least one pack")
+    ids = np.concatenate([p["input_ids"] for p in packs]).astype(np.int64)
+    labels = np.concatenate([p["labels"] for p in packs]).astype(np.int64)
+    pos = np.concatenate([p["position_ids"] for p in packs]).astype(np.int64)
+    cus, offset = [np.zeros(1, dtype=np.int64)], 0
+    for p in packs:
+        cu = np.asarray(p["cu_seqlens"], dtype=np.int64)
+        cus.append(cu[1:] + offset)
+        offset += int(cu[-1])
+    cu = np.concatenate(cus)
+    return MicroBatch(torch.from_numpy(ids).unsqueeze(0), torch.from_numpy(labels).unsqueeze(0),
+                      torch.from_numpy(pos).unsqueeze(0), torch.from_numpy(cu.astype(np.int32)),
+                      int(np.diff(cu).max()), list(pack_ids or []))
+
+
+class PackStream:
+    """This rank's micro-batches, one optimizer step at a time.
+
+    >>> stream = PackStream(PackedDataset(path), seed=0, rank=r, world_size=W, micro_batch=M,
+    ...                     grad_accum=A)
+    >>> for micro_batches in stream.steps():   # list of A MicroBatch for this rank
+    ...     ...                                # stream.state is the position *after* this step
+    """
+
+    def __init__(self, dataset: PackedDataset, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 micro_batch: int = 1, grad_accum: int = 1, state: DataState | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if micro_batch < 1 or grad_accum < 1:
+            raise PacktrainError("--micro-batch and --grad-accum must be >= 1")
+        self.ds = dataset
+        self.num_packs = len(dataset)
+        if self.num_packs == 0:
+            raise PacktrainError(f"{dataset.dir}: the dataset holds no packs; nothing to train on")
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.state = state or DataState()
+        self._order_epoch: int | None = None
+        self._order: np.ndarray | None = None
+
+    @property
+    def global_batch_packs(self) -> int:
+        return self.world_size * self.grad_accum * self.micro_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in a whole epoch (from position 0)."""
+        return math.ceil(self.num_packs / self.global_batch_packs)
+
+    def steps_left_in_epoch(self, state: DataState | None = None) -> int:
+        s = state or self.state
+        return max(0, math.ceil((self.num_packs - s.index) / self.global_batch_packs))
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = epoch_order(self.num_packs, self.seed, epoch), epoch
+        return self._order
+
+    def step_pack_ids(self, state: DataState, rank: int | None = None) -> list[list[int]]:
+        """Pack ids of each micro-step of `rank` (default: this rank) for the step at `state`."""
+        r = self.rank if rank is None else rank
+        order = self.order(state.epoch)
+        out = []
+        for k in range(self.grad_accum):
+            start = state.index + (k * self.world_size + r) * self.micro_batch
+            pos = np.arange(start, start + self.micro_batch) % self.num_packs
+            out.append([int(x) for x in order[pos]])
+        return out
+
+    def _advance(self, state: DataState) -> DataState:
+        index = state.index + self.global_batch_packs
+        if index >= self.num_packs:
+            return DataState(state.epoch + 1, 0)
+        return DataState(state.epoch, index)
+
+    def next_step(self) -> tuple[list[MicroBatch], int]:
+        """This rank's micro-batches for the next optimizer step, and the epoch they belong to.
+        Advances `state`."""
+        state = self.state
+        if state.index >= self.num_packs:  # e.g. restored with a smaller dataset: next epoch
+            state = DataState(state.epoch + 1, 0)
+        batches = []
+        for ids in self.step_pack_ids(state):
+            batches.append(collate([self.ds[i] for i in ids], ids))
+        self.state = self._advance(state)
+        return batches, state.epoch
+
+    def steps(self) -> Iterator[list[MicroBatch]]:
+        """Endless: the caller decides when to stop (epochs / max steps)."""
+        while True:
+            yield self.next_step()[0]

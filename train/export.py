@@ -1,0 +1,467 @@
+"""DeepSpeed checkpoint -> Hugging Face model directory, offline (no process group, no GPU).
+
+    export_checkpoint(OUTPUT, OUT)                 # full model, or the LoRA adapter when trained with --lora
+    export_checkpoint(OUTPUT, OUT, merge=True)     # LoRA merged into the base weights: a full model
+
+`checkpoint` may be a training OUTPUT directory, its ``checkpoints/`` directory (the ``latest`` tag is
+used) or one tag directory (``checkpoints/step-00000010``). The model is rebuilt from
+``OUTPUT/model_config/config.json`` (plus ``lora.json`` for LoRA runs), the full fp32 weights are
+reassembled from DeepSpeed's files for any ZeRO stage 0-3 and loaded strictly (a missing or
+unexpected tensor is an error, never a silently random weight), and the result is written as
+safetensors with the tokenizer files beside it. The directory is built under ``OUT.tmp-PID`` and
+renamed into place, so an interrupted export never looks complete.
+
+Where the weights come from:
+
+stage 0    ``mp_rank_00_model_states.pt['module']``: the whole model in its training dtype. With
+           bf16/fp16 training DeepSpeed's optimizer wrapper keeps fp32 masters in the same file
+           (``optimizer['fp32_groups']``, unnamed); they are matched back to parameter names by shape
+           and value, falling back to the 16-bit module weights (with a warning) if they cannot be.
+stage 1-3  DeepSpeed's own ``zero_to_fp32`` reassembly of the fp32 master partitions of every rank
+           (frozen parameters, e.g. a LoRA base, come from the model-state files).
+
+Loading safety: every ``torch.load`` here uses ``weights_only=True``. DeepSpeed's ``zero_to_fp32``
+hard-codes ``weights_only=False`` (full pickle); we run it with its ``torch.load`` replaced by a
+``weights_only=True`` load that allowlists only the few DeepSpeed classes its optimizer files hold
+(``ZeroStageEnum``, ``fragment_address``, the loss scalers). A file holding anything else is refused.
+The ``.pt`` files themselves are still pickle *format*; that is DeepSpeed's choice of container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pack.format import PacktrainError, write_atomic
+
+EXPORT_INFO = "packtrain_export.json"
+MODEL_STATE_STAGE0 = "mp_rank_00_model_states.pt"
+GENERATION_FILES = ("generation_config.json",)
+
+
+# ---------------------------------------------------------------- locating the checkpoint
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path, str]:
+    """Return (OUTPUT dir, checkpoints dir, tag) for an OUTPUT dir, a checkpoints dir or a tag dir."""
+    p = Path(checkpoint)
+    if not p.exists():
+        raise PacktrainError(f"{p}: no such checkpoint; pass a train-run OUTPUT directory, its "
+                             f"checkpoints/ directory or one checkpoints/step-NNNNNNNN directory")
+    if not p.is_dir():
+        raise PacktrainError(f"{p}: not a directory; pass a train-run OUTPUT directory, its "
+                             f"checkpoints/ directory or a tag directory")
+    if any(p.glob("*model_states.pt")):  # a tag directory
+        return p.parent.parent, p.parent, p.name
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    latest = p / "latest"
+    if not latest.is_file():
+        if p.name == "checkpoints" or any(p.glob("step-*")):
+            raise PacktrainError(f"{latest}: missing, so no checkpoint is complete (training stopped "
+                                 f"before its first save?); pass a tag directory such as "
+                                 f"{p}/step-NNNNNNNN explicitly, or train longer")
+        raise PacktrainError(f"{p}: holds no DeepSpeed checkpoint (no checkpoints/, latest or "
+                             f"*model_states.pt); pass a train-run OUTPUT directory")
+    tag = latest.read_text().strip()
+    if not tag or not (p / tag).is_dir():
+        raise PacktrainError(f"{latest}: names tag {tag!r}, but {p / tag} does not exist; pass an "
+                             f"existing tag directory under {p} explicitly")
+    if not any((p / tag).glob("*model_states.pt")):
+        raise PacktrainError(f"{p / tag}: no *model_states.pt files; the checkpoint is incomplete — "
+                             f"pass an older tag directory under {p}")
+    return p.parent, p, tag
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PacktrainError(f"{path}: missing; {what}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PacktrainError(f"{path}: not valid JSON ({e}); {what}") from None
+    if not isinstance(data, dict):
+        raise PacktrainError(f"{path}: expected a JSON object; {what}")
+    return data
+
+
+def _base_model_path(run: dict) -> str | None:
+    """The --model the run started from, wherever run.json keeps it."""
+    for d in (run, run.get("args") or {}, run.get("train_args") or {}):
+        if isinstance(d, dict):
+            for k in ("model", "model_path", "model_name_or_path"):
+                if isinstance(d.get(k), str) and d[k]:
+                    return d[k]
+    return None
+
+
+# ---------------------------------------------------------------- reading DeepSpeed files
+
+def _allowed_globals() -> list:
+    """The DeepSpeed classes its optimizer-state files pickle, which weights_only loads accept."""
+    import importlib
+
+    names = [("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+             ("deepspeed.utils.tensor_fragment", "fragment_address"),
+             ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+             ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+             ("deepspeed.runtime.fp16.loss_scaler", "LossScaleProfile"),
+             ("deepspeed.runtime.fp16.loss_scaler", "LossScaleConfig")]
+    out = []
+    for mod, name in names:
+        try:
+            obj = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            obj = None
+        if obj is not None:
+            out.append(obj)
+    return out
+
+
+def safe_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True, accepting only tensors, containers and DeepSpeed's
+    allowlisted bookkeeping classes. Errors name the file."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PacktrainError(f"{path}: cannot be read as a weights-only torch file ({msg}); the "
+                             f"checkpoint is corrupt, truncated, or holds objects packtrain does "
+                             f"not load (no arbitrary pickle)") from None
+
+
+class _WeightsOnlyTorch:
+    """Stands in for the `torch` module inside deepspeed.utils.zero_to_fp32 so that its
+    hard-coded torch.load(..., weights_only=False) becomes a weights_only=True load."""
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    @staticmethod
+    def load(f, map_location=None, weights_only=None, mmap=None, **_):
+        return safe_load(f, mmap=bool(mmap))
+
+
+@contextlib.contextmanager
+def _weights_only_zero_to_fp32():
+    import torch
+    from deepspeed.utils import zero_to_fp32
+
+    saved = zero_to_fp32.torch, zero_to_fp32.tqdm
+    zero_to_fp32.torch = _WeightsOnlyTorch(torch)
+    zero_to_fp32.tqdm = lambda it, *a, **k: it  # no progress bars on library use
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints as it goes
+            yield zero_to_fp32
+    finally:
+        zero_to_fp32.torch, zero_to_fp32.tqdm = saved
+
+
+def read_fp32_state_dict(checkpoints_dir: Path, tag: str, model=None) -> tuple[dict, list[str]]:
+    """Full fp32 state dict of the trained module from one checkpoint tag, and warnings.
+    `model` (the rebuilt module, names and shapes) is needed only for 16-bit stage-0 runs."""
+    import torch
+
+    tag_dir = checkpoints_dir / tag
+    warnings: list[str] = []
+    optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
+    if any(f.name.startswith("bf16_zero_") for f in optim_files):
+        raise PacktrainError(f"{tag_dir}: a bf16_zero_* checkpoint (DeepSpeed's BF16_Optimizer: "
+                             f"ZeRO-1 with bf16 and fp32 gradient accumulation) is not supported "
+                             f"by train-export; train with ZeRO 0, 2 or 3 for bf16")
+    if optim_files:  # ZeRO 1-3: reassemble fp32 master partitions
+        with _weights_only_zero_to_fp32() as z:
+            try:
+                sd = z.get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir), tag=tag)
+            except PacktrainError:
+                raise
+            except (ValueError, FileNotFoundError, KeyError) as e:
+                raise PacktrainError(f"{tag_dir}: DeepSpeed could not reassemble the weights "
+                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                     f"the checkpoint is incomplete (a rank's file missing?) — "
+                                     f"export an older tag") from None
+        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, warnings
+
+    f = tag_dir / MODEL_STATE_STAGE0
+    if not f.is_file():
+        raise PacktrainError(f"{tag_dir}: neither {MODEL_STATE_STAGE0} nor *_optim_states.pt; the "
+                             f"checkpoint is incomplete — export an older tag")
+    state = safe_load(f)
+    module = state.get("module") if isinstance(state, dict) else None
+    if not isinstance(module, dict):
+        raise PacktrainError(f"{f}: has no 'module' state dict; not a DeepSpeed model checkpoint")
+    half = [k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32]
+    if half:
+        masters = _stage0_masters(state, module, model)
+        if masters is None:
+            warnings.append(f"{f}: fp32 master weights could not be matched to parameter names; "
+                            f"exported the {module[half[0]].dtype} module weights upcast to fp32")
+        else:
+            module = {**module, **masters}
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}, warnings
+
+
+def _stage0_masters(state: dict, module: dict, model) -> dict | None:
+    """Name DeepSpeed's unnamed stage-0 fp32 masters: each must match one 16-bit module tensor
+    of the same shape whose value is exactly the master rounded to 16 bits."""
+    opt = state.get("optimizer")
+    groups = opt.get("fp32_groups") if isinstance(opt, dict) else None
+    if not groups or model is None:
+        return None
+    flat = [t for g in groups for t in (g if isinstance(g, (list, tuple)) else [g])]
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n in module]
+    if len(flat) != len(names):
+        return None
+    out, free = {}, list(names)
+    for t in flat:
+        hit = next((n for n in free if tuple(module[n].shape) == tuple(t.shape)
+                    and module[n].is_floating_point()
+                    and torch_equal(t.to(module[n].dtype), module[n])), None)
+        if hit is None:
+            return None
+        out[hit] = t
+        free.remove(hit)
+    return out
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+# ---------------------------------------------------------------- rebuilding the model
+
+def _build_model(model_config: Path, lora: dict | None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_config), local_files_only=True,
+                                            trust_remote_code=False)
+    except Exception as e:
+        raise PacktrainError(f"{model_config / 'config.json'}: cannot build a model config "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():  # every weight is overwritten by the checkpoint, strictly
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = dict(lora, base_model_name_or_path=None)  # set from run.json when saving
+        try:
+            lcfg = LoraConfig(**lora)
+        except (TypeError, ValueError) as e:
+            raise PacktrainError(f"{model_config / 'lora.json'}: not a LoraConfig this peft reads "
+                                 f"({e})") from None
+        lcfg.inference_mode = False
+        model = get_peft_model(model, lcfg)
+    return config, model
+
+
+def _tied_groups(model) -> list[set[str]]:
+    by_id: dict[int, set[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), set()).add(n)
+    return [s for s in by_id.values() if len(s) > 1]
+
+
+def load_strict(model, state_dict: dict, where: str) -> None:
+    """Load every parameter and persistent buffer; tied weights may appear under any one of their
+    names. Missing, unexpected or misshapen tensors raise PacktrainError naming them."""
+    expected = set(model.state_dict().keys())
+    sd = dict(state_dict)
+    for group in _tied_groups(model):
+        present = [n for n in sorted(group) if n in sd]
+        for n in present[1:]:
+            if not torch_equal(sd[n], sd[present[0]]):
+                raise PacktrainError(f"{where}: {present[0]} and {n} are tied in model_config/ "
+                                     f"(tie_word_embeddings) but differ in the checkpoint; "
+                                     f"model_config/config.json does not match the trained model")
+        if present:
+            for n in group:
+                sd.setdefault(n, sd[present[0]])
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(sd.keys() - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise PacktrainError(f"{where}: the checkpoint does not match model_config/ (tensors "
+                             f"{'; '.join(parts)}); was model_config/ or lora.json edited, or the "
+                             f"checkpoint made by another run?")
+    own = model.state_dict()
+    for k in sorted(sd):
+        if tuple(sd[k].shape) != tuple(own[k].shape):
+            raise PacktrainError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, the model "
+                                 f"built from model_config/ wants {tuple(own[k].shape)}; the "
+                                 f"checkpoint belongs to another model")
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------- writing
+
+def _prepare_out(out_dir: Path) -> Path:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise PacktrainError(f"{out_dir}: exists and is not a directory; choose another path")
+        if any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO).is_file():
+            raise PacktrainError(f"{out_dir}: exists, is not empty and is not a packtrain export; "
+                                 f"choose another output path or remove it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished directory into place; a previous export is replaced only now."""
+    from pack.format import fsync_dir
+
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
+                      merge: bool = False, dtype: str | None = None) -> Path:
+    """Export a DeepSpeed checkpoint of a packtrain run as a Hugging Face model directory.
+
+    checkpoint  OUTPUT, OUTPUT/checkpoints (uses `latest`) or OUTPUT/checkpoints/TAG
+    out_dir     the directory to create (replaced only if it is an earlier packtrain export)
+    merge       LoRA runs only: merge the adapter and write a full model instead of the adapter
+    dtype       weights' dtype in the export ("float32", "bfloat16", "float16"); default: the
+                dtype in model_config/config.json (the original model's). LoRA adapters stay fp32.
+
+    Returns out_dir. Raises PacktrainError with a one-line message on any user-fixable problem.
+    """
+    import torch
+
+    from train.tiny import copy_tokenizer_files
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    output, ckpts, tag = resolve_checkpoint(checkpoint)
+    model_config = output / "model_config"
+    if not (model_config / "config.json").is_file():
+        raise PacktrainError(f"{model_config / 'config.json'}: missing; export needs the "
+                             f"model_config/ directory train-run writes beside checkpoints/ — "
+                             f"pass the run's OUTPUT directory (or restore model_config/)")
+    lora = None
+    if (model_config / "lora.json").is_file():
+        lora = _read_json(model_config / "lora.json", "it is written by train-run --lora")
+    if merge and lora is None:
+        raise PacktrainError(f"{model_config}: no lora.json, so this run trained the full model; "
+                             f"--merge applies only to LoRA runs — drop --merge")
+    run = {}
+    if (output / "run.json").is_file():
+        run = _read_json(output / "run.json", "it is written by train-run")
+
+    config, model = _build_model(model_config, lora)
+    state_dict, warnings = read_fp32_state_dict(ckpts, tag, model)
+    load_strict(model, state_dict, str(ckpts / tag))
+    del state_dict
+
+    target = dtype or _config_dtype(config)
+    try:
+        target_dtype = getattr(torch, str(target).replace("torch.", ""))
+        assert isinstance(target_dtype, torch.dtype)
+    except (AttributeError, AssertionError):
+        raise PacktrainError(f"dtype {target!r} is not a torch dtype; use float32, bfloat16 or "
+                             f"float16") from None
+
+    base_path = _base_model_path(run)
+    tmp = _prepare_out(out_dir)
+    try:
+        if lora is not None and not merge:
+            kind = "lora-adapter"
+            model.peft_config["default"].base_model_name_or_path = base_path
+            model.peft_config["default"].inference_mode = True
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            kind = "merged" if lora is not None else "full"
+            if lora is not None:
+                model = model.merge_and_unload()
+            model = model.to(target_dtype)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            for name in GENERATION_FILES:  # the original generation settings, not from_config's
+                if (model_config / name).is_file():
+                    shutil.copy2(model_config / name, tmp / name)
+        copy_tokenizer_files(model_config, tmp)
+        step = None
+        state_file = ckpts / tag / "packtrain_state.json"
+        if state_file.is_file():
+            try:
+                step = json.loads(state_file.read_text()).get("step")
+            except (ValueError, AttributeError):
+                step = None
+        info = {"kind": kind, "checkpoint": str((ckpts / tag).resolve()), "tag": tag,
+                "step": step, "base_model": base_path,
+                "dtype": "float32" if kind == "lora-adapter" else str(target_dtype).split(".")[-1],
+                "warnings": warnings, "seconds": round(time.time() - t0, 3)}
+        write_atomic(tmp / EXPORT_INFO, (json.dumps(info, indent=2) + "\n").encode())
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _config_dtype(config) -> str:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if d is None:
+        return "float32"
+    return str(d).replace("torch.", "")
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """`train-export CHECKPOINT OUT [--merge] [--dtype D]`; D's train.cli may call or mirror it."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="train-export", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="train-run OUTPUT, OUTPUT/checkpoints or a tag directory")
+    ap.add_argument("out", help="the Hugging Face model directory to write")
+    ap.add_argument("--merge", action="store_true", help="LoRA: merge into the base weights")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="weights' dtype (default: the original model's, from its config)")
+    a = ap.parse_args(argv)
+    try:
+        out = export_checkpoint(a.checkpoint, a.out, merge=a.merge, dtype=a.dtype)
+    except PacktrainError as e:
+        print(f"train-export: error: {e}", file=sys.stderr)
+        return 1
+    info = json.loads((out / EXPORT_INFO).read_text())
+    print(f"exported {info['kind']} ({info['dtype']}) from {info['checkpoint']} to {out} "
+          f"in {info['seconds']:.1f} s")
+    for w in info["warnings"]:
+        print(f"train-export: warning: {w}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(export_main())
