@@ -13,6 +13,8 @@ after every measurement, so a timeout keeps what was done):
                 2 x the noise floor (same-precision per-sample run vs fp32) + 1e-3. The CUDA kernels
                 run fp32 models under bf16 autocast. Controls: transformers' sdpa on the packed row
                 with position_ids (should pass) and without them (samples see each other: should fail).
+2b. loss       CE forward+backward from hidden states (hidden 896, vocab 151936, bf16) at 4k/16k
+                tokens: full fp32 logits (as HF models) vs chunked_cross_entropy; time and peak memory.
 3. throughput   training steps (forward + backward + AdamW, bf16 weights, chunked CE) of a ~0.5B
                 Qwen2.5-0.5B-like model (hidden 896, 24 layers, 14 heads, 2 kv heads, intermediate
                 4864, vocab 151936, tied, random weights): unpacked (one sample per step, batch 1,
@@ -68,7 +70,7 @@ from train.attention import (  # noqa: E402
     packed_forward_kwargs,
     torch_varlen_available,
 )
-from train.loss import packed_loss, wgrad_accumulation_mode  # noqa: E402
+from train.loss import chunked_cross_entropy, packed_loss, wgrad_accumulation_mode  # noqa: E402
 
 T0 = time.monotonic()
 RESULTS: dict = {"sections": {}}
@@ -312,6 +314,67 @@ def section_correctness(args, device, backends) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# 2b. loss memory: chunked CE vs full logits
+# ------------------------------------------------------------------------------------------------
+
+
+def section_loss(args, device) -> dict:
+    """Peak extra memory and time of CE forward+backward from hidden states: full logits
+    (F.linear + F.cross_entropy on fp32 logits, as HF models do) vs chunked_cross_entropy."""
+    out = {"rows": []}
+    hdim, vocab = (64, 1000) if args.cpu_smoke else (896, 151936)
+    sizes = [256, 1024] if args.cpu_smoke else args.loss_sizes
+    dtype = torch.bfloat16
+    log(f"  hidden {hdim}, vocab {vocab}, bf16 leaves, chunk {args.chunk}")
+    for size in sizes:
+        for mode in ("full logits", "chunked"):
+            row = {"T": size, "mode": mode}
+            try:
+                g = torch.Generator().manual_seed(0)
+                h = torch.randn(size, hdim, generator=g).to(device, dtype).requires_grad_()
+                w = (0.02 * torch.randn(vocab, hdim, generator=g)).to(device, dtype).requires_grad_()
+                labels = torch.randint(0, vocab, (size,), generator=g).to(device)
+                times = []
+                for r in range(4):
+                    h.grad = w.grad = None
+                    sync(device)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        base = torch.cuda.memory_allocated(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                    t = time.perf_counter()
+                    if mode == "chunked":
+                        loss, _ = chunked_cross_entropy(h, w, labels, chunk_size=args.chunk)
+                    else:
+                        logits = F.linear(h, w).float()
+                        loss = F.cross_entropy(logits[:-1], labels[1:], reduction="sum")
+                        del logits
+                    loss.backward()
+                    sync(device)
+                    if r:
+                        times.append(time.perf_counter() - t)
+                row["median_ms"] = 1000 * statistics.median(times)
+                if device.type == "cuda":
+                    row["peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+                mem = f"{row['peak_extra_gib']:.2f} GiB" if "peak_extra_gib" in row else "-"
+                log(f"  T={size:6d} {mode:12s} {row['median_ms']:8.1f} ms  peak extra {mem}")
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "OOM"
+                log(f"  T={size:6d} {mode:12s} OOM")
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                log(f"  T={size:6d} {mode:12s} ERROR {row['error']}")
+            finally:
+                h = w = labels = loss = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            out["rows"].append(row)
+            RESULTS["sections"]["loss"] = out
+            save()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # 3. throughput
 # ------------------------------------------------------------------------------------------------
 
@@ -419,9 +482,18 @@ def run_steps(model, opt, rows, warmup: int, device, chunk: int):
 def section_throughput(args, device, backends) -> dict:
     out = {"rows": []}
     cfg = bench_model_config(args.cpu_smoke)
+    if args.peak_tflops is None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        if "H100" in name and "PCIe" in name:
+            args.peak_tflops, note = 756.0, f"{name}: H100 PCIe dense bf16 peak"
+        else:
+            args.peak_tflops = 989.0
+            note = f"{name}: H100/H200 SXM dense bf16 peak" + ("" if ("H100" in name or "H200" in name) else " (assumed)")
+    else:
+        note = "given with --peak-tflops"
     peak = args.peak_tflops * 1e12
     out["peak_tflops"] = args.peak_tflops
-    out["peak_note"] = "dense bf16 peak of H100/H200 SXM (989 TFLOP/s) unless --peak-tflops says otherwise"
+    out["peak_note"] = note
     dtype = torch.bfloat16
     t = time.perf_counter()
     with torch.device(device):
@@ -440,7 +512,7 @@ def section_throughput(args, device, backends) -> dict:
     out["data"] = {"distribution": f"lognormal median {args.median_len} sigma {args.sigma}, capped {args.max_len}",
                    "packing": "best-fit-decreasing, fullest packs", "chunk_size": args.chunk}
     log(f"  model: {n_params / 1e6:.1f}M params ({n_matmul / 1e6:.1f}M in matmuls), built in "
-        f"{time.perf_counter() - t:.1f}s; peak used for MFU: {args.peak_tflops:g} TFLOP/s")
+        f"{time.perf_counter() - t:.1f}s; peak used for MFU: {args.peak_tflops:g} TFLOP/s ({note})")
 
     plans = []
     plans.append(("unpacked", "sdpa", None))
@@ -528,9 +600,18 @@ def final_table() -> None:
             ok = "as expected" if r["pass"] == r["expected_pass"] else "UNEXPECTED"
             log(f"{r['arch']:14s} {r['dtype']:9s} {r['backend']:28s} {r['logits_relerr']:14.2e} {g:>13s}  "
                 f"{'pass' if r['pass'] else 'fail'} ({ok})")
+    lo = RESULTS["sections"].get("loss")
+    if isinstance(lo, dict) and lo.get("rows"):
+        log(f"\n{'loss: T':>9s} {'mode':12s} {'ms':>8s} {'peak extra GiB':>15s}")
+        for r in lo["rows"]:
+            if "median_ms" not in r:
+                log(f"{r['T']:9d} {r['mode']:12s} {r.get('error')}")
+                continue
+            mem = f"{r['peak_extra_gib']:.2f}" if "peak_extra_gib" in r else "-"
+            log(f"{r['T']:9d} {r['mode']:12s} {r['median_ms']:8.1f} {mem:>15s}")
     thr = RESULTS["sections"].get("throughput")
     if isinstance(thr, dict) and thr.get("rows"):
-        log(f"\nthroughput, MFU against {thr.get('peak_tflops')} TFLOP/s bf16 dense peak")
+        log(f"\nthroughput, MFU against {thr.get('peak_tflops')} TFLOP/s bf16 dense peak ({thr.get('peak_note')})")
         log(f"{'mode':28s} {'pack':>6s} {'ms/step':>9s} {'tok/s':>10s} {'x unpacked':>10s} {'MFU':>6s} {'mem GiB':>8s} {'fill':>6s}")
         for r in thr["rows"]:
             size = str(r.get("pack_size") or "-")
@@ -548,7 +629,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer models, sizes and steps (about 2 minutes on an H100)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on CPU: runs the code paths, numbers mean nothing")
-    p.add_argument("--sections", default="correctness,throughput")
+    p.add_argument("--sections", default="correctness,loss,throughput")
+    p.add_argument("--loss-sizes", default="4096,16384", help="row sizes for the loss-memory section")
     p.add_argument("--sizes", default=None, help="pack sizes, e.g. 2048,4096,8192,16384,32768")
     p.add_argument("--dense-sizes", default=None, help="pack sizes for dense SDPA + block mask (default 2048,4096)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per packed config")
@@ -560,7 +642,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=2048, help="cap on sample length")
     p.add_argument("--chunk", type=int, default=1024, help="chunked CE chunk size (label tokens)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the throughput model")
-    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="MFU denominator (default 989 = H100/H200 SXM dense bf16; 756 on H100 PCIe)")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new measurements after this")
     p.add_argument("--min-section-s", type=float, default=20.0, help="skip a measurement when less time than this is left")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_check.json, else benchmarks/results/)")
@@ -580,6 +663,7 @@ def parse_args(argv=None):
     a.sizes = [int(x) for x in str(a.sizes).split(",") if x]
     a.dense_sizes = [int(x) for x in str(a.dense_sizes).split(",") if x]
     a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
+    a.loss_sizes = [int(x) for x in str(a.loss_sizes).split(",") if x]
     return a
 
 
@@ -622,6 +706,14 @@ def main(argv=None) -> int:
             RESULTS["sections"]["correctness_error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
             status = 1
+        save()
+    if "loss" in args.sections:
+        log("\n== loss: cross-entropy from hidden states, forward+backward")
+        try:
+            section_loss(args, device)
+        except Exception as e:
+            RESULTS["sections"]["loss_error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
         save()
     if "throughput" in args.sections:
         log("\n== throughput: fwd+bwd+AdamW, bf16, chunked CE")

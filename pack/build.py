@@ -50,7 +50,7 @@ from . import __version__
 from . import format as fmt_mod
 from .format import IGNORE_INDEX, MANIFEST, PacktrainError
 
-CHUNK = 512            # records per task handed to a worker
+CHUNK = 128            # records per task handed to a worker (small: little idle tail)
 IN_FLIGHT_PER_WORKER = 3
 DETECT_RECORDS = 256   # records looked at to detect a file's format
 TMP_SAMPLES = ".packtrain-samples.tmp.arrow"
@@ -417,10 +417,10 @@ class _SampleStore:
             return
         offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        off = pa.array(offsets)
+        off = fmt_mod.numpy_to_arrow(offsets, pa.int32())
         batch = pa.RecordBatch.from_arrays(
-            [pa.ListArray.from_arrays(off, pa.array(ids, type=pa.int32())),
-             pa.ListArray.from_arrays(off, pa.array(labels, type=pa.int32()))],
+            [pa.ListArray.from_arrays(off, fmt_mod.numpy_to_arrow(ids, pa.int32())),
+             pa.ListArray.from_arrays(off, fmt_mod.numpy_to_arrow(labels, pa.int32()))],
             schema=_SAMPLE_SCHEMA)
         self._writer.write_batch(batch)
 
@@ -447,7 +447,9 @@ class _SampleStore:
                 vals = col.values
                 addr = vals.buffers()[1].address - base
                 assert addr % 4 == 0, "Arrow buffers are 8-byte aligned"
-                off = col.offsets.to_numpy()
+                # offsets straight from the buffer (Array.to_numpy would import pandas)
+                off = np.frombuffer(col.buffers()[1], dtype=np.int32)[
+                    col.offset:col.offset + len(col) + 1]
                 starts[c] = addr // 4 + vals.offset + off[:-1]
             m = rb.num_rows
             self.ids_at[k:k + m] = starts["input_ids"]

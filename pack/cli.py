@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: pack-build --tokenizer path/to/tokenizer --max-length 4096 "
                "data/*.jsonl out/")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="input files (.jsonl, .json, .parquet, .jsonl.gz/.zst) or globs (quote them)")
+                   help="input files (.jsonl, .json, .parquet, .jsonl.gz/.zst) or globs "
+                        "(quoted, so that the shell does not expand them)")
     p.add_argument("out", metavar="OUT", help="output directory (created; must be empty unless "
                                               "--overwrite)")
     p.add_argument("--tokenizer", metavar="PATH",

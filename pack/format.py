@@ -218,11 +218,20 @@ class ShardWriter:
         self._buf = {c: [] for c in COLUMNS}
 
 
+def numpy_to_arrow(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """A numpy int array as an Arrow array without copying (beyond a dtype cast) and without
+    ``pa.array``, whose first call imports pandas when it is installed (a second or more)."""
+    dtype = {pa.int32(): np.int32, pa.int64(): np.int64}[value_type]
+    values = np.ascontiguousarray(values, dtype=dtype)
+    return pa.Array.from_buffers(value_type, len(values), [None, pa.py_buffer(values)])
+
+
 def _list_array(rows: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
     values = np.concatenate(rows) if rows else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+    return pa.ListArray.from_arrays(numpy_to_arrow(offsets, pa.int32()),
+                                    numpy_to_arrow(values, value_type))
 
 
 def positions_from_cu(cu_seqlens: np.ndarray) -> np.ndarray:

@@ -402,23 +402,23 @@ def detect_format(records: list[dict], where: str) -> str:
     """Tell the format from the first few records (up to 8 are looked at):
     ``messages`` (``messages: [{role, content}]`` or ShareGPT ``conversations: [{from, value}]``),
     ``alpaca`` (``instruction`` and ``output``), ``text`` (``text``). ``where`` names the
-    source in errors. Raises PacktrainError listing the keys found when none fits, or when the
-    first records disagree."""
+    source in errors. Records that fit no format (a field missing) do not count: the renderer
+    reports them. Raises PacktrainError listing the keys found when none fits, or when two of
+    the first records fit different formats."""
     if not records:
         raise PacktrainError(f"{where}: no records to tell the format from")
     found = [(record_format(r) if isinstance(r, dict) else None) for r in records[:8]]
-    first = found[0]
-    if first is None:
+    known = [(i, f) for i, f in enumerate(found, 1) if f is not None]
+    if not known:
         keys = sorted(records[0]) if isinstance(records[0], dict) else []
         raise PacktrainError(
             f"{where}: cannot tell the record format from its keys "
             f"[{', '.join(map(str, keys))}]; expected 'messages' (or ShareGPT 'conversations'), "
             f"'instruction' + 'output' (alpaca) or 'text'; rename the fields or pass --format")
-    for i, fmt in enumerate(found[1:], 2):
-        if fmt != first:
-            keys = sorted(records[i - 1]) if isinstance(records[i - 1], dict) else []
+    first_i, first = known[0]
+    for i, fmt in known[1:]:
+        if fmt != first:  # records with a field missing are left to the renderer's errors
             raise PacktrainError(
-                f"{where}: record 1 looks like {first} but record {i} "
-                f"{'like ' + fmt if fmt else 'like none of alpaca/messages/text'} (keys "
-                f"[{', '.join(map(str, keys))}]); use one format per file or pass --format")
+                f"{where}: record {first_i} looks like {first} but record {i} like {fmt}; use "
+                f"one format per file or pass --format")
     return first

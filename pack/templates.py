@@ -6,7 +6,8 @@ API (used by ``pack.build``)::
     r.segments(record)       -> [(text, trained), ...]    raises PacktrainError / NothingToTrain
     r.encode_batch(records)  -> [(input_ids int32, labels int32) | PacktrainError, ...]
 
-``fmt`` is the record format (``alpaca`` | ``messages`` | ``text``), ``template`` how it is rendered:
+``fmt`` is the record format (``alpaca`` | ``messages`` | ``text``), ``template`` how it is
+rendered:
 
 ``alpaca``  the Stanford Alpaca prompt, word for word (``PROMPT_INPUT`` / ``PROMPT_NO_INPUT``), the
             response right after ``### Response:`` and then the EOS token, as Stanford's train.py
@@ -18,12 +19,13 @@ API (used by ``pack.build``)::
 ``chat``    the tokenizer's chat template (or ``chat_template=``, a template string or a file path).
             Roles system/user/assistant (ShareGPT ``from``: system/human/gpt, also user/assistant).
             Each assistant turn's content is trained together with the template's end-of-turn text
-            right after it, up to and including its first special token (``<|eot_id|>``,
-            ``<|im_end|>``; when the closing holds no special token, the closing without trailing
-            whitespace). Headers, system and user turns are not trained. The text is exactly
-            ``tokenizer.apply_chat_template(messages, tokenize=False)``. ``alpaca`` records go
-            through it as messages ``[system?], (history user/assistant)*, user, assistant`` with the
-            user turn ``instruction`` or ``instruction + "\\n\\n" + input``.
+            right after it: a special token right after the content (``<|eot_id|>``,
+            ``<|im_end|>``), else the template's closing of a final turn through its first special
+            token, or without trailing whitespace when it holds none (``<|im_end|>`` of ChatML on
+            a tokenizer without that token). Headers, system and user turns are not trained.
+            The text is exactly ``tokenizer.apply_chat_template(messages, tokenize=False)``. ``alpaca`` records go
+            through it as messages ``[system?], (history user/assistant)*, user, assistant``,
+            the last user turn ``instruction`` or ``instruction + "\\n\\n" + input``.
 ``none``    ``text`` records: BOS (as above) + text + EOS, all trained.
 
 ``train_on_prompt=True`` trains every segment. Whatever the template, ``labels[0]`` is -100.
@@ -36,14 +38,25 @@ NothingToTrain)`` *before* treating a PacktrainError as fatal. Other PacktrainEr
 (``field output: expected a string, got number``); the caller prefixes ``FILE:LINE: ``.
 
 Chat rendering is cheap: for each role sequence the template is rendered once with placeholder
-contents; the fixed text between contents is cached and records are assembled by concatenation.
-An assembled text is checked against a real render (one render, linear) for the first
-``VERIFY_FIRST`` records of each role sequence and for every record whose contents are empty, have
-leading/trailing whitespace, or contain a string constant of the template (``</think>``,
-``<tool_response>``, ...: things a template can test). When the check fails (the template trims
-or rewrites contents), the real render is split along the cached fixed text; failing that, the
-record is placed by exact prefix rendering (quadratic, rare). ``verify_all=True`` checks every
-record.
+contents (and once more with the placeholders wrapped in punctuation, inner whitespace and
+non-ASCII text, to see that contents pass through untouched); the fixed text between contents is
+cached and records are assembled by concatenation. An assembled text is checked against a real
+render (one render, linear) for the first ``VERIFY_FIRST`` records of each role sequence, for
+every record of a sequence whose probe came out changed (``| upper``, ``replace``, escaping), and
+for every record whose contents are empty, have leading/trailing whitespace (``| trim``), or
+contain a string constant of the template (``</think>``, ``<tool_response>``: things a template
+can test). When the check fails, the real render is split along the cached fixed text (contents
+trimmed or cut); what cannot be split that way is placed by exact prefix rendering (quadratic,
+rare: e.g. Qwen3 reasoning in the last turn, which is then trained). A record that a template
+renders differently when cut after a turn *and* that cannot be split raises PacktrainError.
+``verify_all=True`` checks every record. Only ``role`` and ``content`` of a message reach the
+template; other keys (``name``, ``tool_calls``, ``weight``) are ignored.
+
+Tokenization: all segments of a batch go to the Rust tokenizer in one ``encode_batch_fast`` call
+(no special tokens added; special-token strings in the text, such as ``<|eot_id|>`` in the
+template text, become their single ids), and the ids of a record are its segments' ids back to
+back, so the label boundaries are exact. The Rust call uses all cores unless
+``TOKENIZERS_PARALLELISM=false``: set that in worker processes when running several.
 
 Workers: a Renderer pickles (its tokenizer pickles; caches are dropped) but a tokenizer is a
 ~7 MB pickle, so prefer ``Renderer.from_config(renderer.config(), tokenizer)`` in each worker,

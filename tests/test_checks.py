@@ -252,6 +252,8 @@ CORRUPTIONS = ["label_value", "label_start", "position", "cu_not_increasing", "c
 def corrupt(row: dict, kind: str, rng: np.random.Generator, vocab: int, max_length: int) -> dict:
     r = {c: np.array(v) for c, v in row.items()}
     t = len(r["input_ids"])
+    if t == 0 or len(r["labels"]) != t:  # already emptied or shortened: leave it so
+        return r
     j = int(rng.integers(0, t))
     if kind == "label_value":
         r["labels"][j] = (r["input_ids"][j] + 1) % vocab
@@ -298,7 +300,7 @@ def test_scan_flags_exactly_the_rows_check_pack_flags(packed, monkeypatch, chunk
     vocab, max_length = m["tokenizer"]["vocab_size"], m["max_length"]
     clean = rows_of(packed)[:40]
     rng = np.random.default_rng(0)
-    for trial in range(60):
+    for trial in range(int(__import__("os").environ.get("CHECKS_TRIALS", "60"))):
         rows = [dict(r) for r in clean]
 
         for _ in range(int(rng.integers(1, 3))):
@@ -310,13 +312,11 @@ def test_scan_flags_exactly_the_rows_check_pack_flags(packed, monkeypatch, chunk
                           for c in COLUMNS}, schema=SHARD_SCHEMA)
         problems, res = scan_invariants(table, "s.arrow", max_length, vocab)
         got = {int(p.split(" row ")[1].split(":")[0]) for p in problems}
-        # positions/labels-at-start need well-formed cu_seqlens: with a structural break in the
-        # same block the scan may report only the structural rows, never a clean row
+        # unequal column lengths misalign every later token, so then the scan reports only
+        # those rows (never a clean one); otherwise it flags exactly check_pack's rows
         assert got <= truth, (trial, got, truth)
         assert bool(got) == bool(truth), (trial, got, truth)
-        structural = {i for i in truth if check_pack(rows[i], max_length, vocab).split(":")[0]
-                      in ("lengths", "empty-pack", "max-length", "cu-seqlens", "sample-index")}
-        if not structural:
+        if not any(check_pack(rows[i], max_length, vocab).startswith("lengths") for i in truth):
             assert got == truth, (trial, got, truth)
         assert res.tokens == sum(len(r["input_ids"]) for r in rows)
 

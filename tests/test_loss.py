@@ -67,6 +67,16 @@ def test_logit_scale_and_softcap(scale, softcap):
     check_close(torch.autograd.grad(loss, (h, w, b)), torch.autograd.grad(ref, (h, w, b)), 1e-6)
 
 
+def test_scaled_backward_and_single_use():
+    h, w, b, labels = leaves()
+    loss, _ = chunked_cross_entropy(h, w, labels, chunk_size=8, bias=b)
+    got = torch.autograd.grad(loss * 0.25, (h, w, b), retain_graph=True)
+    exp = torch.autograd.grad(naive(h, w, labels, b) * 0.25, (h, w, b))
+    check_close(got, exp, 1e-6)
+    with pytest.raises(RuntimeError, match="twice"):
+        torch.autograd.grad(loss, (h,))
+
+
 def test_no_label_tokens():
     h, w, _, labels = leaves(bias=False)
     labels[:] = -100

