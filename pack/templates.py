@@ -185,7 +185,8 @@ class Renderer:
                  add_bos: bool | None = None, verify_all: bool = False):
         if fmt not in ALLOWED:
             raise PacktrainError(f"unknown record format {fmt!r}; use alpaca, messages or text")
-        template = template or DEFAULT_TEMPLATE[fmt]
+        if template in (None, "", "auto"):
+            template = DEFAULT_TEMPLATE[fmt]
         if template not in TEMPLATES:
             raise PacktrainError(f"unknown template {template!r}; use alpaca, chat or none")
         if template not in ALLOWED[fmt]:

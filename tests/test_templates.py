@@ -350,6 +350,8 @@ def test_config_errors(tok, tokenizer_dir):
         Renderer(tok, "messages", "none")
     with pytest.raises(PacktrainError, match="--template chat cannot render text"):
         Renderer(tok, "text", "chat")
+    assert Renderer(tok, "messages", "auto").template == "chat"
+    assert Renderer(tok, "alpaca").template == "alpaca"
     with pytest.raises(PacktrainError, match="unknown record format"):
         Renderer(tok, "csv", "none")
     bare = load_tokenizer(tokenizer_dir)
