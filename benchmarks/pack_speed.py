@@ -145,7 +145,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     stderr = b"".join(err_chunks).decode(errors="replace")
     if p.returncode != 0:
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return {"wall_s": wall, "maxrss_mb": usage.ru_maxrss / 1024,
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "maxrss_mb": usage.ru_maxrss / 1024,
             "peak_main_rss_mb": peak["main"] / 2**20, "peak_tree_rss_mb": peak["tree"] / 2**20,
             "stdout": stdout, "stderr": stderr}
 
@@ -158,10 +159,13 @@ def pack_build(src: Path, out: Path, tok: Path, workers: int, max_length: int) -
     r = run_measured(cmd)
     m = json.loads((out / "manifest.json").read_text())
     s = m["stats"]
-    r.update(records=s["records"], tokens=s["tokens"], label_tokens=s["label_tokens"],
-             packs=s["packs"], lower_bound=s["lower_bound"], fill=s["fill"],
-             truncated=s["truncated"], build_s=s["seconds"],
-             tokens_per_s_build=s["tokens_per_s"], tokens_per_s_wall=s["tokens"] / r["wall_s"])
+    # Tokens the pipeline tokenized: those packed plus those truncation cut off afterwards.
+    work = s["tokens"] + s.get("truncated_tokens", 0)
+    r.update(records=s["records"], tokens=s["tokens"], tokenized=work,
+             label_tokens=s["label_tokens"], packs=s["packs"], lower_bound=s["lower_bound"],
+             fill=s["fill"], truncated=s["truncated"], build_s=s["seconds"],
+             tokens_per_s_build=work / s["seconds"], tokens_per_s_wall=work / r["wall_s"],
+             tokens_per_cpu_s=work / r["cpu_s"])
     for k in ("stdout", "stderr"):
         r.pop(k)
     return r
@@ -191,12 +195,14 @@ BARE = r"""
 import json, sys, time, tokenizers
 texts = json.load(open(sys.argv[1]))
 tk = tokenizers.Tokenizer.from_file(sys.argv[2])
-tk.encode_batch(texts[:64], add_special_tokens=False)  # warm the thread pool
-t0 = time.perf_counter(); n = 0
+encode = getattr(tk, "encode_batch_fast", None) or tk.encode_batch  # the fastest batched call
+encode(texts[:64], add_special_tokens=False)  # warm the thread pool
+t0 = time.perf_counter(); c0 = time.process_time(); n = 0
 for i in range(0, len(texts), 1000):
-    n += sum(len(e.ids) for e in tk.encode_batch(texts[i:i + 1000], add_special_tokens=False))
-dt = time.perf_counter() - t0
-print(json.dumps({"tokens": n, "seconds": dt, "tokens_per_s": n / dt}))
+    n += sum(len(e.ids) for e in encode(texts[i:i + 1000], add_special_tokens=False))
+dt = time.perf_counter() - t0; cpu = time.process_time() - c0
+print(json.dumps({"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "cpu_s": cpu,
+                  "tokens_per_cpu_s": n / cpu, "api": encode.__name__}))
 """
 
 
@@ -266,51 +272,72 @@ def trl_pipeline(src: Path, fmt: str, tok_dir: Path, workers: int, max_length: i
 
 # ---------------------------------------------------------------- main
 
+def best(runs: list[dict], key: str) -> dict:
+    return max(runs, key=lambda r: r[key])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small corpora: a smoke run")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                     help="pack-build workers = tokenizer threads = TRL num_proc (default: cores)")
     ap.add_argument("--max-length", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="alternating runs of pack-build and the bare tokenizer, best kept "
+                         "(default: 2, quick: 1); shared machines are noisy")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = ap.parse_args(argv)
+    repeat = args.repeat or (1 if args.quick else 2)
 
     from pack.offline import llama3_tokenizer_dir
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="pack_speed-"))
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_all:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
     try:
         tok = llama3_tokenizer_dir(work / "tok")
         corpora = make_corpora(work, args.quick)
         n, L = args.workers, args.max_length
-        res: dict = {"machine": {"cpus": os.cpu_count(), "usable_cpus": n,
+        res: dict = {"machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
                                  "platform": platform.platform(),
                                  "python": platform.python_version(),
                                  "load_avg_start": os.getloadavg()},
-                     "quick": args.quick, "workers": n, "max_length": L, "corpora": {}}
+                     "quick": args.quick, "workers": n, "max_length": L, "repeat": repeat,
+                     "corpora": {}}
         for name, fmt in (("chat", "messages"), ("alpaca", "alpaca")):
             src = corpora[name]
-            print(f"[{name}] {count_lines(src):,} records", file=sys.stderr, flush=True)
+            texts = work / f"{name}.texts.json"
             r: dict = {"records": count_lines(src), "bytes": src.stat().st_size}
-            r["render"] = render_texts(src, tok, fmt, work / f"{name}.texts.json")
-            print(f"[{name}] render {r['render']['chars_per_s'] / 1e6:.2f} M chars/s",
-                  file=sys.stderr, flush=True)
-            r["bare_tokenizer"] = bare_tokenizer(work / f"{name}.texts.json", tok, n)
-            print(f"[{name}] bare tokenizer {r['bare_tokenizer']['tokens_per_s']:,.0f} tok/s",
-                  file=sys.stderr, flush=True)
-            r["pack_build"] = pack_build(src, work / f"{name}.out", tok, n, L)
-            print(f"[{name}] pack-build {r['pack_build']['tokens_per_s_wall']:,.0f} tok/s "
-                  f"(wall), {r['pack_build']['tokens_per_s_build']:,.0f} (build)",
-                  file=sys.stderr, flush=True)
+            log(f"{name}: {r['records']:,} records, {r['bytes'] / 1e6:.1f} MB")
+            r["render"] = render_texts(src, tok, fmt, texts)
+            log(f"{name}: render {r['render']['chars_per_s'] / 1e6:.2f} M chars/s")
+            bare_runs, pb_runs = [], []
+            for _ in range(repeat):
+                bare_runs.append(bare_tokenizer(texts, tok, n))
+                log(f"{name}: bare tokenizer x{n} {bare_runs[-1]['tokens_per_s']:,.0f} tok/s")
+                pb_runs.append(pack_build(src, work / f"{name}.out", tok, n, L))
+                log(f"{name}: pack-build x{n} {pb_runs[-1]['tokens_per_s_build']:,.0f} tok/s "
+                    f"(build), {pb_runs[-1]['tokens_per_s_wall']:,.0f} (process)")
+            r["bare_tokenizer"] = best(bare_runs, "tokens_per_s")
+            r["pack_build"] = best(pb_runs, "tokens_per_s_build")
+            r["runs"] = {"bare_tokenizer": [x["tokens_per_s"] for x in bare_runs],
+                         "pack_build": [x["tokens_per_s_build"] for x in pb_runs]}
+            if n > 1:  # one core each: the per-core cost, whatever the machine's contention
+                r["bare_tokenizer_1"] = bare_tokenizer(texts, tok, 1)
+                r["pack_build_1"] = pack_build(src, work / f"{name}.out", tok, 1, L)
+                log(f"{name}: 1 core: bare {r['bare_tokenizer_1']['tokens_per_s']:,.0f}, "
+                    f"pack-build {r['pack_build_1']['tokens_per_s_build']:,.0f} tok/s")
             if not args.skip_trl:
                 r["trl"] = trl_pipeline(src, fmt, tok, n, L, work / "hf-cache")
-                print(f"[{name}] TRL {r['trl']['tokens_per_s']:,.0f} tok/s",
-                      file=sys.stderr, flush=True)
+                log(f"{name}: TRL {r['trl']['tokens_per_s']:,.0f} tok/s")
             res["corpora"][name] = r
-        print("[chat x4] pack-build for memory", file=sys.stderr, flush=True)
+        log("chat x4: pack-build for memory")
         res["corpora"]["chat"]["pack_build_x4"] = pack_build(corpora["chat4"], work / "chat4.out",
                                                             tok, n, L)
         res["machine"]["load_avg_end"] = os.getloadavg()
@@ -328,45 +355,54 @@ def main(argv=None) -> int:
 
 def print_table(res: dict) -> None:
     n = res["workers"]
+    m = res["machine"]
     print(f"\npack_speed: {n} workers, max_length {res['max_length']}, "
-          f"{'quick' if res['quick'] else 'full'} run; load average "
-          f"{res['machine']['load_avg_start'][0]:.1f} -> {res['machine']['load_avg_end'][0]:.1f}"
-          f" on {res['machine']['usable_cpus']} usable CPUs")
-    head = (f"{'corpus':8} {'stage':34} {'tokens/s':>11} {'vs bare':>8}  notes")
+          f"{'quick' if res['quick'] else 'full'} run, best of {res['repeat']}; "
+          f"{m['usable_cpus']} usable CPUs, load average {m['load_avg_start'][0]:.1f} -> "
+          f"{m['load_avg_end'][0]:.1f}")
+    head = f"{'corpus':7} {'stage':38} {'tokens/s':>10} {'vs bare':>8} {'tok/CPU-s':>10}  notes"
     print(head)
-    print("-" * len(head))
+    print("-" * (len(head) + 30))
+
+    def row(name, stage, tps, bare, cps, notes):
+        ratio = f"{tps / bare:.2f}x" if tps and bare else ""
+        t = f"{tps:,.0f}" if tps else ""
+        c = f"{cps:,.0f}" if cps else ""
+        print(f"{name:7} {stage:38} {t:>10} {ratio:>8} {c:>10}  {notes}")
+
     for name, r in res["corpora"].items():
-        bare = r["bare_tokenizer"]["tokens_per_s"]
-        pb = r["pack_build"]
-        rows = [
-            ("render template (1 core)", None,
-             f"{r['render']['chars_per_s'] / 1e6:.2f} M chars/s, {r['records']:,} records"),
-            (f"bare tokenizer ({n} threads)", bare,
-             f"{r['bare_tokenizer']['tokens']:,} tokens"),
-            (f"pack-build, build ({n} workers)", pb["tokens_per_s_build"],
-             f"{pb['tokens']:,} tokens in {pb['packs']:,} packs (lb {pb['lower_bound']:,}, "
-             f"fill {100 * pb['fill']:.2f}%)"),
-            ("pack-build, whole process", pb["tokens_per_s_wall"],
-             f"{pb['wall_s']:.1f} s wall incl. start-up"),
-        ]
+        b, pb = r["bare_tokenizer"], r["pack_build"]
+        row(name, "render template (1 core)", None, None, None,
+            f"{r['render']['chars_per_s'] / 1e6:.2f} M chars/s over {r['records']:,} records")
+        row(name, f"bare tokenizer ({n} threads)", b["tokens_per_s"], b["tokens_per_s"],
+            b["tokens_per_cpu_s"], f"{b['tokens']:,} tokens, {b['api']}")
+        row(name, f"pack-build ({n} workers), build", pb["tokens_per_s_build"],
+            b["tokens_per_s"], pb["tokens_per_cpu_s"],
+            f"{pb['tokenized']:,} tokens -> {pb['packs']:,} packs (lower bound "
+            f"{pb['lower_bound']:,}, fill {100 * pb['fill']:.2f}%)")
+        row(name, f"pack-build ({n} workers), whole process", pb["tokens_per_s_wall"],
+            b["tokens_per_s"], None, f"{pb['wall_s']:.1f} s incl. interpreter, imports, "
+                                     f"tokenizer load")
+        if "pack_build_1" in r:
+            b1, p1 = r["bare_tokenizer_1"], r["pack_build_1"]
+            row(name, "bare tokenizer (1 thread)", b1["tokens_per_s"], b1["tokens_per_s"],
+                b1["tokens_per_cpu_s"], "")
+            row(name, "pack-build (1 worker), build", p1["tokens_per_s_build"],
+                b1["tokens_per_s"], p1["tokens_per_cpu_s"], "")
         if "trl" in r:
             t = r["trl"]
-            rows.append((f"TRL map+pack_dataset (num_proc {n})", t["tokens_per_s"],
-                         f"{t['packs']:,} packs (fill {100 * t['fill']:.2f}%), "
-                         f"{t['seconds']:.1f} s excl. imports; pack-build "
-                         f"{pb['tokens_per_s_build'] / t['tokens_per_s']:.2f}x"))
-        for stage, tps, notes in rows:
-            ratio = f"{tps / bare:.2f}x" if tps else ""
-            print(f"{name:8} {stage:34} {tps or 0:>11,.0f} {ratio:>8}  {notes}"
-                  if tps else f"{name:8} {stage:34} {'':>11} {'':>8}  {notes}")
+            row(name, f"TRL map + pack_dataset (num_proc {n})", t["tokens_per_s"],
+                b["tokens_per_s"], None,
+                f"{t['packs']:,} packs (fill {100 * t['fill']:.2f}%); pack-build "
+                f"{pb['tokens_per_s_build'] / t['tokens_per_s']:.2f}x faster")
     c = res["corpora"]["chat"]
-    a, b = c["pack_build"], c["pack_build_x4"]
-    print(f"\npeak RSS of pack-build, chat corpus 1x -> 4x ({a['tokens']:,} -> "
-          f"{b['tokens']:,} tokens):")
+    a, x4 = c["pack_build"], c["pack_build_x4"]
+    print(f"\npeak RSS of pack-build ({n} workers), chat corpus 1x -> 4x "
+          f"({a['tokens']:,} -> {x4['tokens']:,} tokens):")
     for k, label in (("maxrss_mb", "largest process (wait4)"),
                      ("peak_main_rss_mb", "main process (sampled)"),
                      ("peak_tree_rss_mb", "all processes (sampled)")):
-        print(f"  {label:26} {a[k]:8.0f} MB -> {b[k]:8.0f} MB  ({b[k] / a[k]:.2f}x)")
+        print(f"  {label:26} {a[k]:7.0f} MB -> {x4[k]:7.0f} MB  ({x4[k] / a[k]:.2f}x)")
 
 
 if __name__ == "__main__":

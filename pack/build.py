@@ -214,6 +214,7 @@ class ChunkResult:
     labels: np.ndarray        # int32, same layout; -100 at every sample start
     label_tokens: int
     truncated: int
+    truncated_tokens: int     # tokens cut off the truncated samples
     dropped: dict[str, int]
     errors: list[tuple[int, str, str]]  # (local index, message, reason) of invalid records
 
@@ -246,7 +247,7 @@ class Encoder:
         lab_parts: list[np.ndarray] = []
         errors: list[tuple[int, str, str]] = []
         dropped: Counter = Counter()
-        truncated = label_tokens = 0
+        truncated = label_tokens = cut_tokens = 0
         for j, r in enumerate(out):
             if isinstance(r, BaseException):
                 if self._nothing and isinstance(r, self._nothing):
@@ -276,6 +277,7 @@ class Encoder:
                 dropped["no-labels-after-truncation" if cut else "empty-response"] += 1
                 continue
             truncated += cut
+            cut_tokens += n - len(ids)
             label_tokens += nl
             keep.append(j)
             lens.append(len(ids))
@@ -283,7 +285,7 @@ class Encoder:
             lab_parts.append(labels)
         cat = (lambda p: np.concatenate(p) if p else np.zeros(0, np.int32))
         return ChunkResult(np.asarray(keep, dtype=np.int64), np.asarray(lens, dtype=np.int32),
-                           cat(ids_parts), cat(lab_parts), label_tokens, truncated,
+                           cat(ids_parts), cat(lab_parts), label_tokens, truncated, cut_tokens,
                            dict(dropped), errors)
 
 
@@ -403,7 +405,7 @@ class _SampleStore:
     memory-mapped for gathering packs. Pages already gathered are released from the process
     (MADV_DONTNEED) every so often, so resident memory does not grow with the corpus."""
 
-    RELEASE_EVERY = 8 << 20  # tokens gathered between releases
+    RELEASE_EVERY = 1 << 20  # tokens gathered between releases (~8 MB of mapped pages)
 
     def __init__(self, path: Path):
         self.path = path
@@ -624,11 +626,10 @@ def _build(cfg: BuildConfig) -> dict:
         lengths_parts: list[np.ndarray] = []
         index_parts: list[np.ndarray] = []
         dropped: Counter = Counter()
-        truncated = label_tokens = records = 0
+        truncated = truncated_tokens = label_tokens = records = 0
         invalid: Counter = Counter()
 
         chunks = _chunked(stream, CHUNK)
-        bar = ui.bar(desc="tokenize", unit="rec")
         if workers == 1:
             encoder = Encoder(spec, renderer)
             results: Iterator = ((c, encoder([r for _, r in c])) for c in chunks)
@@ -643,6 +644,7 @@ def _build(cfg: BuildConfig) -> dict:
             finally:
                 _WORKER.pop("inherit", None)
             results = _ordered_map(pool, chunks, workers * IN_FLIGHT_PER_WORKER)
+        bar = ui.bar(desc="tokenize", unit="rec")  # after the fork: no tqdm thread in workers
         for chunk, res in results:
             base = records
             records += len(chunk)
@@ -655,6 +657,7 @@ def _build(cfg: BuildConfig) -> dict:
                     invalid[reason] += 1
             dropped.update(res.dropped)
             truncated += res.truncated
+            truncated_tokens += res.truncated_tokens
             label_tokens += res.label_tokens
             store.append(res.lengths, res.ids, res.labels)
             lengths_parts.append(res.lengths)
@@ -711,6 +714,7 @@ def _build(cfg: BuildConfig) -> dict:
             "dropped": dict(sorted(dropped.items())),
             "skipped_invalid": dict(sorted((skipped + invalid).items())),
             "truncated": int(truncated),
+            "truncated_tokens": int(truncated_tokens),
             "tokens": tokens,
             "label_tokens": int(label_tokens),
             "packs": len(bins),
@@ -784,7 +788,9 @@ def _ordered_map(pool, chunks: Iterator[list], window: int) -> Iterator[tuple[li
 
 
 def summary(manifest: dict) -> str:
-    """The closing summary of a build (also used by pack-info)."""
+    """The closing summary of a build."""
+    from .card import _fmt_bytes
+
     s = manifest["stats"]
 
     def counts(d: dict) -> str:
@@ -796,11 +802,11 @@ def summary(manifest: dict) -> str:
         f"samples packed  {s['samples_packed']:,}",
         f"dropped         {counts(s.get('dropped', {}))}",
         f"skipped invalid {counts(s.get('skipped_invalid', {}))}",
-        f"truncated       {s['truncated']:,}",
+        f"truncated       {s['truncated']:,} ({s.get('truncated_tokens', 0):,} tokens cut off)",
         f"tokens          {s['tokens']:,} ({s['label_tokens']:,} with labels)",
         f"packs           {s['packs']:,} (lower bound {s['lower_bound']:,}; fill "
         f"{100 * s['fill']:.2f}% of {manifest['max_length']:,})",
-        f"shards          {len(manifest['shards'])} ({size / 1e6:,.1f} MB)",
+        f"shards          {len(manifest['shards'])} ({_fmt_bytes(size)})",
     ]
     if "seconds" in s:
         lines.append(f"time            {s['seconds']:.1f} s ({s.get('tokens_per_s', 0):,.0f} "

@@ -56,7 +56,7 @@ def info_text(manifest: dict[str, Any]) -> str:
         f"records          {s['records']:,} read, {s['samples_packed']:,} packed",
         f"  dropped        {_counts(s.get('dropped'))}",
         f"  skipped        {_counts(s.get('skipped_invalid'))}",
-        f"  truncated      {s['truncated']:,}",
+        f"  truncated      {s['truncated']:,} ({s.get('truncated_tokens', 0):,} tokens cut off)",
         f"tokens           {s['tokens']:,} ({s['label_tokens']:,} with labels, "
         f"{100 * s['label_tokens'] / max(1, s['tokens']):.1f}%)",
         f"packs            {s['packs']:,} (lower bound {s['lower_bound']:,}, "
@@ -105,7 +105,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         f"| records | {s['records']:,} read, {s['samples_packed']:,} packed |",
         f"| dropped | {_counts(s.get('dropped'))} |",
         f"| skipped invalid | {_counts(s.get('skipped_invalid'))} |",
-        f"| truncated | {s['truncated']:,} |",
+        f"| truncated | {s['truncated']:,} ({s.get('truncated_tokens', 0):,} tokens cut off) |",
         f"| tokens | {s['tokens']:,} ({s['label_tokens']:,} with labels) |",
         f"| packs | {s['packs']:,} (lower bound {s['lower_bound']:,}), fill "
         f"{100 * s['fill']:.2f}% |",

@@ -1,18 +1,14 @@
 """train.data: the seeded, rank-sharded, resumable stream of packs -> micro-batches.
 
 Also holds `make_packed_dataset`, the small real-data dataset the trainer tests use: real
-chitchat exchanges rendered with the real Llama 3 chat template. It is built by `pack-build`
-when that exists, otherwise directly with pack.format's ShardWriter following DESIGN.md.
+chitchat exchanges (single user/assistant turns) packed by `pack-build` with the real Llama 3
+tokenizer and chat template.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +16,7 @@ import pytest
 import torch
 
 from pack.format import (IGNORE_INDEX, FORMAT_NAME, FORMAT_VERSION, PackedDataset, ShardWriter,
-                         check_pack, file_sha256, load_tokenizer, tokenizer_record, verify,
-                         write_manifest)
+                         check_pack, verify, write_manifest)
 from pack.offline import chitchat_conversations
 from train.data import DataState, PackStream, collate, count_label_tokens, epoch_order
 
@@ -46,93 +41,20 @@ def exchanges_jsonl(path: Path, limit: int = 160) -> Path:
     return path
 
 
-def _render(tok, messages: list[dict], max_length: int) -> tuple[np.ndarray, np.ndarray] | None:
-    full = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
-    prompt = tok(tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)
-    ids = np.asarray(full["input_ids"], dtype=np.int32)
-    if len(ids) > max_length:
-        return None
-    labels = ids.copy()
-    labels[:len(prompt["input_ids"])] = IGNORE_INDEX
-    labels[0] = IGNORE_INDEX
-    return ids, labels
-
-
-def _build_with_shardwriter(tokenizer_dir: Path, jsonl: Path, out: Path, max_length: int,
-                            packs_per_shard: int) -> Path:
-    tok = load_tokenizer(tokenizer_dir)
-    samples, dropped = [], 0
-    with open(jsonl) as f:
-        for i, line in enumerate(f):
-            r = _render(tok, json.loads(line)["messages"], max_length)
-            if r is None:
-                dropped += 1
-            else:
-                samples.append((i, *r))
-    # best-fit decreasing over lengths (ties broken by record index: deterministic)
-    order = sorted(range(len(samples)), key=lambda k: (-len(samples[k][1]), k))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for k in order:
-        n = len(samples[k][1])
-        best = min((b for b in range(len(bins)) if room[b] >= n), key=lambda b: room[b],
-                   default=None)
-        if best is None:
-            bins.append([k])
-            room.append(max_length - n)
-        else:
-            bins[best].append(k)
-            room[best] -= n
-    out.mkdir(parents=True, exist_ok=True)
-    w = ShardWriter(out, max_packs=packs_per_shard)
-    tokens = label_tokens = 0
-    for b in bins:
-        ids = np.concatenate([samples[k][1] for k in b])
-        labels = np.concatenate([samples[k][2] for k in b])
-        cu = np.concatenate([[0], np.cumsum([len(samples[k][1]) for k in b])])
-        w.add(ids, labels, cu, np.array([samples[k][0] for k in b]))
-        tokens += len(ids)
-        label_tokens += int((labels != IGNORE_INDEX).sum())
-    shards = w.close()
-    manifest = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-        "created_by": {"packtrain": "test"},
-        "arguments": {"max_length": max_length},
-        "max_length": max_length,
-        "tokenizer": tokenizer_record(tok, str(tokenizer_dir)),
-        "template": {"name": "chat", "format": "messages", "train_on_prompt": False},
-        "sources": [{"path": str(jsonl), "sha256": file_sha256(jsonl),
-                     "records": len(samples) + dropped}],
-        "packing": {"strategy": "bfd", "seed": 0, "overlong": "drop"},
-        "stats": {"records": len(samples) + dropped, "samples_packed": len(samples),
-                  "dropped": {"overlong": dropped}, "truncated": 0, "tokens": tokens,
-                  "label_tokens": label_tokens, "packs": len(bins),
-                  "lower_bound": -(-tokens // max_length),
-                  "fill": tokens / (len(bins) * max_length)},
-        "shards": [s.to_json() for s in shards],
-    }
-    write_manifest(out, manifest)
-    return out
-
-
 def make_packed_dataset(tokenizer_dir: Path, work: Path, max_length: int = 128,
-                        records: int = 160, packs_per_shard: int = 16) -> Path:
-    """A packed dataset of real chat exchanges: by `pack-build` if it is installed, else by the
-    ShardWriter fallback above. Both follow DESIGN.md; the result is checked with verify()."""
+                        records: int = 160) -> Path:
+    """A packed dataset of real chat exchanges built by `pack-build` (in-process), checked with
+    verify()."""
+    from pack.cli import build_main
+
+    work.mkdir(parents=True, exist_ok=True)
     jsonl = exchanges_jsonl(work / "exchanges.jsonl", records)
     out = work / "packed"
     if out.exists():
         shutil.rmtree(out)
-    if importlib.util.find_spec("pack.build") is not None and importlib.util.find_spec("pack.cli"):
-        cmd = [sys.executable, "-c", "import sys; from pack.cli import build_main; "
-               "sys.exit(build_main(sys.argv[1:]))", "--tokenizer", str(tokenizer_dir),
-               "--max-length", str(max_length), str(jsonl), str(out)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"pack-build failed: {r.stderr[-2000:]}")
-    else:
-        _build_with_shardwriter(tokenizer_dir, jsonl, out, max_length, packs_per_shard)
+    rc = build_main(["--tokenizer", str(tokenizer_dir), "--max-length", str(max_length),
+                     str(jsonl), str(out)])
+    assert rc in (0, None), f"pack-build exited {rc}"
     problems = verify(out)
     assert not problems, problems
     return out

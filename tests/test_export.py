@@ -239,6 +239,29 @@ def test_lora_adapter_and_merged(ckpts, tmp_path, name):
     assert loss_of(m, vocab) == pytest.approx(ref[name], abs=1e-4, rel=1e-4)
 
 
+def test_export_inside_a_live_zero3_training_process(ckpts, tmp_path):
+    """train-run exports on rank 0 while its HfDeepSpeedConfig (ZeRO-3) is alive: the export
+    must not build its model under deepspeed.zero.Init (a collective only rank 0 joins hangs)."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from train.export import export_checkpoint
+
+    out, ref = ckpts
+    keep = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1,
+                              "zero_optimization": {"stage": 3}})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        exp = export_checkpoint(out / "z3-lora", tmp_path / "e", merge=True)
+        assert is_deepspeed_zero3_enabled()  # restored for the trainer
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
+        del keep
+    m = _reload(exp)
+    assert loss_of(m, m.config.vocab_size) == pytest.approx(ref["z3-lora"], abs=1e-4, rel=1e-4)
+
+
 # ---------------------------------------------------------------- failures
 
 def test_half_written_export_leaves_no_final_dir(ckpts, tmp_path, monkeypatch):

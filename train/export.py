@@ -243,6 +243,24 @@ def torch_equal(a, b) -> bool:
 
 # ---------------------------------------------------------------- rebuilding the model
 
+@contextlib.contextmanager
+def _without_hf_zero3():
+    """Hide a live transformers HfDeepSpeedConfig (train-run keeps one for ZeRO-3) while we
+    build plain CPU models: otherwise from_config/peft run deepspeed.zero.Init, whose
+    collectives hang when only rank 0 exports."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def _build_model(model_config: Path, lora: dict | None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -358,13 +376,19 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                 dtype in model_config/config.json (the original model's). LoRA adapters stay fp32.
 
     Returns out_dir. Raises PacktrainError with a one-line message on any user-fixable problem.
+    Safe to call in a training process on rank 0 alone (as train-run --export does): it uses no
+    process group and builds its model outside any live ZeRO-3 HfDeepSpeedConfig.
     """
+    with _without_hf_zero3():
+        return _export(checkpoint, Path(out_dir), merge, dtype)
+
+
+def _export(checkpoint, out_dir: Path, merge: bool, dtype: str | None) -> Path:
     import torch
 
     from train.tiny import copy_tokenizer_files
 
     t0 = time.time()
-    out_dir = Path(out_dir)
     output, ckpts, tag = resolve_checkpoint(checkpoint)
     model_config = output / "model_config"
     if not (model_config / "config.json").is_file():

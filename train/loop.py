@@ -165,6 +165,22 @@ def all_reduce_sum(values: list[float], device: torch.device, dtype=torch.float6
     return t.tolist()
 
 
+def on_rank0(dist: "Dist", fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 only, then synchronise. If it raises, rank 0 re-raises and the other
+    ranks raise too, instead of waiting forever in the next collective."""
+    result, failed, err = None, 0.0, None
+    if dist.is_main:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            failed, err = 1.0, e
+    if all_reduce_sum([failed], dist.device)[0] > 0:
+        if err is not None:
+            raise err
+        raise PacktrainError("rank 0 failed (see its error); stopping this rank too")
+    return result
+
+
 # ---------------------------------------------------------------- safety checks
 
 def preflight_checks(args, manifest: dict, model, tokenizer_path: str, dist: Dist) -> None:
@@ -571,13 +587,10 @@ def save_checkpoint(run: Run, data_state: DataState, epoch: int, elapsed: float)
     run.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"packtrain": state},
                                save_latest=False)
     torch.save(_rng_state(), ckpt_root / tag / f"rng_state_{run.dist.rank}.pth")
-    barrier()
-    if run.dist.is_main:
-        write_atomic(ckpt_root / tag / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
-    barrier()
-    if run.dist.is_main:
-        write_atomic(ckpt_root / LATEST, (tag + "\n").encode())
-    barrier()
+    barrier()  # every rank has saved
+    on_rank0(run.dist, lambda: write_atomic(ckpt_root / tag / STATE_FILE,
+                                            (json.dumps(state, indent=2) + "\n").encode()))
+    on_rank0(run.dist, lambda: write_atomic(ckpt_root / LATEST, (tag + "\n").encode()))
     return ckpt_root / tag
 
 
@@ -654,21 +667,16 @@ def train(args) -> dict:
         raise PacktrainError(f"{out} already holds a run with checkpoints; pass --resume auto to "
                              f"continue it, or choose another --output")
     run = build(args, dist)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_files(run)
-    barrier()
+    on_rank0(dist, lambda: write_run_files(run))
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
         run.stream.state = restore_checkpoint(run, resume_from)
         log0(f"resumed from {resume_from} at step {run.step}")
-        if dist.is_main:
-            _trim_metrics(metrics_path, run.step)
-    elif dist.is_main and metrics_path.exists():
-        metrics_path.unlink()
+        on_rank0(dist, lambda: _trim_metrics(metrics_path, run.step))
+    else:
+        on_rank0(dist, lambda: metrics_path.unlink(missing_ok=True))
     if run.debug_packs is not None:
         run.debug_packs.mkdir(parents=True, exist_ok=True)
-    barrier()
 
     log0(f"training {run.total_steps} steps: {len(run.stream.ds)} packs, "
          f"{run.stream.global_batch_packs} packs/step ({dist.world_size} rank(s) x "
@@ -726,11 +734,13 @@ def train(args) -> dict:
                "tokens_per_s": run.tokens_seen / elapsed if elapsed > 0 else None,
                "final_loss": last["loss"] if last else None,
                "checkpoint": str(out / "checkpoints" / tag)}
+    # Release the engine and the ZeRO-3 config: with HfDeepSpeedConfig alive, a model built by
+    # the export would be partitioned with collectives that only rank 0 enters (a hang).
+    run.engine = run.model = run.keep_alive = None
+    _unset_hf_deepspeed_config()
     if args.export:
-        barrier()
-        if dist.is_main:
-            summary["export"] = _export(out / "checkpoints" / tag, out / "export")
-        barrier()
+        summary["export"] = on_rank0(
+            dist, lambda: _export(out / "checkpoints" / tag, out / "export"))
     if dist.is_main:
         loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
         tps = f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "n/a"
@@ -739,6 +749,14 @@ def train(args) -> dict:
               f"checkpoint {summary['checkpoint']}"
               + (f"; export {summary['export']}" if summary.get("export") else ""), flush=True)
     return summary
+
+
+def _unset_hf_deepspeed_config() -> None:
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    except ImportError:  # pragma: no cover
+        return
+    unset_hf_deepspeed_config()
 
 
 def _export(checkpoint: Path, out_dir: Path) -> str | None:
