@@ -337,13 +337,3 @@ def test_scan_is_faster_than_per_pack_loop(packed):
     assert verify(packed, checksums=False, invariants=True) == []
     slow = time.perf_counter() - t0
     assert fast < slow, (fast, slow)
-
-
-def test_loop_call_form_still_works(packed, model, tokenizer_dir):
-    """train.loop's original call, preflight(manifest, model, tokenizer_path, args)."""
-    import argparse
-
-    m = read_manifest(packed)
-    args = argparse.Namespace(shards=str(packed), model=str(tokenizer_dir), verify=False,
-                              allow_tokenizer_mismatch=False)
-    assert preflight(m, model, str(tokenizer_dir), args) == []

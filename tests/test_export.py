@@ -169,6 +169,27 @@ def test_full_round_trip(ckpts, tmp_path, name):
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+def test_every_load_is_weights_only(ckpts, tmp_path, monkeypatch):
+    """DeepSpeed's zero_to_fp32 hard-codes torch.load(weights_only=False); export must never
+    let a full unpickling load through."""
+    import torch
+
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+    real, calls = torch.load, []
+
+    def guarded(*a, **k):
+        calls.append(k.get("weights_only"))
+        assert k.get("weights_only") is True, "unsafe torch.load"
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "load", guarded)
+    for name in ("z0", "z2", "z3-lora", "z0-bf16"):
+        export_checkpoint(out / name, tmp_path / name)
+    assert calls and all(calls)
+
+
 def test_checkpoint_forms_equal(ckpts, tmp_path):
     """OUTPUT, OUTPUT/checkpoints and the tag dir export the same weights."""
     from safetensors.torch import load_file
@@ -281,6 +302,21 @@ def test_half_written_export_leaves_no_final_dir(ckpts, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no tmp dir left either
 
 
+def test_killed_export_leftovers_removed(ckpts, tmp_path):
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f"export.tmp-{dead}"  # what a SIGKILLed export leaves: never "export"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    live = tmp_path / f"export.tmp-{os.getpid()}x"  # not ours to judge: left alone
+    live.mkdir()
+    export_checkpoint(out / "z0", tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", live.name])
+
+
 def test_failed_reexport_keeps_previous(ckpts, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
@@ -320,6 +356,9 @@ def test_errors_are_one_line(ckpts, tmp_path):
     shutil.rmtree(run / "model_config")
     with pytest.raises(PacktrainError, match="model_config") as e:
         export_checkpoint(run, tmp_path / "x")
+    cases.append(e)
+    with pytest.raises(PacktrainError, match="not a floating-point torch dtype") as e:
+        export_checkpoint(out / "z0", tmp_path / "x", dtype="int8")
     cases.append(e)
     with pytest.raises(PacktrainError, match="only to LoRA runs") as e:
         export_checkpoint(out / "z0", tmp_path / "x", merge=True)
@@ -392,6 +431,77 @@ def test_export_main_cli(ckpts, tmp_path, capsys):
 
 def _have_trainer() -> bool:
     return (ROOT / "train" / "cli.py").is_file() and (ROOT / "train" / "loop.py").is_file()
+
+
+@pytest.fixture(scope="module")
+def trainer_inputs(tmp_path_factory, tokenizer_dir, chat_jsonl):
+    if not _have_trainer():
+        pytest.skip("train-run (train/cli.py, train/loop.py) is not in this tree yet")
+    from pack.cli import build_main
+    from train.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("trainer")
+    assert build_main([str(chat_jsonl), str(root / "packed"), "--tokenizer", str(tokenizer_dir),
+                       "--max-length", "256", "--quiet", "--workers", "1"]) == 0
+    make_tiny_model("qwen3", tokenizer_dir, root / "model", hidden=32, layers=2, heads=4,
+                    kv_heads=2, seed=5)
+    (root / "ds.json").write_text(json.dumps(
+        {"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero,lora", [(2, False), (3, False), (2, True), (3, True)],
+                         ids=["z2", "z3", "z2-lora", "z3-lora"])
+def test_train_run_export_reproduces_logged_loss(trainer_inputs, tmp_path, zero, lora):
+    """2 ranks through train-run: export the step-2 checkpoint and score the packs step 3
+    trained on; the loss the trainer logged at step 3 (before its update) must come back.
+    LoRA: the adapter on the base via PeftModel.from_pretrained, and the merged model."""
+    from peft import PeftModel
+
+    from pack.format import PackedDataset
+    from train.demo import _last_step_packs, pack_loss
+    from train.export import export_checkpoint
+
+    root = trainer_inputs
+    run, debug = tmp_path / "run", tmp_path / "debug"
+    cmd = [sys.executable, "-m", "train.cli", "--shards", str(root / "packed"), "--model",
+           str(root / "model"), "--zero", str(zero), "--nproc", "2", "--max-steps", "3",
+           "--save-every", "2", "--lr", "1e-3", "--schedule", "constant", "--output", str(run),
+           "--deepspeed", str(root / "ds.json")]
+    if lora:
+        cmd += ["--lora", "--lora-r", "4", "--lora-dropout", "0", "--lora-targets",
+                "q_proj,v_proj"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PACKTRAIN_DEBUG_PACKS=str(debug)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    logged = metrics[-1]["loss"]
+    packs = _last_step_packs(debug, 3)
+    assert packs and len(packs) == 2  # one pack per rank
+    ds = PackedDataset(root / "packed")
+
+    exp = export_checkpoint(run / "checkpoints" / "step-00000002", tmp_path / "e2")
+    if lora:
+        base = _reload(root / "model")
+        assert json.loads((exp / "adapter_config.json").read_text())[
+            "base_model_name_or_path"] == str((root / "model").resolve())
+        model = PeftModel.from_pretrained(base, str(exp))
+    else:
+        model = _reload(exp)
+    assert pack_loss(model, ds, packs) == pytest.approx(logged, abs=1e-4, rel=1e-5)
+    if lora:
+        merged = export_checkpoint(run / "checkpoints" / "step-00000002", tmp_path / "m2",
+                                   merge=True)
+        assert pack_loss(_reload(merged), ds, packs) == pytest.approx(logged, abs=2e-4, rel=2e-5)
+    # train-run --export wrote the final step's model, and it is not the step-2 one
+    final = run / "export"
+    assert json.loads((final / "packtrain_export.json").read_text())["tag"] == "step-00000003"
+    if lora:
+        final_model = PeftModel.from_pretrained(_reload(root / "model"), str(final))
+    else:
+        final_model = _reload(final)
+    assert abs(pack_loss(final_model, ds, packs) - logged) > 1e-4
 
 
 if __name__ == "__main__":

@@ -332,7 +332,8 @@ def check_dataset(shards_dir: str | os.PathLike, manifest: dict,
 
 # ---------------------------------------------------------------- all together
 
-def preflight(shards_dir, manifest: dict, model, model_path=None, full_checksums: bool = False,
+def preflight(shards_dir: str | os.PathLike, manifest: dict, model,
+              model_path: str | os.PathLike, full_checksums: bool = False,
               allow_tokenizer_mismatch: bool = False) -> list[str]:
     """All checks above, cheapest first; raises on the first refusal, returns warnings.
 
@@ -344,16 +345,6 @@ def preflight(shards_dir, manifest: dict, model, model_path=None, full_checksums
                     invariants are always checked
     allow_tokenizer_mismatch  downgrade tokenizer differences to warnings (token ids must still fit)
     """
-    if isinstance(shards_dir, dict):  # the call train.loop made before this API existed:
-        # preflight(manifest, model, tokenizer_path, args)  -- kept so the tree keeps running
-        args = model_path
-        manifest, model, model_path = shards_dir, manifest, model
-        shards_dir = args.shards
-        model_path = getattr(args, "model", None) or model_path
-        full_checksums = bool(getattr(args, "verify", False))
-        allow_tokenizer_mismatch = bool(getattr(args, "allow_tokenizer_mismatch", False))
-    if model_path is None:
-        raise TypeError("preflight needs model_path")
     warnings = check_tokenizer(shards_dir, manifest, model_path, allow_tokenizer_mismatch)
     warnings += check_token_range(shards_dir, manifest, model, None, allow_tokenizer_mismatch)
     scan = check_dataset(shards_dir, manifest, full_checksums)

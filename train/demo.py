@@ -162,7 +162,7 @@ def step_corpus(d: Demo) -> None:
             f.write(json.dumps(rec) + "\n")
             n += 1
             turns += len(rec["messages"])
-    print(f"   {n} conversations, {turns} turns -> {_short(str(path))}")
+    print(f"   {n} conversations, {turns:,} turns -> {_short(str(path))}")
     d.facts["corpus"] = path
 
 
@@ -244,8 +244,6 @@ def step_train(d: Demo) -> None:
 
 
 def step_check(d: Demo) -> None:
-    import torch
-
     run = d.facts["run"]
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
     last = metrics[-1]
@@ -279,7 +277,6 @@ def step_check(d: Demo) -> None:
                         f"trainer's by {diff:.2e} (> {tol:.0e}); export or loss normalisation "
                         f"is wrong")
     print("   OK: the exported weights reproduce the trainer's loss")
-    del torch
 
 
 def _last_step_packs(debug: Path, step: int) -> list[int] | None:
@@ -293,13 +290,21 @@ def _last_step_packs(debug: Path, step: int) -> list[int] | None:
 
 
 def _loss_on(model_dir: Path, ds, packs: list[int]) -> float:
-    """Mean next-token cross-entropy over every label token of the packs, as train-run
-    normalises it (sum over all tokens / number of label tokens), with plain transformers."""
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return pack_loss(model, ds, packs)
+
+
+def pack_loss(model, ds, packs: list[int]) -> float:
+    """Mean next-token cross-entropy over every label token of the packs, normalised as
+    train-run normalises a step (sum over all tokens / number of label tokens), computed with
+    plain transformers: position_ids restarting per sample, no attention mask and no cache make
+    transformers build a block-diagonal causal mask, so samples in a pack do not see each other."""
+    import numpy as np
+    import torch
+
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -307,8 +312,6 @@ def _loss_on(model_dir: Path, ds, packs: list[int]) -> float:
             p = ds[i]
             ids, pos, labels = (torch.tensor(np.asarray(p[c], dtype=np.int64))[None]
                                 for c in ("input_ids", "position_ids", "labels"))
-            # position_ids restarting per sample + no mask + no cache: transformers builds a
-            # block-diagonal causal mask, so samples in a pack do not see each other
             logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
             tgt = labels[:, 1:]
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),

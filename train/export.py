@@ -344,11 +344,26 @@ def _prepare_out(out_dir: Path) -> Path:
             raise PacktrainError(f"{out_dir}: exists, is not empty and is not a packtrain export; "
                                  f"choose another output path or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Remove OUT.tmp-PID / OUT.old-PID left by an export that was killed (its PID is gone)."""
+    for p in out_dir.parent.glob(f"{out_dir.name}.*-*"):
+        kind, _, pid = p.name[len(out_dir.name) + 1:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or not p.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -384,11 +399,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _export(checkpoint, out_dir: Path, merge: bool, dtype: str | None) -> Path:
-    import torch
-
     from train.tiny import copy_tokenizer_files
 
     t0 = time.time()
+    if dtype is not None:
+        _torch_dtype(dtype)  # refuse a bad --dtype before any work
     output, ckpts, tag = resolve_checkpoint(checkpoint)
     model_config = output / "model_config"
     if not (model_config / "config.json").is_file():
@@ -410,14 +425,7 @@ def _export(checkpoint, out_dir: Path, merge: bool, dtype: str | None) -> Path:
     load_strict(model, state_dict, str(ckpts / tag))
     del state_dict
 
-    target = dtype or _config_dtype(config)
-    try:
-        target_dtype = getattr(torch, str(target).replace("torch.", ""))
-        assert isinstance(target_dtype, torch.dtype)
-    except (AttributeError, AssertionError):
-        raise PacktrainError(f"dtype {target!r} is not a torch dtype; use float32, bfloat16 or "
-                             f"float16") from None
-
+    target_dtype = _torch_dtype(dtype or _config_dtype(config))
     base_path = _base_model_path(run)
     tmp = _prepare_out(out_dir)
     try:
@@ -453,6 +461,16 @@ def _export(checkpoint, out_dir: Path, merge: bool, dtype: str | None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    d = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(d, torch.dtype) or not d.is_floating_point:
+        raise PacktrainError(f"dtype {name!r} is not a floating-point torch dtype; use float32, "
+                             f"bfloat16 or float16")
+    return d
 
 
 def _config_dtype(config) -> str:
