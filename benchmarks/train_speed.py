@@ -4,8 +4,8 @@ Claim: on the same real samples, training on packs with per-sample (varlen) atte
 chunked loss processes more real tokens per second than one sample per step or padded batches,
 and the per-sample attention path beats dense SDPA with a block-diagonal mask.
 
-Setup (all offline): real chitchat conversations (the tests' chat_jsonl fixture logic), the
-real Llama 3 tokenizer (128,256 + 1 ids) and chat template, packed by `pack-build`;
+Setup (all offline): Alpaca-format records made from real chitchat exchanges (the tests'
+alpaca_jsonl fixture logic), the real Llama 3 tokenizer (128,256 + 1 ids) and chat template, packed by `pack-build`;
 a tiny random Llama (hidden 128, 2 layers, the real 128k vocabulary). Every mode starts from the
 same weights and uses the same AdamW. The loop is plain PyTorch (forward, backward, optimizer
 step): it measures the model step, not DeepSpeed overhead. CPU, --threads torch threads.
@@ -44,16 +44,26 @@ import torch  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "train_speed.json"
 
 
-def write_inputs(work: Path, conversations: int) -> list[Path]:
-    """The tests' fixture data (conftest.chat_jsonl): real chitchat conversations as `messages`
-    records, trained on the assistant turns."""
+def write_inputs(work: Path, records: int) -> list[Path]:
+    """The tests' alpaca_jsonl fixture logic: Alpaca records made from real chitchat exchanges
+    (instruction = a user turn, input = the turn before it, output = the reply). Short samples
+    (~100 tokens), as in instruction tuning, so padded batches stay within memory with full
+    128k-vocabulary logits."""
     from pack.offline import chitchat_conversations
 
-    chat = work / "chat.jsonl"
-    with open(chat, "w") as f:
-        for rec in chitchat_conversations(limit=conversations):
-            f.write(json.dumps(rec) + "\n")
-    return [chat]
+    path = work / "alpaca.jsonl"
+    n = 0
+    with open(path, "w") as f:
+        for rec in chitchat_conversations():
+            msgs = rec["messages"]
+            for i in range(0, len(msgs) - 1, 2):
+                f.write(json.dumps({"instruction": msgs[i]["content"],
+                                    "input": msgs[i - 1]["content"] if i > 0 else "",
+                                    "output": msgs[i + 1]["content"]}) + "\n")
+                n += 1
+            if n >= records:
+                break
+    return [path]
 
 
 def pack_dataset(tok: Path, inputs: list[Path], out: Path, max_length: int) -> Path:
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         tok = llama3_tokenizer_dir(work / "tok")
         # enough real samples for n steps of 8k-token packs
-        inputs = write_inputs(work, conversations=40 * n)
+        inputs = write_inputs(work, records=130 * n)
         data = {L: pack_dataset(tok, inputs, work / f"packed-{L}", L) for L in (2048, 4096, 8192)}
         model_dir = make_tiny_model("llama", tok, work / "model", hidden=a.hidden,
                                     layers=a.layers, heads=4, kv_heads=2, seed=0)

@@ -360,12 +360,29 @@ def test_two_ranks_match_one_rank(two_rank_runs, one_rank_reference, dataset, ze
 
 
 @pytest.mark.slow
-def test_zero3_run_exported(two_rank_runs):
+def test_zero3_run_exported(two_rank_runs, tmp_path):
+    """--export (default) wrote OUTPUT/export at the end of the 2-rank ZeRO-3 run (rank 0 alone,
+    with the ZeRO-3 config released first); train-export reproduces it from the checkpoint."""
+    from safetensors.torch import load_file
+    from train.cli import export_main
+
     out = two_rank_runs[3]
-    exported = out / "export"
-    if not (exported / "config.json").is_file():
-        pytest.skip("train.export not available")
-    assert any(exported.glob("*.safetensors"))
+    assert (out / "export" / "config.json").is_file()
+    assert export_main([str(out), str(tmp_path / "again")]) == 0
+    a = load_file(str(next((out / "export").glob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "again").glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_rank_failure_makes_launcher_fail(dataset, model_dir, tmp_path):
+    r = subprocess.run(["train-run", "--nproc", "2", "--shards", str(dataset), "--model",
+                        str(model_dir), "--output", str(tmp_path / "o"), "--deepspeed",
+                        str(tmp_path / "missing.json")],
+                       capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "error: " in r.stderr and "missing.json" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Command lines: train-run and train-export.
 
     train-run --shards DATA [--model MODEL] [--output runs/NAME] [--nproc N] [options]
-    train-export CHECKPOINT OUT [--merge]
+    train-export CHECKPOINT OUT [--merge] [--dtype float32|bfloat16|float16]
 
 User errors (PacktrainError and bad attention choices) print one line `error: ...` on stderr and
 exit 2, without a traceback.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -142,14 +143,21 @@ def export_main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="output model directory")
     ap.add_argument("--merge", action="store_true",
                     help="LoRA runs: merge the adapters into the base weights")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="weights' dtype (default: the original model's, from its config)")
     args = ap.parse_args(argv)
     try:
         if importlib.util.find_spec("train.export") is None:
             raise PacktrainError("train.export is not available in this installation")
         from train.export import export_checkpoint
 
-        path = export_checkpoint(Path(args.checkpoint), Path(args.out), merge=args.merge)
-        print(f"exported {args.checkpoint} -> {path}")
+        path = export_checkpoint(Path(args.checkpoint), Path(args.out), merge=args.merge,
+                                 dtype=args.dtype)
+        info_file = Path(path) / "packtrain_export.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        print(f"exported {info.get('kind', 'model')} from {args.checkpoint} to {path}")
+        for w in info.get("warnings", []):
+            print(f"warning: {w}", file=sys.stderr)
     except PacktrainError as e:
         return _user_error(e)
     return 0
