@@ -33,6 +33,8 @@ CASES = {
     "z2-lora": (2, True, "fp32", False),
     "z3-lora": (3, True, "fp32", False),
     "z0-bf16": (0, False, "bf16", False),
+    "z2-bf16": (2, False, "bf16", False),  # DeepSpeed names these bf16_zero_*_optim_states.pt
+    "z3-bf16": (3, False, "bf16", False),
 }
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
             lora_dropout=0.0)
@@ -205,21 +207,25 @@ def test_checkpoint_forms_equal(ckpts, tmp_path):
     assert all((sa[k] == sb[k]).all() and (sa[k] == sc[k]).all() for k in sa)
 
 
-def test_bf16_stage0_uses_fp32_masters(ckpts, tmp_path):
+@pytest.mark.parametrize("name", ["z0-bf16", "z2-bf16", "z3-bf16"])
+def test_bf16_exports_fp32_masters(ckpts, tmp_path, name):
     import torch
     from safetensors.torch import load_file
 
     from train.export import export_checkpoint, safe_load
 
     out, _ = ckpts
-    exp = export_checkpoint(out / "z0-bf16", tmp_path / "e", dtype="float32")
+    exp = export_checkpoint(out / name, tmp_path / "e", dtype="float32")
     got = load_file(str(exp / "model.safetensors"))
-    module = safe_load(out / "z0-bf16/checkpoints/step-00000003/mp_rank_00_model_states.pt")["module"]
     assert all(got[k].dtype == torch.float32 for k in got)
-    assert all(torch.equal(got[k].to(torch.bfloat16), module[k]) for k in got)
     # the masters carry more than bf16 precision: not just the bf16 weights upcast
-    assert any(not torch.equal(got[k], module[k].float()) for k in got)
+    assert any(not torch.equal(got[k], got[k].to(torch.bfloat16).float()) for k in got)
     assert json.loads((exp / "packtrain_export.json").read_text())["warnings"] == []
+    if name != "z3-bf16":  # ZeRO-3 keeps no whole module in model_states
+        module = safe_load(out / name / "checkpoints/step-00000003/mp_rank_00_model_states.pt")["module"]
+        assert all(torch.equal(got[k].to(torch.bfloat16), module[k]) for k in got)
+    if name != "z0-bf16":
+        return
     # default dtype follows the original config (float32 here)
     exp2 = export_checkpoint(out / "z0-bf16", tmp_path / "e2")
     assert load_file(str(exp2 / "model.safetensors"))["lm_head.weight"].dtype == torch.float32

@@ -176,10 +176,6 @@ def read_fp32_state_dict(checkpoints_dir: Path, tag: str, model=None) -> tuple[d
     tag_dir = checkpoints_dir / tag
     warnings: list[str] = []
     optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
-    if any(f.name.startswith("bf16_zero_") for f in optim_files):
-        raise PacktrainError(f"{tag_dir}: a bf16_zero_* checkpoint (DeepSpeed's BF16_Optimizer: "
-                             f"ZeRO-1 with bf16 and fp32 gradient accumulation) is not supported "
-                             f"by train-export; train with ZeRO 0, 2 or 3 for bf16")
     if optim_files:  # ZeRO 1-3: reassemble fp32 master partitions
         with _weights_only_zero_to_fp32() as z:
             try:
