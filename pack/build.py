@@ -3,7 +3,7 @@ whole dataset, write Arrow shards and, last, the manifest.
 
 Stages (each with a progress bar on stderr unless ``quiet``):
 
-1. expand the inputs (files, directories, globs) and hash every source file (sha256, bytes);
+1. expand the inputs (files and globs) and hash every source file (sha256, bytes);
 2. read records in order (inputs in the order given, records in file order; record ``k`` of the
    build is ``sample_index`` ``k``) and hand them in chunks of :data:`CHUNK` records to ``workers``
    processes that render and tokenize them (``workers == 1`` runs in-process). Results come back in
@@ -403,9 +403,11 @@ def _chunked(it: Iterable, n: int) -> Iterator[list]:
 class _SampleStore:
     """The temporary Arrow file: one row per kept sample, written as chunks come back, then
     memory-mapped for gathering packs. Pages already gathered are released from the process
-    (MADV_DONTNEED) every so often, so resident memory does not grow with the corpus."""
+    (MADV_DONTNEED) every few packs, so resident memory does not grow with the corpus."""
 
-    RELEASE_EVERY = 1 << 20  # tokens gathered between releases (~8 MB of mapped pages)
+    # Each sample read maps the pages around it too (the kernel's fault-around, 64 KB by
+    # default, which MADV_RANDOM does not switch off everywhere): release every so many samples.
+    RELEASE_EVERY = 128  # samples gathered between releases: at most ~16 MB mapped
 
     def __init__(self, path: Path):
         self.path = path
@@ -435,6 +437,11 @@ class _SampleStore:
         the file) of its input_ids and of its labels."""
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            try:  # packs gather samples from all over the file: no readahead, no fault-around
+                self._mm.madvise(mmap.MADV_RANDOM)
+            except (OSError, ValueError):
+                pass
         buf = pa.py_buffer(self._mm)
         reader = pa.ipc.open_file(pa.BufferReader(buf))
         base = buf.address
@@ -461,7 +468,7 @@ class _SampleStore:
         assert k == n_samples, (k, n_samples)
         del reader, buf
         self.flat = np.frombuffer(self._mm, dtype=np.int32, count=len(self._mm) // 4)
-        self._since_release = 0
+        self.release()  # reading every batch's metadata mapped a page or more per batch
 
     def gather(self, idx: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                                      np.ndarray]:
@@ -474,7 +481,7 @@ class _SampleStore:
         ids = self.flat[np.repeat(self.ids_at[idx] - cu[:-1], lens) + ramp]
         labels = self.flat[np.repeat(self.labels_at[idx] - cu[:-1], lens) + ramp]
         labels[cu[:-1]] = IGNORE_INDEX
-        self._since_release += total
+        self._since_release += len(idx)
         if self._since_release >= self.RELEASE_EVERY:
             self.release()
         return ids, labels, cu.astype(np.int32)
@@ -572,8 +579,8 @@ def _build(cfg: BuildConfig) -> dict:
 
     # ---- validate arguments (cheap checks first: no tokenizer needed to reject a bad call)
     if not cfg.inputs:
-        raise PacktrainError("no inputs: pass one or more .jsonl/.json/.parquet files, "
-                             "directories or globs before the output directory")
+        raise PacktrainError("no inputs: pass one or more .jsonl/.json/.parquet files or globs "
+                             "before the output directory")
     if cfg.max_length < 1:
         raise PacktrainError(f"--max-length {cfg.max_length}: must be a positive number of "
                              f"tokens")

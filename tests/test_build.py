@@ -6,7 +6,6 @@ import copy
 import gzip
 import json
 import math
-import shutil
 
 import numpy as np
 import pyarrow as pa
