@@ -217,6 +217,26 @@ class ChunkResult:
     truncated_tokens: int     # tokens cut off the truncated samples
     dropped: dict[str, int]
     errors: list[tuple[int, str, str]]  # (local index, message, reason) of invalid records
+    n_records: int = 0        # records of the task that reached the renderer
+    # raw tasks: (line index in the task, message, reason) of lines that are not a JSON object
+    parse_errors: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Task:
+    """One chunk of work: ``kind == "rec"``: parsed records (``wheres`` names each);
+    ``kind == "raw"``: raw JSON Lines lines of source ``file`` (``path``, ``linenos``), parsed by
+    the worker."""
+
+    kind: str
+    payload: list
+    wheres: list[str] | None = None
+    file: int = -1
+    path: str = ""
+    linenos: list[int] | None = None
+
+    def where(self, j: int) -> str:
+        return self.wheres[j] if self.kind == "rec" else f"{self.path}:{self.linenos[j]}"
 
 
 def _renderer_from_spec(spec: EncodeSpec, tokenizer=None):
@@ -237,6 +257,32 @@ class Encoder:
         self.spec = spec
         self.renderer = renderer if renderer is not None else _renderer_from_spec(spec)
         self._nothing = getattr(templates, "NothingToTrain", ())
+
+    def run(self, kind: str, payload: list) -> ChunkResult:
+        """One task: parsed records (``"rec"``) or raw JSON Lines lines (``"raw"``), parsed
+        here; error indices of a raw task are line indices in the task."""
+        if kind == "rec":
+            res = self(payload)
+            res.n_records = len(payload)
+            return res
+        from .sources import LineError, parse_line
+
+        records: list[dict] = []
+        pos: list[int] = []
+        parse_errors: list[tuple[int, str, str]] = []
+        for j, raw in enumerate(payload):
+            try:
+                records.append(parse_line(raw))
+            except LineError as e:
+                parse_errors.append((j, e.message, e.reason))
+                continue
+            pos.append(j)
+        res = self(records)
+        res.n_records = len(records)
+        res.parse_errors = parse_errors
+        if parse_errors and res.errors:
+            res.errors = [(pos[j], m, r) for j, m, r in res.errors]
+        return res
 
     def __call__(self, records: list[dict]) -> ChunkResult:
         spec = self.spec
@@ -307,10 +353,10 @@ def _worker_init(spec: EncodeSpec) -> None:
         _WORKER["error"] = e
 
 
-def _worker_encode(records: list[dict]) -> ChunkResult:
+def _worker_encode(kind: str, payload: list) -> ChunkResult:
     if "error" in _WORKER:
         raise _WORKER["error"]
-    return _WORKER["encoder"](records)
+    return _WORKER["encoder"].run(kind, payload)
 
 
 # ---------------------------------------------------------------- the parent side
@@ -516,41 +562,77 @@ class _SampleStore:
 
 
 def _read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Counter,
-                  sources: list[dict]) -> tuple[str, Iterator[tuple[str, dict]]]:
-    """Return the (detected) format and an iterator over (where, record) of all files in order.
-    With ``--format auto`` every file's format is detected from its first records and all files
-    must agree. Each source's ``records`` count is filled in as the iterator is consumed."""
-    from .sources import detect_format, iter_records
+                  sources: list[dict], chunk: int = CHUNK) -> tuple[str, Iterator[_Task]]:
+    """Return the (detected) format and an iterator over the tasks (chunks of at most ``chunk``
+    records of one file) of all files in order. JSON Lines files are read as raw lines that the
+    workers parse (the head of a file is parsed here too, to detect the format); other files
+    are parsed here. With ``--format auto`` every file's format is detected from its first
+    records and all files must agree. Each source's ``records`` count of parsed files is filled
+    in as the iterator is consumed (that of raw files as their results come back)."""
+    from .sources import LineError, detect_format, is_jsonl, iter_raw_lines, iter_records, \
+        parse_line
 
     resolved = {"fmt": None if fmt == "auto" else fmt}
 
-    def file_iter(i: int, path: Path) -> Iterator[tuple[str, dict]]:
+    def detect(path: Path, head: list[dict]) -> None:
+        got = detect_format(head, str(path))
+        if resolved["fmt"] is None:
+            resolved["fmt"] = got
+        elif got != resolved["fmt"]:
+            raise PacktrainError(
+                f"{path}: records are in {got!r} format but earlier inputs are in "
+                f"{resolved['fmt']!r}; pack them separately or pass --format")
+
+    def raw_tasks(i: int, path: Path) -> Iterator[_Task]:
+        lines: Iterator[tuple[int, bytes]] = iter_raw_lines(path)
+        if fmt == "auto":
+            head_lines: list[tuple[int, bytes]] = []
+            head: list[dict] = []
+            for lineno, raw in lines:
+                head_lines.append((lineno, raw))
+                try:
+                    head.append(parse_line(raw))
+                except LineError as e:
+                    if skip_invalid:
+                        continue  # counted when the worker parses it
+                    raise PacktrainError(f"{path}:{lineno}: {e.message}") from None
+                if len(head) >= DETECT_RECORDS:
+                    break
+            if head:
+                detect(path, head)
+            del head
+            lines = itertools.chain(head_lines, lines)
+        sp = str(path)
+        while block := list(itertools.islice(lines, chunk)):
+            yield _Task("raw", [r for _, r in block], file=i, path=sp,
+                        linenos=[n for n, _ in block])
+
+    def parsed_tasks(i: int, path: Path) -> Iterator[_Task]:
         it = iter_records(path, skip_invalid=skip_invalid, skipped=skipped)
         if fmt == "auto":
             head, it = _peek(it, DETECT_RECORDS)
             if head:
-                got = detect_format([r for _, r in head], str(path))
-                if resolved["fmt"] is None:
-                    resolved["fmt"] = got
-                elif got != resolved["fmt"]:
-                    raise PacktrainError(
-                        f"{path}: records are in {got!r} format but earlier inputs are in "
-                        f"{resolved['fmt']!r}; pack them separately or pass --format")
+                detect(path, [r for _, r in head])
         n = 0
-        for item in it:
-            n += 1
-            yield item
+        for block in _chunked(it, chunk):
+            n += len(block)
+            yield _Task("rec", [r for _, r in block], wheres=[w for w, _ in block], file=i)
         sources[i]["records"] = n
 
-    iters = [file_iter(i, p) for i, p in enumerate(paths)]
-    stream = itertools.chain.from_iterable(iters)
+    iters = [(raw_tasks if is_jsonl(p) else parsed_tasks)(i, p) for i, p in enumerate(paths)]
+    stream: Iterator[_Task] = itertools.chain.from_iterable(iters)
     if resolved["fmt"] is None:
         # Detect from the first file that has records (empty files are skipped over here and
         # still counted with 0 records).
-        head, stream = _peek(stream, 1)
-        if not head:
+        buffered: list[_Task] = []
+        for task in stream:
+            buffered.append(task)
+            if resolved["fmt"] is not None:
+                break
+        if resolved["fmt"] is None:
             raise PacktrainError(f"{', '.join(str(p) for p in paths)}: no records found in the "
                                  f"inputs")
+        stream = itertools.chain(buffered, stream)
     return resolved["fmt"], stream
 
 
@@ -636,10 +718,9 @@ def _build(cfg: BuildConfig) -> dict:
         truncated = truncated_tokens = label_tokens = records = 0
         invalid: Counter = Counter()
 
-        chunks = _chunked(stream, CHUNK)
         if workers == 1:
             encoder = Encoder(spec, renderer)
-            results: Iterator = ((c, encoder([r for _, r in c])) for c in chunks)
+            results: Iterator = ((t, encoder.run(t.kind, t.payload)) for t in stream)
         else:
             import multiprocessing as mp
 
@@ -650,15 +731,23 @@ def _build(cfg: BuildConfig) -> dict:
                                                    initargs=(spec,))
             finally:
                 _WORKER.pop("inherit", None)
-            results = _ordered_map(pool, chunks, workers * IN_FLIGHT_PER_WORKER)
+            results = _ordered_map(pool, stream, workers * IN_FLIGHT_PER_WORKER)
         bar = ui.bar(desc="tokenize", unit="rec")  # after the fork: no tqdm thread in workers
-        for chunk, res in results:
+        for task, res in results:
             base = records
-            records += len(chunk)
+            records += res.n_records
+            if task.kind == "raw":
+                sources[task.file]["records"] += res.n_records
+            if res.parse_errors:  # raised by the reader before, ahead of render errors
+                if not cfg.skip_invalid:
+                    j, msg, _ = res.parse_errors[0]
+                    raise PacktrainError(f"{task.where(j)}: {msg}")
+                for _, _, reason in res.parse_errors:
+                    skipped[reason] += 1
             if res.errors:
                 if not cfg.skip_invalid:
                     j, msg, _ = res.errors[0]
-                    raise PacktrainError(f"{chunk[j][0]}: {msg} (pass --skip-invalid to skip "
+                    raise PacktrainError(f"{task.where(j)}: {msg} (pass --skip-invalid to skip "
                                          f"invalid records and count them)")
                 for _, _, reason in res.errors:
                     invalid[reason] += 1
@@ -669,7 +758,7 @@ def _build(cfg: BuildConfig) -> dict:
             store.append(res.lengths, res.ids, res.labels)
             lengths_parts.append(res.lengths)
             index_parts.append(res.keep + base)
-            bar.update(len(chunk))
+            bar.update(len(task.payload))
         bar.close()
         if pool is not None:
             pool.close()
@@ -780,12 +869,13 @@ def _build(cfg: BuildConfig) -> dict:
     return manifest
 
 
-def _ordered_map(pool, chunks: Iterator[list], window: int) -> Iterator[tuple[list, ChunkResult]]:
-    """Like ``pool.imap`` (results in submission order) but with at most ``window`` chunks in
+def _ordered_map(pool, tasks: Iterator[_Task], window: int
+                 ) -> Iterator[tuple[_Task, ChunkResult]]:
+    """Like ``pool.imap`` (results in submission order) but with at most ``window`` tasks in
     flight, so reading never runs ahead of tokenizing and memory stays bounded."""
     pending: collections.deque = collections.deque()
-    for chunk in chunks:
-        pending.append((chunk, pool.apply_async(_worker_encode, ([r for _, r in chunk],))))
+    for task in tasks:
+        pending.append((task, pool.apply_async(_worker_encode, (task.kind, task.payload))))
         if len(pending) >= window:
             c, res = pending.popleft()
             yield c, res.get()

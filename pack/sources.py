@@ -303,6 +303,57 @@ def _iter_json(path: Path, container: str, compression: str | None, skip_invalid
         raise PacktrainError(f"{path}: no records (the file is empty); remove it from the inputs")
 
 
+def is_jsonl(path: Path) -> bool:
+    """Whether ``path`` is a JSON Lines file by name (plain or compressed): its records can be
+    read as raw lines by :func:`iter_raw_lines` and parsed elsewhere with :func:`parse_line`."""
+    return _kind(Path(path))[0] == "jsonl"
+
+
+def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` of every non-blank line of a JSON Lines file, unparsed (a
+    UTF-8 byte-order mark at the start removed), with the same file-level checks and errors as
+    :func:`iter_records`; :func:`parse_line` turns a line into its record (raising
+    :class:`LineError`)."""
+    path = Path(path)
+    _, compression = _kind(path)
+    if not path.is_file():
+        raise PacktrainError(f"{path}: no such file; check the path")
+    errors = _decompress_errors()
+    what = f"{compression} " if compression else ""
+    lineno = 0
+    try:
+        stream = _open_stream(path, compression)
+    except errors as e:
+        raise PacktrainError(f"{path}: cannot read the file ({e})") from None
+    with stream:
+        try:
+            head = stream.peek(4)[:4]
+        except errors as e:
+            raise PacktrainError(f"{path}: corrupt or unreadable {what}file ({e}); re-create "
+                                 f"or re-download it") from None
+        _check_magic(path, head, compression)
+        nonblank = 0
+        try:
+            for raw in stream:
+                lineno += 1
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue
+                nonblank += 1
+                yield lineno, raw
+        except errors as e:
+            raise PacktrainError(f"{path}:{lineno + 1}: corrupt or truncated {what}data after "
+                                 f"line {lineno} ({e}); re-create or re-download the "
+                                 f"file") from None
+    if nonblank == 0:
+        raise PacktrainError(f"{path}: no records (the file is empty); remove it from the inputs")
+
+
+LineError = _Skip            # .reason ("invalid-json", ...) and .message (no place)
+parse_line = _parse_line     # raw JSON Lines line -> record, or raise LineError
+
+
 def _whole_json_object_hint(path: Path, stream: IO[bytes], first: bytes, errors) -> None:
     """A .json file whose first line is not a complete object: if the whole file is one JSON
     object (e.g. {"data": [...]}), say so instead of reporting line 1 as broken."""
