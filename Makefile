@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python -m train.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) .demo

@@ -69,6 +69,10 @@ def inproc():
             os.environ[k] = v
 
 
+# The venv's console script, not whatever `train-run` PATH finds (make test does not activate).
+TRAIN_RUN = str(Path(sys.executable).parent / "train-run")
+
+
 def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in DIST_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
@@ -376,7 +380,7 @@ def test_zero3_run_exported(two_rank_runs, tmp_path):
 
 @pytest.mark.slow
 def test_rank_failure_makes_launcher_fail(dataset, model_dir, tmp_path):
-    r = subprocess.run(["train-run", "--nproc", "2", "--shards", str(dataset), "--model",
+    r = subprocess.run([TRAIN_RUN, "--nproc", "2", "--shards", str(dataset), "--model",
                         str(model_dir), "--output", str(tmp_path / "o"), "--deepspeed",
                         str(tmp_path / "missing.json")],
                        capture_output=True, text=True, env=clean_env(), timeout=600)
@@ -391,7 +395,7 @@ def test_resume_two_ranks_zero2_is_exact(two_rank_runs, dataset, model_dir):
     per-step losses as the uninterrupted ZeRO-2 run."""
     out = two_rank_runs["resume"]
     assert len(losses(out)) == 3
-    r = subprocess.run(["train-run", "--nproc", "2", "--shards", str(dataset), "--model",
+    r = subprocess.run([TRAIN_RUN, "--nproc", "2", "--shards", str(dataset), "--model",
                         str(model_dir), "--output", str(out), *COMMON, "--grad-accum", "2",
                         "--zero", "2", "--max-steps", "6", "--resume", "auto", "--no-export"],
                        capture_output=True, text=True, env=clean_env(), timeout=600)
