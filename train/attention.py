@@ -259,9 +259,11 @@ def packtrain_sdpa_attention(
     training = dropout > 0.0
     outs = []
     masks: dict[int, torch.Tensor] = {}
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-        length = e - s
+    # torch.split, not slicing: the backward of each slice would allocate a zero gradient of the
+    # whole row and add into it (samples x T work; 4.0 s vs 0.22 s per layer at 32k/218 samples).
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]  # validated by _boundaries
+    for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2)):
+        length = q.shape[2]
         mask = None
         if sliding_window is not None and length > sliding_window:
             mask = masks.get(length)
