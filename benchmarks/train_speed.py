@@ -24,8 +24,8 @@ Modes
                 loss (train.loss.packed_loss), for every L in --lengths
   packed <L> dense  same packs, transformers' own sdpa: dense SDPA with a block-diagonal causal mask
                 built from position_ids, same chunked loss; only for L <= --dense-max (4096): the
-                [T, T] mask and the per-head [T, T] scores grow quadratically (at 32k the bool mask
-                alone is 1 GiB and one layer's fp32 scores 16 GiB)
+                [T, T] mask grows quadratically (at 32k: 1 GiB as bool, 4 GiB as an fp32 additive
+                mask) and so does the attention work, nearly all of it on masked-out pairs
 
 Steps: --steps timed steps for unpacked, padded and the shortest pack length; a longer pack length L
 gets max(--min-steps, round(steps * L_min / L)) timed steps, so every packed mode times about the
@@ -278,7 +278,7 @@ def plot(result: dict, path: Path) -> Path | None:
     m = result["model"]
     skipped = [r for r in result["results"] if r.get("skipped")]
     note = (f"\nnot run: {', '.join(r['label'] for r in skipped)} (dense [T, T] mask beyond "
-            f"{short(result['dense_max'])}: quadratic memory)" if skipped else "")
+            f"{short(result['dense_max'])}: quadratic memory and work)" if skipped else "")
     ax.set_title(f"Training throughput, CPU fp32, {result['threads']} thread(s): Llama hidden {m['hidden']} x "
                  f"{m['layers']} layers, {m['heads']}/{m['kv_heads']} heads, vocab {m['vocab']:,}\n"
                  f"{result['cpu']} ({result['cpus']} cores, shared), torch {result['torch']}{note}",
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
         # one pool of records for every length: (need + 1) packs' worth of tokens at each length,
         # grown until every length has `need` full packs
         records = math.ceil(max((need[L] + 1) * L for L in lengths) / TOKENS_PER_RECORD_GUESS)
-        for attempt in range(6):
+        for _ in range(6):
             inputs = write_inputs(work, records)
             data = {L: pack_dataset(tok, inputs, work / f"packed-{L}", L) for L in lengths}
             full = {L: full_packs(data[L], a.min_fill) for L in lengths}
@@ -372,9 +372,10 @@ def main(argv=None) -> int:
             row = {"mode": name, "label": label, "kind": kind, "attention": attn, "max_length": L}
             if make is None:
                 row.update(skipped=True, reason=(
-                    f"dense [T, T] block mask beyond --dense-max {a.dense_max}: at {short(L)} the bool mask "
-                    f"is {L * L / 2**30:.2g} GiB and SDPA's fp32 scores {heads * L * L * 4 / 2**30:.3g} GiB "
-                    "per layer (quadratic); the varlen path needs neither"))
+                    f"beyond --dense-max {short(a.dense_max)}: the block mask is [T, T] ({L * L / 2**30:.3g} GiB "
+                    f"as bool, {L * L * 4 / 2**30:.3g} GiB as an fp32 additive mask at {short(L)}) and dense SDPA "
+                    f"does all T x T query-key pairs ({(L / a.dense_max) ** 2:.0f}x the {short(a.dense_max)} work "
+                    "per pack) though almost all are masked out; the varlen path needs neither"))
                 rows.append(row)
                 print(f"  {name}: skipped", file=sys.stderr, flush=True)
                 continue
