@@ -726,11 +726,15 @@ def _build(cfg: BuildConfig) -> dict:
 
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             _WORKER["inherit"] = (spec, renderer)  # seen by forked workers only
+            # Ctrl-C is held back while the pool starts, so it never lands half-way through
+            # Pool() and leaves workers that nothing here can stop.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 pool = mp.get_context(method).Pool(workers, initializer=_worker_init,
                                                    initargs=(spec,))
             finally:
                 _WORKER.pop("inherit", None)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             results = _ordered_map(pool, stream, workers * IN_FLIGHT_PER_WORKER)
         bar = ui.bar(desc="tokenize", unit="rec")  # after the fork: no tqdm thread in workers
         for task, res in results:
@@ -853,8 +857,7 @@ def _build(cfg: BuildConfig) -> dict:
     except BaseException:
         ui.close_all()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool)
         if store is not None:
             store.close()
         _cleanup(out, writer, remove_shards=True)
@@ -867,6 +870,24 @@ def _build(cfg: BuildConfig) -> dict:
     if not cfg.quiet:
         print(summary(manifest), file=sys.stderr, flush=True)
     return manifest
+
+
+def _stop_pool(pool, deadline_s: float = 10.0) -> None:
+    """Stop the workers after an error or Ctrl-C, in bounded time. Pool.terminate() first takes
+    the task queue's lock, which an idle worker holds while it waits for work, so it can block;
+    it runs in a thread with a deadline and the workers are killed if it has not finished."""
+    import threading
+
+    t = threading.Thread(target=pool.terminate, daemon=True)
+    t.start()
+    t.join(deadline_s)
+    if t.is_alive():
+        for proc in list(getattr(pool, "_pool", ())):
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(deadline_s)
+    else:
+        pool.join()
 
 
 def _ordered_map(pool, tasks: Iterator[_Task], window: int
