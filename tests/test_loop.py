@@ -125,14 +125,16 @@ def _unpacked_reference(model_dir, micro_batches):
     return float(out.loss.detach()), grads, n, len(samples)
 
 
-def test_packed_step_equals_unpacked_training(inproc, dataset, model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--gradient-checkpointing"]], ids=["plain", "ckpt"])
+def test_packed_step_equals_unpacked_training(inproc, dataset, model_dir, tmp_path, extra):
     """One optimizer step of 2 micro-steps x 2 packs per row through the DeepSpeed engine
-    (ZeRO 0, fp32) has the loss and the gradients of unpacked training of the same samples."""
+    (ZeRO 0, fp32) has the loss and the gradients of unpacked training of the same samples,
+    with and without gradient checkpointing."""
     from deepspeed.utils import safe_get_full_grad
     from train.loop import build, train_step
 
     args = train_args(dataset, model_dir, tmp_path / "eq", "--zero", "0", "--grad-accum", "2",
-                      "--micro-batch", "2", "--grad-clip", "0")
+                      "--micro-batch", "2", "--grad-clip", "0", *extra)
     run = build(args, inproc)
     micro_batches, _ = run.stream.next_step()
     assert len(micro_batches) == 2 and all(len(mb.pack_ids) == 2 for mb in micro_batches)
