@@ -24,6 +24,7 @@ for big corpora). Blank lines are ignored; a UTF-8 byte-order mark at the start 
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import io
@@ -252,7 +253,39 @@ def _iter_json(path: Path, container: str, compression: str | None, skip_invalid
                skipped: collections.Counter | None) -> Iterator[tuple[str, dict]]:
     errors = _decompress_errors()
     what = f"{compression} " if compression else ""
-    lineno = 0
+    with _open_checked(path, compression, errors, what) as stream:
+        if container == "json":
+            try:
+                start = stream.peek(4096)
+            except errors as e:  # pragma: no cover - peek(4) succeeded
+                raise PacktrainError(f"{path}: corrupt {what}file ({e})") from None
+            if start.startswith(b"\xef\xbb\xbf"):
+                start = start[3:]
+            if start.lstrip()[:1] == b"[":
+                yield from _iter_json_array(path, stream, errors, what)
+                return
+        first = True
+        for lineno, raw in _nonblank_lines(path, stream, errors, what):
+            try:
+                record = _parse_line(raw)
+            except _Skip as s:
+                if skip_invalid:
+                    if skipped is not None:
+                        skipped[s.reason] += 1
+                    first = False
+                    continue
+                if container == "json" and first and s.reason == "invalid-json" \
+                        and raw.lstrip()[:1] == b"{":
+                    _whole_json_object_hint(path, stream, raw, errors)
+                raise PacktrainError(f"{path}:{lineno}: {s.message}") from None
+            first = False
+            yield f"{path}:{lineno}", record
+
+
+@contextlib.contextmanager
+def _open_checked(path: Path, compression: str | None, errors, what: str) -> Iterator[IO[bytes]]:
+    """Open a (possibly compressed) JSON file and check its first bytes (magic numbers,
+    UTF-16); errors name the file and what to do."""
     try:
         stream = _open_stream(path, compression)
     except errors as e:
@@ -264,41 +297,26 @@ def _iter_json(path: Path, container: str, compression: str | None, skip_invalid
             raise PacktrainError(f"{path}: corrupt or unreadable {what}file ({e}); re-create "
                                  f"or re-download it") from None
         _check_magic(path, head, compression)
-        if container == "json":
-            try:
-                start = stream.peek(4096)
-            except errors as e:  # pragma: no cover - peek(4) succeeded
-                raise PacktrainError(f"{path}: corrupt {what}file ({e})") from None
-            if start.startswith(b"\xef\xbb\xbf"):
-                start = start[3:]
-            if start.lstrip()[:1] == b"[":
-                yield from _iter_json_array(path, stream, errors, what)
-                return
-        nonblank = 0
-        try:
-            for raw in stream:
-                lineno += 1
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                if not raw.strip():
-                    continue
-                nonblank += 1
-                try:
-                    record = _parse_line(raw)
-                except _Skip as s:
-                    if skip_invalid:
-                        if skipped is not None:
-                            skipped[s.reason] += 1
-                        continue
-                    if container == "json" and nonblank == 1 and s.reason == "invalid-json" \
-                            and raw.lstrip()[:1] == b"{":
-                        _whole_json_object_hint(path, stream, raw, errors)
-                    raise PacktrainError(f"{path}:{lineno}: {s.message}") from None
-                yield f"{path}:{lineno}", record
-        except errors as e:
-            raise PacktrainError(f"{path}:{lineno + 1}: corrupt or truncated {what}data after "
-                                 f"line {lineno} ({e}); re-create or re-download the "
-                                 f"file") from None
+        yield stream
+
+
+def _nonblank_lines(path: Path, stream: IO[bytes], errors, what: str
+                    ) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) for every non-blank line, BOM stripped; a decompression
+    error names the line after the last good one; a file with no such line is an error."""
+    lineno = nonblank = 0
+    try:
+        for raw in stream:
+            lineno += 1
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            nonblank += 1
+            yield lineno, raw
+    except errors as e:
+        raise PacktrainError(f"{path}:{lineno + 1}: corrupt or truncated {what}data after "
+                             f"line {lineno} ({e}); re-create or re-download the file") from None
     if nonblank == 0:
         raise PacktrainError(f"{path}: no records (the file is empty); remove it from the inputs")
 
@@ -320,34 +338,8 @@ def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise PacktrainError(f"{path}: no such file; check the path")
     errors = _decompress_errors()
     what = f"{compression} " if compression else ""
-    lineno = 0
-    try:
-        stream = _open_stream(path, compression)
-    except errors as e:
-        raise PacktrainError(f"{path}: cannot read the file ({e})") from None
-    with stream:
-        try:
-            head = stream.peek(4)[:4]
-        except errors as e:
-            raise PacktrainError(f"{path}: corrupt or unreadable {what}file ({e}); re-create "
-                                 f"or re-download it") from None
-        _check_magic(path, head, compression)
-        nonblank = 0
-        try:
-            for raw in stream:
-                lineno += 1
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                if not raw.strip():
-                    continue
-                nonblank += 1
-                yield lineno, raw
-        except errors as e:
-            raise PacktrainError(f"{path}:{lineno + 1}: corrupt or truncated {what}data after "
-                                 f"line {lineno} ({e}); re-create or re-download the "
-                                 f"file") from None
-    if nonblank == 0:
-        raise PacktrainError(f"{path}: no records (the file is empty); remove it from the inputs")
+    with _open_checked(path, compression, errors, what) as stream:
+        yield from _nonblank_lines(path, stream, errors, what)
 
 
 LineError = _Skip            # .reason ("invalid-json", ...) and .message (no place)
