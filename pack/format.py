@@ -38,8 +38,12 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "packtrain-packed"
-FORMAT_VERSION = "1.0"  # major.minor: readers refuse a newer major, accept any minor
-FORMAT_MAJOR = 1
+FORMAT_VERSION = "2.0"  # major.minor: readers refuse a newer major, accept any minor
+FORMAT_MAJOR = 2
+# 2.0 moved shards from the Arrow IPC *file* to the IPC *stream* encoding, the one Hugging Face
+# datasets memory-maps (Dataset.from_file reads only streams). Both map zero-copy; this reader
+# still reads 1.x file-format shards, told apart by the file format's leading magic.
+ARROW_FILE_MAGIC = b"ARROW1"
 MANIFEST = "manifest.json"
 IGNORE_INDEX = -100
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -142,7 +146,7 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         self.max_packs, self.max_bytes, self.batch_packs = max_packs, max_bytes, batch_packs
         self.shards: list[ShardInfo] = []
-        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._sink = None
         self._tmp: Path | None = None
         self._buf: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
@@ -174,7 +178,7 @@ class ShardWriter:
         if self._writer is None:
             self._tmp = self.out_dir / f".{shard_name(len(self.shards))}.tmp"
             self._sink = pa.OSFile(str(self._tmp), "wb")
-            self._writer = pa.ipc.new_file(self._sink, SHARD_SCHEMA)
+            self._writer = pa.ipc.new_stream(self._sink, SHARD_SCHEMA)
         arrays = [_list_array(self._buf[c], SHARD_SCHEMA.field(c).type.value_type) for c in COLUMNS]
         self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SHARD_SCHEMA))
         self._buf = {c: [] for c in COLUMNS}
@@ -381,6 +385,15 @@ class PackedDataset:
             yield self[i]
 
 
+def read_arrow(path: str | os.PathLike) -> pa.Table:
+    """Memory-map an Arrow IPC stream (format 2.x) or file (format 1.x) as a zero-copy table."""
+    source = pa.memory_map(str(path), "r")
+    if source.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC:
+        return pa.ipc.open_file(source).read_all()
+    source.seek(0)
+    return pa.ipc.open_stream(source).read_all()
+
+
 def open_shard(data_dir: Path, info: dict) -> pa.Table:
     """Memory-map one shard and check its size, schema and row count against the manifest."""
     name = info["path"]
@@ -395,9 +408,9 @@ def open_shard(data_dir: Path, info: dict) -> pa.Table:
                           f"truncated or altered — re-copy it or rebuild", shard=name,
                           rule="shard-size")
     try:
-        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        table = read_arrow(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise FormatError(f"not a readable Arrow IPC file ({e}); re-copy it or rebuild",
+        raise FormatError(f"not a readable Arrow IPC shard ({e}); re-copy it or rebuild",
                           shard=name, rule="shard-arrow") from None
     for field in SHARD_SCHEMA:
         if field.name not in table.schema.names:

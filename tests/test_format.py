@@ -147,7 +147,7 @@ def test_shard_schema_matches_json_description():
         assert field.nullable == c["nullable"], c["name"]
     meta = {k.decode(): v.decode() for k, v in F.SHARD_SCHEMA.metadata.items()}
     assert meta == desc["schema_metadata"]
-    assert desc["compression"] is None and desc["file_format"] == "arrow-ipc-file"
+    assert desc["compression"] is None and desc["file_format"] == "arrow-ipc-stream"
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +163,13 @@ def test_real_shards_have_exactly_the_schema(small_build):
     assert len(manifest["shards"]) > 1
     for s in manifest["shards"]:
         with pa.memory_map(str(out / s["path"])) as src:
-            reader = pa.ipc.open_file(src)
+            reader = pa.ipc.open_stream(src)
             assert reader.schema.equals(F.SHARD_SCHEMA, check_metadata=True)
-            for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
+            for batch in reader:
                 for col in batch.columns:
                     assert col.null_count == 0
         with open(out / s["path"], "rb") as f:
-            assert f.read(6) == b"ARROW1"  # IPC *file* format
+            assert f.read(6) != F.ARROW_FILE_MAGIC  # IPC *stream* format since 2.0
 
 
 def test_real_manifest_validates_with_jsonschema(small_build):
@@ -188,14 +187,37 @@ def test_real_manifest_validates_with_jsonschema(small_build):
 def test_newer_major_version_refused(small_build, tmp_path):
     out, manifest = small_build
     m = copy.deepcopy(manifest)
-    m["format_version"] = "2.0"
+    m["format_version"] = f"{F.FORMAT_MAJOR + 1}.0"
     (tmp_path / F.MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(F.FormatError, match=r"2\.0") as e:
+    with pytest.raises(F.FormatError, match=rf"{F.FORMAT_MAJOR + 1}\.0") as e:
         F.read_manifest(tmp_path)
     assert e.value.rule == "format-version"
-    m["format_version"] = "1.7"  # a newer minor is fine
+    m["format_version"] = f"{F.FORMAT_MAJOR}.7"  # a newer minor is fine
     (tmp_path / F.MANIFEST).write_text(json.dumps(m))
-    assert F.read_manifest(tmp_path)["format_version"] == "1.7"
+    assert F.read_manifest(tmp_path)["format_version"] == f"{F.FORMAT_MAJOR}.7"
+
+
+def test_format_1_file_encoded_shards_still_read(tmp_path):
+    """Format 1.x wrote the Arrow IPC *file* encoding; a 2.x reader must read those datasets."""
+    rng = np.random.default_rng(5)
+    packs = [random_pack(rng) for _ in range(4)]
+    m, infos = write_dataset(tmp_path, packs)
+    for info in infos:
+        path = tmp_path / info.path
+        table = pa.ipc.open_stream(pa.BufferReader(path.read_bytes())).read_all()
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        assert path.read_bytes()[:6] == F.ARROW_FILE_MAGIC
+    m = F.read_manifest(tmp_path)
+    for s, info in zip(m["shards"], infos):
+        path = tmp_path / info.path
+        s.update(bytes=path.stat().st_size, sha256=F.file_sha256(path))
+    m["format_version"] = "1.0"
+    F.write_manifest(tmp_path, m)
+    ds = F.PackedDataset(tmp_path)
+    for i, p in enumerate(packs):
+        np.testing.assert_array_equal(ds[i]["input_ids"], p[0])
+    assert F.verify(tmp_path) == []
 
 
 def test_unknown_extra_columns_ignored(tmp_path):
@@ -203,11 +225,11 @@ def test_unknown_extra_columns_ignored(tmp_path):
     packs = [random_pack(rng) for _ in range(3)]
     _, infos = write_dataset(tmp_path, packs)
     path = tmp_path / infos[0].path
-    table = pa.ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()  # not mapped:
+    table = pa.ipc.open_stream(pa.BufferReader(path.read_bytes())).read_all()  # not mapped:
     # the file is rewritten below
     extra = table.append_column("quality", pa.array([0.5, 0.1, 0.9]))
     extra = extra.replace_schema_metadata(F.SHARD_SCHEMA.metadata)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, extra.schema) as w:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, extra.schema) as w:
         w.write_table(extra)
     m = F.read_manifest(tmp_path)
     m["shards"][0].update(bytes=path.stat().st_size, sha256=F.file_sha256(path))

@@ -92,10 +92,13 @@ def test_readme_readers_snippet(packed_dir, hf_cache):
         "int32", "int32", "int32", "int32", "int64"]
     assert [dict(r) for r in ds] == want
 
+    mapped = ns["mapped"]  # Dataset.from_file: memory-mapped in place, no cache copy
+    assert mapped.column_names == list(F.COLUMNS)
+    assert [dict(r) for r in mapped] == want
+    assert not mapped.cache_files or all(
+        str(packed_dir) in c["filename"] for c in mapped.cache_files)
 
-@pytest.mark.xfail(strict=True, raises=pa.ArrowInvalid, reason=(
-    "datasets.Dataset.from_file reads only the Arrow IPC *stream* format; packtrain shards are the "
-    "IPC *file* format (DESIGN.md), so use load_dataset('arrow', data_files=...) or pyarrow"))
+
 def test_datasets_from_file(packed_dir):
     import datasets
 

@@ -33,8 +33,9 @@ README snippet (tests/test_readers.py executes its code blocks; keep README.md's
 <!-- packtrain:hf-snippet begin -->
 ### Reading packed datasets with other tools
 
-Each shard is a plain, uncompressed Arrow IPC file and `manifest.json` lists the shards in order,
-so no packtrain code is needed to read them (`data_dir` is a `pack-build` output directory):
+Each shard is a plain, uncompressed Arrow IPC stream (the encoding Hugging Face `datasets` keeps
+its own cache files in) and `manifest.json` lists the shards in order, so no packtrain code is
+needed to read them (`data_dir` is a `pack-build` output directory):
 
 ```python
 import json
@@ -47,9 +48,12 @@ manifest = json.loads(Path(data_dir, "manifest.json").read_text())
 shards = [str(Path(data_dir, s["path"])) for s in manifest["shards"]]
 
 # pyarrow: memory-mapped, zero-copy; one row per pack
-table = pa.concat_tables(pa.ipc.open_file(pa.memory_map(p)).read_all() for p in shards)
+table = pa.concat_tables(pa.ipc.open_stream(pa.memory_map(p)).read_all() for p in shards)
 
-# Hugging Face datasets (converted into its cache on first use)
+# Hugging Face datasets, memory-mapped in place (no copy, no cache)
+mapped = datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in shards])
+
+# ... or through the loader (converted into its cache on first use)
 ds = datasets.load_dataset("arrow", data_files=shards, split="train")
 ```
 
