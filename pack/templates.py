@@ -37,10 +37,12 @@ builder drops such a record and counts ``dropped[e.reason]``; check ``isinstance
 NothingToTrain)`` *before* treating a PacktrainError as fatal. Other PacktrainErrors name the field
 (``field output: expected a string, got number``); the caller prefixes ``FILE:LINE: ``.
 
-Chat rendering is cheap: for each role sequence the template is rendered once with placeholder
-contents (and once more with the placeholders wrapped in punctuation, inner whitespace and
-non-ASCII text, to see that contents pass through untouched); the fixed text between contents is
-cached and records are assembled by concatenation. An assembled text is checked against a real
+Chat rendering is cheap: for each role sequence the template is rendered once, with placeholder
+contents wrapped in punctuation, inner whitespace and non-ASCII text; when every wrapped
+placeholder comes back untouched, the fixed text between them is cached and records are assembled
+by concatenation (a template that changes them is rendered again with bare placeholders). Renders
+call the template compiled as transformers compiles it, with apply_chat_template's variables
+(the first render is compared with apply_chat_template itself). An assembled text is checked against a real
 render (one render, linear) for the first ``VERIFY_FIRST`` records of each role sequence, for
 every record of a sequence whose probe came out changed (``| upper``, ``replace``, escaping), and
 for every record whose contents are empty, have leading/trailing whitespace (``| trim``), or
@@ -93,7 +95,7 @@ ROLES = ("system", "user", "assistant")
 _ROLE_SET = frozenset(ROLES)
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}
-VERIFY_FIRST = 2
+VERIFY_FIRST = 1
 _LAYOUT_CACHE_MAX = 8192
 _PH = "PKTPH{:06d}Z"  # placeholder content: alphanumeric, no whitespace
 # A second placeholder render wraps each placeholder in these characters (no whitespace at the
@@ -235,9 +237,29 @@ class Renderer:
         self._backend = getattr(self.tokenizer, "_tokenizer", None)
         if self._backend is not None and getattr(self._backend, "encode_special_tokens", False):
             self._backend = None  # it would split special tokens: use the Python path
+        self._jinja = None
+        self._jinja_checked = False
         if self.template == "chat":
             self._special_re = self._compile_specials()
             self._marker_re = self._compile_markers()
+            self._jinja = self._compile_direct()
+
+    def _compile_direct(self):
+        """The chat template compiled as transformers compiles it, with the variables
+        apply_chat_template gives it, or None. Rendering through it directly skips
+        apply_chat_template's per-call message normalisation (over half of a render's cost for
+        plain-string messages). Its first render is compared with apply_chat_template's and it is
+        dropped on any difference, so the text stays exactly the tokenizer's."""
+        try:
+            from transformers.utils.chat_template_utils import (_compile_jinja_template,
+                                                                _plain_template_data)
+
+            compiled = _compile_jinja_template(self.chat_template)
+            variables = _plain_template_data(dict(self.tokenizer.special_tokens_map))
+        except Exception:  # another transformers layout: keep apply_chat_template
+            return None
+        return lambda conv, agp: compiled.render(messages=conv, tools=None, documents=None,
+                                                 add_generation_prompt=agp, **variables)
 
     def config(self) -> dict[str, Any]:
         """A small JSON-able dict that, with the same tokenizer, re-creates this Renderer."""
@@ -254,7 +276,8 @@ class Renderer:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for k in ("_layouts", "_special_re", "_marker_re", "_closing", "_backend"):
+        for k in ("_layouts", "_special_re", "_marker_re", "_closing", "_backend", "_jinja",
+                  "_jinja_checked"):
             state.pop(k, None)
         return state
 
@@ -432,15 +455,28 @@ class Renderer:
         """The chat template's text for messages (pairs or dicts), as apply_chat_template."""
         conv = [m if isinstance(m, dict) else {"role": m[0], "content": m[1]} for m in msgs]
         try:
-            return self.tokenizer.apply_chat_template(
-                conv, tokenize=False, chat_template=self.chat_template,
-                add_generation_prompt=add_generation_prompt)
+            if self._jinja is not None and conv and all(
+                    type(m.get("content")) is str and type(m.get("role")) is str and len(m) == 2
+                    for m in conv):
+                text = self._jinja(conv, add_generation_prompt)
+                if self._jinja_checked:
+                    return text
+                self._jinja_checked = True
+                if text == self._apply(conv, add_generation_prompt):
+                    return text
+                self._jinja = None
+            return self._apply(conv, add_generation_prompt)
         except PacktrainError:
             raise
         except Exception as e:  # jinja2 errors, raise_exception() in templates, ValueError
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise _field_error("messages", f"the chat template rejected this conversation "
                                            f"({msg})") from None
+
+    def _apply(self, conv: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            conv, tokenize=False, chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt)
 
     def _trained_close(self, closing: str) -> int:
         """How many leading characters of a turn's closing text are trained."""
@@ -489,33 +525,52 @@ class Renderer:
 
     def _build_layout(self, roles: tuple[str, ...]):
         phs = [_PH.format(i) for i in range(len(roles))]
+        lay = self._probed_layout(roles, phs)
+        if lay is None:
+            lay = self._plain_layout(roles, phs)
+        if lay is _NO_LAYOUT:
+            return lay
+        closing = self._closing_text()
+        for j, role in enumerate(roles):
+            lay.close.append(self._close_len(lay.pieces[j + 1], closing)
+                             if role == "assistant" else 0)
+        return lay
+
+    @staticmethod
+    def _split_pieces(text: str, marks: list[str]) -> list[str] | None:
+        """The text around each mark, when every mark occurs exactly once, in order."""
+        pieces, pos = [], 0
+        for mark in marks:
+            i = text.find(mark, pos)
+            if i < 0 or text.count(mark) != 1:
+                return None
+            pieces.append(text[pos:i])
+            pos = i + len(mark)
+        pieces.append(text[pos:])
+        return pieces
+
+    def _probed_layout(self, roles: tuple[str, ...], phs: list[str]):
+        """One render with each placeholder wrapped in _PROBE: when every wrapped placeholder
+        comes back intact the template passes contents through unchanged, and the text between
+        them is the layout (a template that rewrites contents fails this and takes the
+        two-render path below, with every record checked)."""
+        try:
+            text = self.render([(r, _PROBE + ph + _PROBE) for r, ph in zip(roles, phs)])
+        except PacktrainError:
+            return None
+        pieces = self._split_pieces(text, [_PROBE + ph + _PROBE for ph in phs])
+        return _Layout(pieces, []) if pieces is not None else None
+
+    def _plain_layout(self, roles: tuple[str, ...], phs: list[str]):
         try:
             text = self.render(list(zip(roles, phs)))
         except PacktrainError:
             return _NO_LAYOUT
-        pieces, pos = [], 0
-        for ph in phs:
-            i = text.find(ph, pos)
-            if i < 0 or text.count(ph) != 1:
-                return _NO_LAYOUT  # the template drops, repeats or rewrites contents
-            pieces.append(text[pos:i])
-            pos = i + len(ph)
-        pieces.append(text[pos:])
+        pieces = self._split_pieces(text, phs)
+        if pieces is None:
+            return _NO_LAYOUT  # the template drops, repeats or rewrites contents
         lay = _Layout(pieces, [])
-        try:
-            probed = self.render([(r, _PROBE + ph + _PROBE) for r, ph in zip(roles, phs)])
-            if probed != "".join(self._assemble(lay, roles, [_PROBE + ph + _PROBE for ph in phs],
-                                                text_only=True)):
-                lay.always_verify = True
-        except PacktrainError:
-            lay.always_verify = True
-        closing = self._closing_text()
-        close = lay.close
-        for j, role in enumerate(roles):
-            if role != "assistant":
-                close.append(0)
-                continue
-            close.append(self._close_len(pieces[j + 1], closing))
+        lay.always_verify = True  # it changed the probed contents, or failed on them
         return lay
 
     def _assemble(self, lay: _Layout, roles, contents, text_only: bool = False):

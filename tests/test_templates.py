@@ -400,6 +400,24 @@ def test_template_that_rewrites_contents(tok, chats, expr):
         assert sum(f for _, f in segs) == sum(m["role"] == "assistant" for m in rec["messages"])
 
 
+def test_direct_render_equals_apply_chat_template(tok, chats):
+    """Renders skip apply_chat_template's per-call overhead but must give its exact text; a
+    direct renderer that disagrees on its first render is dropped for good."""
+    r = Renderer(tok, "messages", "chat")
+    assert r._jinja is not None
+    for rec in chats[:30]:
+        for agp in (False, True):
+            msgs = [(m["role"], m["content"]) for m in rec["messages"]]
+            assert r.render(msgs, add_generation_prompt=agp) == tok.apply_chat_template(
+                rec["messages"], tokenize=False, add_generation_prompt=agp)
+    broken = Renderer(tok, "messages", "chat")
+    broken._jinja = lambda conv, agp: "something else"
+    msgs = [("user", "Q"), ("assistant", "A")]
+    assert broken.render(msgs) == tok.apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], tokenize=False)
+    assert broken._jinja is None
+
+
 # ---------------------------------------------------------------- workers
 
 def test_pickle_and_config(tok, chats):
