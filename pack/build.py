@@ -21,6 +21,16 @@ Stages (each with a progress bar on stderr unless ``quiet``):
 6. remove the temporary file, write the dataset card ``README.md`` and, last, ``manifest.json``
    (atomically). A directory without a manifest is not a dataset.
 
+``--num-partitions N --partition I`` packs one partition: the records are cut into blocks of
+:data:`PARTITION_BLOCK` consecutive records of one file and block b is partition b mod N's.
+Every partition still reads (and, for JSON Lines, parses) all inputs, so record numbers
+(``sample_index``), source counts and parse errors are those of the whole build; only its own
+blocks are rendered, tokenized and packed. Round-robin blocks make each partition a spread
+sample of the whole corpus, so it packs like the whole (benchmarks/partition_quality.py);
+contiguous ranges would save reading but give a partition of one kind of data when inputs
+differ. ``pack.merge`` joins the partitions. ``--dry-run`` stops after the checks and hands
+over to ``pack.dry_run``: nothing is written.
+
 On any error (or Ctrl-C) the temporary files and the shards of this build are removed and no
 manifest is left behind. Same inputs and arguments give byte-identical shards and a manifest that
 differs only in ``stats.seconds`` and ``stats.tokens_per_s``.
@@ -51,6 +61,10 @@ from . import format as fmt_mod
 from .format import IGNORE_INDEX, MANIFEST, PacktrainError
 
 CHUNK = 128            # records per task handed to a worker (small: little idle tail)
+# --num-partitions: the inputs are cut into blocks of this many consecutive records of one file
+# (non-blank lines for JSON Lines) and block b goes to partition b mod N. Part of the contract
+# of a partitioned build (recorded in the manifest, checked by pack-merge): never change it.
+PARTITION_BLOCK = 128
 IN_FLIGHT_PER_WORKER = 3
 DETECT_RECORDS = 256   # records looked at to detect a file's format
 TMP_SAMPLES = ".packtrain-samples.tmp.arrow"
@@ -85,6 +99,10 @@ class BuildConfig:
     overwrite: bool = False
     skip_invalid: bool = False
     quiet: bool = False
+    dry_run: bool = False
+    split: str | None = None          # of a Hugging Face DatasetDict input (default: train)
+    num_partitions: int = 1
+    partition: int | None = None      # 0 .. num_partitions - 1 (with num_partitions > 1)
 
     @classmethod
     def from_args(cls, args: Any) -> "BuildConfig":
@@ -164,7 +182,16 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _source_info(path: Path) -> dict[str, Any]:
+def _source_info(path: Path, split: str | None = None,
+                 hub: dict[str, str] | None = None) -> dict[str, Any]:
+    if path.is_dir():  # a Hugging Face save_to_disk directory
+        from .hf_source import DEFAULT_SPLIT, source_info
+
+        info = source_info(path, split)
+        for local, name in (hub or {}).items():
+            if Path(local) == path:
+                info["hub"], info["split"] = name, split or DEFAULT_SPLIT
+        return info
     try:
         return {"path": str(path), "sha256": fmt_mod.file_sha256(path), "records": 0,
                 "bytes": path.stat().st_size}
@@ -234,6 +261,8 @@ class _Task:
     file: int = -1
     path: str = ""
     linenos: list[int] | None = None
+    # invalid records the reader skipped around this task's records (parsed files only)
+    skipped: Counter | None = None
 
     def where(self, j: int) -> str:
         return self.wheres[j] if self.kind == "rec" else f"{self.path}:{self.linenos[j]}"
@@ -260,11 +289,15 @@ class Encoder:
 
     def run(self, kind: str, payload: list) -> ChunkResult:
         """One task: parsed records (``"rec"``) or raw JSON Lines lines (``"raw"``), parsed
-        here; error indices of a raw task are line indices in the task."""
+        here; error indices of a raw task are line indices in the task. With partitions, the
+        other partitions' tasks are ``"count"`` (raw lines, parsed and counted, not rendered)
+        and ``"skip"`` (payload ``[number of parsed records]``)."""
         if kind == "rec":
             res = self(payload)
             res.n_records = len(payload)
             return res
+        if kind == "skip":  # another partition's parsed records: only their number matters
+            return _counted(payload[0])
         from .sources import LineError, parse_line
 
         records: list[dict] = []
@@ -277,6 +310,10 @@ class Encoder:
                 parse_errors.append((j, e.message, e.reason))
                 continue
             pos.append(j)
+        if kind == "count":  # another partition's lines: parsed for the record numbers only
+            res = _counted(len(records))
+            res.parse_errors = parse_errors
+            return res
         res = self(records)
         res.n_records = len(records)
         res.parse_errors = parse_errors
@@ -335,6 +372,12 @@ class Encoder:
                            dict(dropped), errors)
 
 
+def _counted(n_records: int) -> ChunkResult:
+    """The result of a task of another partition: ``n_records`` records, no samples."""
+    z32, z64 = np.zeros(0, np.int32), np.zeros(0, np.int64)
+    return ChunkResult(z64, z32, z32, z32, 0, 0, 0, {}, [], n_records=n_records)
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -344,6 +387,11 @@ def _worker_init(spec: EncodeSpec) -> None:
     worker loads the tokenizer itself, once."""
     # Ctrl-C goes to the whole process group: the parent handles it and terminates the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    # A forked worker shares the parent's lock on the output directory: let go of it, so that
+    # only the parent's life decides when the directory is free again.
+    while _OUT_LOCKS:
+        os.close(_OUT_LOCKS.popitem()[1])
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; no rayon pool
     try:
         inherited = _WORKER.pop("inherit", None)
@@ -351,6 +399,23 @@ def _worker_init(spec: EncodeSpec) -> None:
         _WORKER["encoder"] = Encoder(spec, renderer)
     except BaseException as e:  # reported on the first task instead of a respawn loop
         _WORKER["error"] = e
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when the parent dies. A parent killed with
+    SIGKILL (OOM killer, scheduler) cannot stop its pool, and idle workers would otherwise wait
+    for work forever, holding memory and the output directory's lock."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl: best effort
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _worker_encode(kind: str, payload: list) -> ChunkResult:
@@ -390,14 +455,58 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PacktrainError(f"{out}: exists and is not a directory; choose another output "
                              f"directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not _interrupted_build(out):
         raise PacktrainError(f"{out}: output directory is not empty; pass --overwrite to "
                              f"replace the dataset in it, or choose another directory")
 
 
+def _interrupted_build(out: Path) -> bool:
+    """Whether ``out`` holds only what a killed pack-build leaves: no manifest, nothing but
+    plain files a build writes, and at least one that is not the card (a lone README.md may
+    be the user's own). Such leftovers are removed without --overwrite."""
+    try:
+        entries = list(out.iterdir())
+    except OSError:
+        return False
+    names = [p.name for p in entries]
+    return (bool(names) and MANIFEST not in names and any(n != CARD for n in names)
+            and all(_is_ours(p.name) and p.is_file() and not p.is_symlink() for p in entries))
+
+
+_OUT_LOCKS: dict[str, int] = {}
+
+
+def _lock_out_dir(out: Path) -> None:
+    """Hold an exclusive flock on the output directory while this build runs, so that a
+    second pack-build into it never mistakes a live build's files for leftovers and deletes
+    them. The kernel drops the lock when the process dies, however it dies."""
+    import fcntl
+
+    if str(out.resolve()) in _OUT_LOCKS:  # already held by this process (pack-merge)
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PacktrainError(f"{out}: another pack-build is writing to this directory; wait "
+                             f"for it to finish or choose another directory") from None
+    _OUT_LOCKS[str(out.resolve())] = fd
+
+
+def _unlock_out_dirs() -> None:
+    while _OUT_LOCKS:
+        os.close(_OUT_LOCKS.popitem()[1])
+
+
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     _check_out_dir(out, overwrite)
-    if out.is_dir() and any(out.iterdir()):
+    out.mkdir(parents=True, exist_ok=True)
+    _lock_out_dir(out)
+    if any(out.iterdir()):
+        if not overwrite:  # _check_out_dir let it through: leftovers of a killed build
+            print(f"note: {out}: removing the leftovers of an interrupted pack-build (no "
+                  f"{MANIFEST}) and building again", file=sys.stderr, flush=True)
         # The manifest goes first: an interrupted rebuild must never look complete.
         manifest = out / MANIFEST
         if manifest.exists():
@@ -406,7 +515,6 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         for p in out.iterdir():
             if _is_ours(p.name):
                 p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _is_ours(name: str) -> bool:
@@ -414,7 +522,7 @@ def _is_ours(name: str) -> bool:
     return (name in (MANIFEST, CARD, TMP_SAMPLES)
             or re.fullmatch(r"shard-\d{5,}\.arrow", name) is not None
             or re.fullmatch(r"\.shard-\d{5,}\.arrow\.tmp", name) is not None
-            or (name.startswith(f".{MANIFEST}.tmp-")))
+            or name.startswith((f".{MANIFEST}.tmp-", f".{CARD}.tmp-")))
 
 
 def _cleanup(out: Path, shard_writer=None, remove_shards: bool = True) -> None:
@@ -562,13 +670,17 @@ class _SampleStore:
 
 
 def _read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Counter,
-                  sources: list[dict], chunk: int = CHUNK) -> tuple[str, Iterator[_Task]]:
+                  sources: list[dict], chunk: int = CHUNK, split: str | None = None
+                  ) -> tuple[str, Iterator[_Task]]:
     """Return the (detected) format and an iterator over the tasks (chunks of at most ``chunk``
     records of one file) of all files in order. JSON Lines files are read as raw lines that the
     workers parse (the head of a file is parsed here too, to detect the format); other files
     are parsed here. With ``--format auto`` every file's format is detected from its first
     records and all files must agree. Each source's ``records`` count of parsed files is filled
-    in as the iterator is consumed (that of raw files as their results come back)."""
+    in as the iterator is consumed (that of raw files as their results come back). Records of
+    parsed files skipped as invalid are counted in each task's ``skipped`` (the caller adds
+    them up), so that a partition counts only those around its own tasks. ``split`` picks the
+    split of a Hugging Face DatasetDict directory."""
     from .sources import LineError, detect_format, is_jsonl, iter_raw_lines, iter_records, \
         parse_line
 
@@ -608,15 +720,29 @@ def _read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Coun
                         linenos=[n for n, _ in block])
 
     def parsed_tasks(i: int, path: Path) -> Iterator[_Task]:
-        it = iter_records(path, skip_invalid=skip_invalid, skipped=skipped)
+        local: Counter = Counter()
+        it = iter_records(path, skip_invalid=skip_invalid, skipped=local, split=split)
         if fmt == "auto":
             head, it = _peek(it, DETECT_RECORDS)
             if head:
                 detect(path, [r for _, r in head])
         n = 0
+        prev: _Task | None = None
+        seen: Counter = Counter()
+        # One task held back, so that invalid records after a file's last good one are
+        # counted with its last task.
         for block in _chunked(it, chunk):
             n += len(block)
-            yield _Task("rec", [r for _, r in block], wheres=[w for w, _ in block], file=i)
+            if prev is not None:
+                yield prev
+            prev = _Task("rec", [r for _, r in block], wheres=[w for w, _ in block], file=i,
+                         skipped=local - seen)
+            seen = local.copy()
+        if prev is not None:
+            prev.skipped = prev.skipped + (local - seen)
+            yield prev
+        elif local:  # every record invalid: an empty task still carries the count
+            yield _Task("rec", [], wheres=[], file=i, skipped=local)
         sources[i]["records"] = n
 
     iters = [(raw_tasks if is_jsonl(p) else parsed_tasks)(i, p) for i, p in enumerate(paths)]
@@ -636,17 +762,59 @@ def _read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Coun
     return resolved["fmt"], stream
 
 
+def check_partition(num_partitions: int, partition: int | None) -> tuple[int, int | None]:
+    """``(N, I)`` of a partitioned build, ``(1, None)`` for a whole one; one-line errors."""
+    n = 1 if num_partitions is None else int(num_partitions)
+    if n < 1:
+        raise PacktrainError(f"--num-partitions {num_partitions}: must be at least 1")
+    if partition is None:
+        if n > 1:
+            raise PacktrainError(f"--num-partitions {n} needs --partition I (0 to {n - 1}): "
+                                 f"which partition this run packs")
+        return 1, None
+    if not 0 <= int(partition) < n:
+        raise PacktrainError(f"--partition {partition}: must be between 0 and {n - 1} "
+                             f"(--num-partitions {n})")
+    return n, int(partition)
+
+
+def _partition_tasks(stream: Iterator[_Task], n: int, i: int) -> Iterator[_Task]:
+    """Task (block) b is partition I's when b mod N == I; the others only count their records
+    (raw lines are still parsed, by the workers, so record numbers and errors are those of the
+    whole build)."""
+    for b, task in enumerate(stream):
+        if b % n == i:
+            yield task
+        elif task.kind == "raw":
+            yield dataclasses.replace(task, kind="count")
+        else:
+            yield dataclasses.replace(task, kind="skip", payload=[len(task.payload)],
+                                      skipped=None)
+
+
 def build(args: Any) -> dict:
     """Run the whole pipeline; return the manifest written to ``args.out``. ``args`` is a
     :class:`BuildConfig`, an ``argparse.Namespace`` or a dict with the same names."""
     cfg = BuildConfig.from_args(args)
+    from .remote import build_to_url, is_url
+
+    if is_url(cfg.out):  # s3://, gs://, ...: build into a staging directory, then upload
+        return build_to_url(cfg, build)
     # One core per worker process (and one in-process with --workers 1); this also keeps
     # tokenizers from warning about a fork after its thread pool was used.
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         return _build(cfg)
+    except OSError as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        # pyarrow's write errors name no file: say which directory filled up (it is cleaned)
+        raise PacktrainError(f"{cfg.out}: {full} while writing the dataset; nothing was kept. "
+                             f"Free space or choose another output directory") from None
     finally:
+        _unlock_out_dirs()
         if old is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
@@ -685,24 +853,39 @@ def _build(cfg: BuildConfig) -> dict:
             raise PacktrainError(f"{cfg.chat_template}: cannot read the chat template "
                                  f"({getattr(e, 'strerror', None) or e})") from None
 
+    n_parts, part = check_partition(cfg.num_partitions, cfg.partition)
+
     out = Path(cfg.out)
     _check_out_dir(out, cfg.overwrite)
-    paths = expand_inputs(list(cfg.inputs))
+    from .hf_source import resolve_hub_inputs
+
+    inputs, hub = resolve_hub_inputs(list(cfg.inputs), cfg.split)
+    paths = expand_inputs(inputs)
     resolved_out = out.resolve()
     for p in paths:
         if resolved_out in p.resolve().parents:
             raise PacktrainError(f"{p}: input lies inside the output directory {out}; choose "
                                  f"another output directory")
     tokenizer = load_tokenizer_cached(tok_path)
-    sources = [_source_info(p) for p in paths]
+    sources = [_source_info(p, cfg.split, hub) for p in paths]
 
     skipped: Counter = Counter()
-    fmt, stream = _read_sources(paths, cfg.format, cfg.skip_invalid, skipped, sources)
+    fmt, stream = _read_sources(paths, cfg.format, cfg.skip_invalid, skipped, sources,
+                                chunk=CHUNK if part is None else PARTITION_BLOCK,
+                                split=cfg.split)
+    if part is not None:
+        stream = _partition_tasks(stream, n_parts, part)
     template = TEMPLATE_FOR_FORMAT[fmt] if cfg.template == "auto" else cfg.template
     spec = EncodeSpec(tok_path, fmt, template, bool(cfg.train_on_prompt), chat_template_text,
                       int(cfg.max_length), cfg.overlong)
     # Built here first so that configuration errors surface once, cleanly, in this process.
     renderer = _renderer_from_spec(spec, tokenizer)
+    if cfg.dry_run:  # nothing below this line runs: nothing is written
+        from .dry_run import plan
+
+        return plan(cfg, paths=paths, sources=sources, fmt=fmt, template=template,
+                    stream=stream, spec=spec, renderer=renderer, tokenizer=tokenizer,
+                    tok_path=tok_path, skipped=skipped, partition=(part, n_parts))
 
     created_out = not out.exists()
     _prepare_out_dir(out, cfg.overwrite)
@@ -715,7 +898,7 @@ def _build(cfg: BuildConfig) -> dict:
         lengths_parts: list[np.ndarray] = []
         index_parts: list[np.ndarray] = []
         dropped: Counter = Counter()
-        truncated = truncated_tokens = label_tokens = records = 0
+        truncated = truncated_tokens = label_tokens = records = own_records = 0
         invalid: Counter = Counter()
 
         if workers == 1:
@@ -738,15 +921,25 @@ def _build(cfg: BuildConfig) -> dict:
             results = _ordered_map(pool, stream, workers * IN_FLIGHT_PER_WORKER)
         bar = ui.bar(desc="tokenize", unit="rec")  # after the fork: no tqdm thread in workers
         for task, res in results:
+            own = task.kind in ("rec", "raw")  # not another partition's
             base = records
             records += res.n_records
-            if task.kind == "raw":
+            own_records += res.n_records if own else 0
+            if task.kind in ("raw", "count"):
                 sources[task.file]["records"] += res.n_records
+            if own and task.skipped:
+                skipped.update(task.skipped)
+            if not cfg.skip_invalid and res.parse_errors and res.errors:
+                # name the first bad line of the chunk, whichever stage found it
+                j, msg = min([(j, m) for j, m, _ in res.parse_errors]
+                             + [(j, f"{m} (pass --skip-invalid to skip invalid records and "
+                                    f"count them)") for j, m, _ in res.errors])
+                raise PacktrainError(f"{task.where(j)}: {msg}")
             if res.parse_errors:  # raised by the reader before, ahead of render errors
                 if not cfg.skip_invalid:
                     j, msg, _ = res.parse_errors[0]
                     raise PacktrainError(f"{task.where(j)}: {msg}")
-                for _, _, reason in res.parse_errors:
+                for _, _, reason in (res.parse_errors if own else ()):
                     skipped[reason] += 1
             if res.errors:
                 if not cfg.skip_invalid:
@@ -762,7 +955,7 @@ def _build(cfg: BuildConfig) -> dict:
             store.append(res.lengths, res.ids, res.labels)
             lengths_parts.append(res.lengths)
             index_parts.append(res.keep + base)
-            bar.update(len(task.payload))
+            bar.update(res.n_records + len(res.parse_errors))
         bar.close()
         if pool is not None:
             pool.close()
@@ -772,6 +965,10 @@ def _build(cfg: BuildConfig) -> dict:
         if records == 0:
             raise PacktrainError(f"{', '.join(str(p) for p in paths)}: no records found in the "
                                  f"inputs")
+        if own_records == 0:
+            raise PacktrainError(f"--partition {part}: this partition got no records (the "
+                                 f"inputs hold {records} records, in blocks of "
+                                 f"{PARTITION_BLOCK} per file); use fewer partitions")
         lengths = (np.concatenate(lengths_parts) if lengths_parts
                    else np.zeros(0, np.int32)).astype(np.int64)
         sample_index = (np.concatenate(index_parts) if index_parts
@@ -779,8 +976,8 @@ def _build(cfg: BuildConfig) -> dict:
         del lengths_parts, index_parts
         if len(lengths) == 0:
             why = ", ".join(f"{k} {v}" for k, v in sorted((dropped + invalid).items()))
-            raise PacktrainError(f"{cfg.out}: none of the {records} records left a sample to "
-                                 f"pack ({why or 'nothing kept'})")
+            raise PacktrainError(f"{cfg.out}: none of the {own_records} records left a sample "
+                                 f"to pack ({why or 'nothing kept'})")
 
         # ---- pack globally, shuffle the pack order
         pbar = ui.bar(desc="pack", unit="sample", total=len(lengths))
@@ -809,7 +1006,7 @@ def _build(cfg: BuildConfig) -> dict:
         seconds = time.perf_counter() - t0
         lb = binpack.lower_bound(lengths, int(cfg.max_length))
         stats = {
-            "records": records,
+            "records": own_records,
             "samples_packed": int(len(lengths)),
             "dropped": dict(sorted(dropped.items())),
             "skipped_invalid": dict(sorted((skipped + invalid).items())),
@@ -849,6 +1046,9 @@ def _build(cfg: BuildConfig) -> dict:
             "stats": stats,
             "shards": [s.to_json() for s in shards],
         }
+        if part is not None:  # stats cover this partition; sources the whole build
+            manifest["partition"] = {"index": part, "count": n_parts,
+                                     "block_records": PARTITION_BLOCK, "rule": "round-robin"}
         fmt_mod.validate_manifest(manifest)
         from .card import dataset_card
 
@@ -870,6 +1070,20 @@ def _build(cfg: BuildConfig) -> dict:
     if not cfg.quiet:
         print(summary(manifest), file=sys.stderr, flush=True)
     return manifest
+
+
+def _disk_full(e: OSError) -> str | None:
+    """'No space left on device' (or quota / file-size limit) when `e` says the output file
+    system is full, else None. pyarrow's OSErrors carry the errno only in their text."""
+    import errno
+
+    names = {errno.ENOSPC: os.strerror(errno.ENOSPC), errno.EDQUOT: os.strerror(errno.EDQUOT),
+             errno.EFBIG: f"{os.strerror(errno.EFBIG)} (the file system's or the process's "
+                          f"file-size limit)"}
+    if e.errno in names:
+        return names[e.errno]
+    m = re.search(r"\[errno (\d+)\]", str(e))
+    return names.get(int(m.group(1))) if m else None
 
 
 def _stop_pool(pool, deadline_s: float = 10.0) -> None:

@@ -35,6 +35,20 @@ def _fill_label(lo: float, hi: float) -> str:
     return f"{100 * lo:>5.1f}-{100 * hi:<5.1f}%"
 
 
+def partition_note(manifest: dict[str, Any]) -> str | None:
+    """One line on a partition build or a merge of partitions; None for a whole build."""
+    part, merged = manifest.get("partition"), manifest.get("merged")
+    if part:
+        return (f"partition {part['index']} of {part['count']} (blocks of "
+                f"{part['block_records']} records, {part['rule']}); statistics cover this "
+                f"partition, sources the whole build; join with pack-merge")
+    if merged:
+        return (f"merged from {merged['partitions']} partitions by pack-merge (blocks of "
+                f"{merged['block_records']} records, {merged['rule']}); shards "
+                f"{merged['shard_files']}")
+    return None
+
+
 def info_text(manifest: dict[str, Any]) -> str:
     """What a consumer needs on one screen."""
     s = manifest["stats"]
@@ -63,6 +77,8 @@ def info_text(manifest: dict[str, Any]) -> str:
         f"+{s['packs'] - s['lower_bound']:,}); fill {100 * s['fill']:.2f}%",
         f"shards           {len(shards)} ({_fmt_bytes(size)})",
     ]
+    if partition_note(manifest):
+        lines.append(f"partitions       {partition_note(manifest)}")
     srcs = manifest["sources"]
     lines.append(f"sources          {len(srcs)} file(s)")
     for src in srcs[:8]:
@@ -110,6 +126,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         f"| packs | {s['packs']:,} (lower bound {s['lower_bound']:,}), fill "
         f"{100 * s['fill']:.2f}% |",
         f"| shards | {len(shards)} ({_fmt_bytes(size)}) |",
+        *([f"| partitions | {partition_note(manifest)} |"] if partition_note(manifest) else []),
         "",
         "## Sources",
         "",

@@ -1,8 +1,8 @@
-"""Command lines: ``pack-build``, ``pack-info``, ``pack-verify``.
+"""Command lines: ``pack-build``, ``pack-info``, ``pack-verify``, ``pack-merge``.
 
 Every command prints ``error: <one line>`` on stderr and exits 2 for a user error
 (:class:`pack.format.PacktrainError`), exits 130 on Ctrl-C after cleaning up, and never shows a
-traceback for either. ``python -m pack.cli {build,info,verify} ...`` runs the same commands.
+traceback for either. ``python -m pack.cli {build,info,verify,merge} ...`` runs the same commands.
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                "data/*.jsonl out/")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="input files (.jsonl, .json, .parquet, .jsonl.gz/.zst) or globs "
-                        "(quoted, so that the shell does not expand them)")
-    p.add_argument("out", metavar="OUT", help="output directory (created; must be empty unless "
+                        "(quoted, so that the shell does not expand them); a Hugging Face "
+                        "save_to_disk directory; a hub dataset hf://datasets/OWNER/NAME")
+    p.add_argument("out", metavar="OUT", help="output directory, or a URL such as "
+                                              "s3://bucket/prefix/ (must be empty unless "
                                               "--overwrite)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="Hugging Face tokenizer directory or tokenizer.json "
@@ -97,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip invalid records (bad JSON, missing fields) and count them instead "
                         "of stopping at the first")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the inputs, tokenizer and arguments, count the records and "
+                        "estimate the tokens from a sample; write nothing")
+    p.add_argument("--split", metavar="NAME",
+                   help="split of a Hugging Face DatasetDict input (default: train)")
+    p.add_argument("--num-partitions", type=_positive_int, default=1, metavar="N",
+                   help="pack one of N partitions of the inputs (with --partition); join them "
+                        "with pack-merge")
+    p.add_argument("--partition", type=int, default=None, metavar="I",
+                   help="which partition to pack, 0 to N-1: blocks of 128 records, block b "
+                        "goes to partition b mod N")
     p.add_argument("--version", action="version", version=f"packtrain {__version__}")
     return p
 
@@ -106,7 +119,11 @@ def _build(argv: Sequence[str] | None) -> int:
     ns = parser.parse_args(argv)
     from .build import BuildConfig, build
 
-    build(BuildConfig(**vars(ns)))
+    result = build(BuildConfig(**vars(ns)))
+    if ns.dry_run:
+        from .dry_run import plan_text
+
+        print(plan_text(result), flush=True)
     return 0
 
 
@@ -119,7 +136,7 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 def info_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pack-info",
                                 description="Summarise a packed dataset from its manifest.")
-    p.add_argument("out", metavar="OUT", help="packed dataset directory")
+    p.add_argument("out", metavar="OUT", help="packed dataset directory or URL (s3://, gs://, ...)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw histograms of sample lengths and pack fill (needs matplotlib)")
@@ -129,7 +146,7 @@ def info_parser() -> argparse.ArgumentParser:
 def _info(argv: Sequence[str] | None) -> int:
     ns = info_parser().parse_args(argv)
     from .card import info_text
-    from .format import read_manifest
+    from .remote import read_manifest  # a directory or a URL
 
     manifest = read_manifest(ns.out)
     if ns.json:
@@ -192,17 +209,20 @@ def verify_parser() -> argparse.ArgumentParser:
         description="Check a packed dataset: manifest schema, every shard's size, schema, row "
                     "count and sha256, and every pack's invariants. Exit 0 when valid, 1 when "
                     "a problem is found (each printed with shard, row and rule).")
-    p.add_argument("out", metavar="OUT", help="packed dataset directory")
+    p.add_argument("out", metavar="OUT", help="packed dataset directory or URL (s3://, gs://, ...)")
     p.add_argument("--no-checksums", action="store_true", help="skip the sha256 of every shard")
+    p.add_argument("--cache-dir", metavar="DIR", help="for a URL: where fetched shards are "
+                   "cached (default: $PACKTRAIN_CACHE or ~/.cache/packtrain)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; print only problems")
     return p
 
 
 def _verify(argv: Sequence[str] | None) -> int:
     ns = verify_parser().parse_args(argv)
-    from .format import read_manifest, verify
+    from .remote import read_manifest, verify  # a directory or a URL
 
-    problems = verify(ns.out, checksums=not ns.no_checksums, progress=not ns.quiet)
+    problems = verify(ns.out, cache_dir=ns.cache_dir, checksums=not ns.no_checksums,
+                      progress=not ns.quiet)
     if problems:
         for p in problems:
             print(f"FAIL {p}")
@@ -220,9 +240,48 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
     return _run(_verify, argv)
 
 
+# ---------------------------------------------------------------- pack-merge
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pack-merge",
+        description="Join the partitions of one pack-build (--num-partitions N --partition I) "
+                    "into one dataset with one manifest. Shards are hard-linked when OUT is on "
+                    "the same filesystem as the parts (no bytes copied), else copied.",
+        epilog="Example: pack-merge part-0/ part-1/ part-2/ part-3/ merged/")
+    p.add_argument("parts", nargs="+", metavar="PART",
+                   help="the output directories of the N partition builds, any order")
+    p.add_argument("out", metavar="OUT", help="output directory (created; must be empty unless "
+                                              "--overwrite)")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the shards even where they could be hard-linked")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset in a non-empty OUT")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+    return p
+
+
+def _merge(argv: Sequence[str] | None) -> int:
+    ns = merge_parser().parse_args(argv)
+    from .build import summary
+    from .merge import merge
+
+    manifest = merge(ns.parts, ns.out, copy=ns.copy, overwrite=ns.overwrite)
+    if not ns.quiet:
+        m = manifest["merged"]
+        print(summary(manifest), file=sys.stderr)
+        print(f"merged           {m['partitions']} partitions; shards {m['shard_files']}",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+def merge_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_merge, argv)
+
+
 # ---------------------------------------------------------------- dispatch
 
-COMMANDS = {"build": build_main, "info": info_main, "verify": verify_main}
+COMMANDS = {"build": build_main, "info": info_main, "verify": verify_main, "merge": merge_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ array of objects, or JSON Lines); ``.parquet`` (read one row group batch at a ti
 ``.jsonl`` / ``.ndjson`` / ``.json`` compressed as ``.gz`` or ``.zst`` / ``.zstd`` (streamed).
 JSON Lines are read line by line, never whole; a JSON *array* has to be parsed whole (use JSONL
 for big corpora). Blank lines are ignored; a UTF-8 byte-order mark at the start is accepted.
+A directory written by Hugging Face ``save_to_disk`` is an input too (read by ``pack.hf_source``).
 """
 
 from __future__ import annotations
@@ -70,12 +71,17 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
                                      f"(quote globs so the shell does not expand them)")
         else:
             p = os.path.expanduser(pattern)
-            if os.path.isdir(p):
+            from .hf_source import is_hf_dataset_dir
+
+            if is_hf_dataset_dir(p):  # a Hugging Face save_to_disk directory is one input
+                matches = [p]
+            elif os.path.isdir(p):
                 raise PacktrainError(f"{pattern}: is a directory; pass the files in it, e.g. "
                                      f"'{pattern.rstrip('/')}/*.jsonl'")
-            if not os.path.isfile(p):
+            elif not os.path.isfile(p):
                 raise PacktrainError(f"{pattern}: no such file; check the path")
-            matches = [p]
+            else:
+                matches = [p]
         for m in matches:
             key = os.path.realpath(m)
             if key not in seen:
@@ -232,7 +238,8 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
 
 
 def iter_records(path: Path, skip_invalid: bool = False,
-                 skipped: collections.Counter | None = None) -> Iterator[tuple[str, dict]]:
+                 skipped: collections.Counter | None = None,
+                 split: str | None = None) -> Iterator[tuple[str, dict]]:
     """Yield ``(where, record)`` for every record of one file, streaming.
 
     ``where`` is ``"FILE:LINE"`` for JSON Lines (1-based, blank lines count) and
@@ -240,6 +247,11 @@ def iter_records(path: Path, skip_invalid: bool = False,
     one line naming the place; with ``skip_invalid`` bad records are counted in
     ``skipped[reason]`` and skipped. A file with no records at all raises ("no records")."""
     path = Path(path)
+    if path.is_dir():  # a Hugging Face save_to_disk directory (``split``: of a DatasetDict)
+        from .hf_source import iter_hf_records
+
+        yield from iter_hf_records(path, split)
+        return
     container, compression = _kind(path)
     if not path.is_file():
         raise PacktrainError(f"{path}: no such file; check the path")
@@ -324,7 +336,7 @@ def _nonblank_lines(path: Path, stream: IO[bytes], errors, what: str
 def is_jsonl(path: Path) -> bool:
     """Whether ``path`` is a JSON Lines file by name (plain or compressed): its records can be
     read as raw lines by :func:`iter_raw_lines` and parsed elsewhere with :func:`parse_line`."""
-    return _kind(Path(path))[0] == "jsonl"
+    return not Path(path).is_dir() and _kind(Path(path))[0] == "jsonl"
 
 
 def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:

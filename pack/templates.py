@@ -151,6 +151,30 @@ def _opt_str(record: dict, key: str) -> str:
     return v
 
 
+def _not_text_error() -> PacktrainError:
+    e = _field_error("record", "a string holds a lone UTF-16 surrogate (an unpaired "
+                               "\\ud800-\\udfff escape), which is not Unicode text; fix the "
+                               "record")
+    e.reason = "invalid-unicode"  # type: ignore[attr-defined]
+    return e
+
+
+def _records_not_text(owners: list[int], texts: list[str], nsegs: list) -> set[int]:
+    """Records (of ``owners``, each with ``nsegs[i]`` consecutive ``texts``) holding a string
+    that cannot be encoded as UTF-8."""
+    bad, k = set(), 0
+    for i in owners:
+        n = nsegs[i]
+        for t in texts[k:k + n]:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                bad.add(i)
+                break
+        k += n
+    return bad
+
+
 def _merge(segs: Iterable[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """Join neighbours with the same flag; drop empty texts."""
     out: list[tuple[str, bool]] = []
@@ -760,7 +784,19 @@ class Renderer:
             out[i] = len(segs)
         if not texts:
             return out
-        ids_lists = self._encode_texts(texts)
+        try:
+            ids_lists = self._encode_texts(texts)
+        except (TypeError, ValueError, UnicodeError):
+            # The fast tokenizer refuses the whole batch for one string that is not Unicode
+            # text (a lone surrogate, from a JSON escape such as \ud800): refuse those records
+            # and tokenize the others.
+            bad = _records_not_text(owners, texts, out)
+            if not bad:
+                raise
+            rest = self.encode_batch([None if i in bad else r for i, r in enumerate(records)])
+            for i in bad:
+                rest[i] = _not_text_error()
+            return rest
         seg_lens = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
         total = int(seg_lens.sum())
         ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int32, count=total)

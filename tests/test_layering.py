@@ -32,10 +32,10 @@ def test_pack_never_imports_train_or_torch():
 
 
 def test_train_uses_only_the_format_from_pack():
-    allowed = {"pack", "pack.format"}
+    allowed = {"pack", "pack.format", "pack.remote"}  # remote: URL -> local cache view
     for f in sorted((ROOT / "train").glob("*.py")):
         extra = {"pack.offline"} if f.name == "demo.py" else set()
         used = {m for m in imported_modules(f) if m == "pack" or m.startswith("pack.")}
         used = {m for m in used if m not in allowed | extra
-                and not m.startswith("pack.format.") and not m.startswith("pack.offline.")}
+                and not m.startswith(("pack.format.", "pack.remote.", "pack.offline."))}
         assert not used, f"train/{f.name} imports {sorted(used)} from pack"

@@ -347,7 +347,11 @@ def preflight(shards_dir: str | os.PathLike, manifest: dict, model,
     """
     warnings = check_tokenizer(shards_dir, manifest, model_path, allow_tokenizer_mismatch)
     warnings += check_token_range(shards_dir, manifest, model, None, allow_tokenizer_mismatch)
-    scan = check_dataset(shards_dir, manifest, full_checksums)
-    check_token_range(shards_dir, manifest, model, scan.max_token_id, True)
+    from pack.remote import scan_ready
+
+    # A streamed URL's shards are checked as each arrives (pack/remote.py), not all up front.
+    if scan_ready(shards_dir, fetch_all=full_checksums):
+        scan = check_dataset(shards_dir, manifest, full_checksums)
+        check_token_range(shards_dir, manifest, model, scan.max_token_id, True)
     warnings += check_context_length(manifest, model)
     return warnings

@@ -3,16 +3,24 @@
     train-run --shards DATA [--model MODEL] [--output runs/NAME] [--nproc N] [options]
     train-export CHECKPOINT OUT [--merge] [--dtype float32|bfloat16|float16]
 
-User errors (PacktrainError and bad attention choices) print one line `error: ...` on stderr and
-exit 2, without a traceback.
+Exit codes of train-run (one line on stderr for each non-zero one, no traceback):
+  0   done
+  1   a rank lost its peers (one died or hangs: --dist-timeout), or another failure
+  2   user error (PacktrainError, bad attention choice)
+  75  preempted: SIGTERM made every rank write a checkpoint and stop; rerun with --resume auto
+  130 interrupted (Ctrl-C)
+  143 the launcher got SIGTERM but its ranks stopped without writing a checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -25,12 +33,19 @@ def run_parser() -> argparse.ArgumentParser:
         description="Train a Hugging Face causal LM on a packed dataset (pack-build output) with "
                     "variable-length attention and DeepSpeed ZeRO 0-3.")
     g = ap.add_argument_group("data and model")
-    g.add_argument("--shards", required=True, help="packed dataset directory (has manifest.json)")
+    g.add_argument("--shards", required=True, help="packed dataset directory (has manifest.json) "
+                                                     "or URL (s3://, gs://, ...: streamed)")
+    g.add_argument("--cache-dir", metavar="DIR", help="where shards fetched from a --shards URL "
+                   "are cached (default: $PACKTRAIN_CACHE or ~/.cache/packtrain)")
     g.add_argument("--model", help="local HF model directory (default: the dataset's tokenizer "
                                    "path from its manifest)")
     g.add_argument("--output", help="run directory (default: runs/<dataset directory name>)")
-    g.add_argument("--verify", action="store_true",
-                   help="check every shard's sha256 and every pack invariant before training")
+    g.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="check every shard's sha256 before training (default: on for a local "
+                        "dataset, so a flipped byte is never trained on; for a --shards URL "
+                        "each shard is checked as it arrives, and --verify fetches and checks "
+                        "all of them first). Sizes, row counts and every pack invariant are "
+                        "always checked")
     g.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="train even if the model's tokenizer differs from the dataset's")
     g = ap.add_argument_group("schedule")
@@ -65,6 +80,9 @@ def run_parser() -> argparse.ArgumentParser:
                    help="label tokens per chunk of the chunked cross-entropy")
     g.add_argument("--deepspeed", metavar="CONFIG.json",
                    help="DeepSpeed config merged over the generated one")
+    g.add_argument("--dist-timeout", type=float, default=1800, metavar="SECONDS",
+                   help="a collective that waits this long for its peers (a rank died or hangs) "
+                        "fails and the rank exits with code 1, even without a launcher")
     g = ap.add_argument_group("LoRA")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
     g.add_argument("--lora-r", type=int, default=16)
@@ -88,6 +106,11 @@ def run_parser() -> argparse.ArgumentParser:
 
 def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = run_parser().parse_args(argv)
+    from pack.remote import dataset_name, is_url, redact, resolve
+
+    url = args.shards if is_url(args.shards) else None
+    if url and args.output is None:
+        args.output = str(Path("runs") / dataset_name(url))
     if args.output is None:
         args.output = str(Path("runs") / Path(os.path.abspath(args.shards)).name)
     for name in ("epochs", "micro_batch", "grad_accum", "nproc", "log_every", "loss_chunk"):
@@ -95,6 +118,10 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise PacktrainError(f"--{name.replace('_', '-')} must be >= 1")
     if args.save_every < 0 or args.warmup_steps < 0:
         raise PacktrainError("--save-every and --warmup-steps must be >= 0")
+    if not args.dist_timeout > 0:
+        raise PacktrainError("--dist-timeout must be > 0 seconds")
+    if url:  # from here on a local cache view of the URL; shards arrive on first use
+        args.shards_url, args.shards = redact(url), resolve(url, args.cache_dir)
     return args
 
 
@@ -104,6 +131,18 @@ def _user_error(e: Exception) -> int:
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"error{where}: {msg}", file=sys.stderr, flush=True)
     return 2
+
+
+_LOST_PEER = re.compile(r"gloo|Connection closed by peer|Connection reset|[Tt]imed out|NCCL|"
+                        r"Socket Timeout|ProcessGroup")
+
+
+def _lost_peers(e: Exception) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    print(f"error (rank {rank}): lost contact with the other ranks ({first[:300]}); one of them "
+          f"died or hangs (see its output); resume with --resume auto", file=sys.stderr, flush=True)
+    return 1
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -116,14 +155,30 @@ def run_main(argv: list[str] | None = None) -> int:
 
         read_manifest(args.shards)  # fail fast, in the parent, before any rank starts
         if args.nproc > 1 and not in_launched_rank():
-            return launch_local(args.nproc, argv)
+            return launch_local(args.nproc, argv, args.output)
+        import torch.distributed as tdist
+
         from train.attention import AttentionBackendError
-        from train.loop import train
+        from train.loop import PREEMPTED_EXIT, Preempted, train
 
         try:
             train(args)
         except AttentionBackendError as e:
             raise PacktrainError(str(e)) from None
+        except Preempted as e:
+            # the checkpoint is complete; a launcher's SIGTERM while we exit must not turn
+            # this clean stop into a kill
+            with contextlib.suppress(ValueError):  # ValueError: not the main thread
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(str(e), file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT
+        except tdist.DistError as e:  # gloo/nccl: peer gone, collective timed out
+            return _lost_peers(e)
+        except RuntimeError as e:  # gloo raises plain RuntimeError for a peer's closed socket
+            if not _LOST_PEER.search(str(e)):
+                raise
+            return _lost_peers(e)
     except PacktrainError as e:
         return _user_error(e)
     except KeyboardInterrupt:

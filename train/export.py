@@ -123,14 +123,15 @@ def _allowed_globals() -> list:
     return out
 
 
-def safe_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+def safe_load(path: str | os.PathLike, mmap: bool = False, map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True, accepting only tensors, containers and DeepSpeed's
-    allowlisted bookkeeping classes. Errors name the file."""
+    allowlisted bookkeeping classes. Errors name the file. train.loop also loads DeepSpeed
+    checkpoints for --resume through it."""
     import torch
 
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PacktrainError(f"{path}: cannot be read as a weights-only torch file ({msg}); the "

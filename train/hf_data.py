@@ -95,6 +95,7 @@ import numpy as np
 import torch
 
 from pack.format import IGNORE_INDEX, PackedDataset, positions_from_cu, read_manifest
+from train.data import checked_pack
 
 __all__ = ["PackedTorchDataset", "PackedCollator", "SNIPPET_BEGIN", "SNIPPET_END", "readme_snippet"]
 
@@ -134,7 +135,7 @@ class PackedTorchDataset(torch.utils.data.Dataset):
         return len(self.packed)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.packed[int(i)]
+        row = checked_pack(self.packed, int(i))  # a damaged pack stops, naming shard and row
         out = {c: torch.from_numpy(np.array(row[c], dtype=np.int64))
                for c in ("input_ids", "labels", "position_ids", "sample_index")}
         out["cu_seqlens"] = torch.from_numpy(np.array(row["cu_seqlens"], dtype=np.int32))

@@ -39,11 +39,36 @@ variables are used as they are), and under SLURM `srun` (one task per GPU): when
 are unset, SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID give RANK/WORLD_SIZE/LOCAL_RANK, MASTER_ADDR is
 the first host of SLURM_JOB_NODELIST (via `scontrol show hostnames` when available) and
 MASTER_PORT defaults to 29500 + SLURM_JOB_ID % 1000 (every task computes the same value; set
-MASTER_PORT yourself to override). Backend: gloo on CPU, nccl on CUDA.
+MASTER_PORT yourself to override). Backend: gloo on CPU, nccl on CUDA. Every collective has a
+timeout of --dist-timeout seconds (default 1800), so a rank whose peer died or hangs fails instead
+of waiting forever, even with no launcher watching.
+
+Faults and interruptions
+------------------------
+* Checkpoints are complete or ignored: `latest` is written last and only names a step directory
+  whose every file is written and fsynced; --resume auto follows it, so a step directory left
+  half-written by a crash is skipped, and is deleted before the same step is saved again.
+* SIGTERM (SLURM / Kubernetes preemption; torchrun forwards it to every rank) sets a flag; at the
+  next step boundary the ranks agree on it (one all-reduce), write a checkpoint and raise
+  `Preempted` (train-run exits with PREEMPTED_EXIT = 75 after one line on stderr); rank 0 also
+  writes OUTPUT/preempted.json. A second SIGTERM kills at once. Bound: the rest of the current step
+  plus one checkpoint.
+* Under torchrun's elastic agent (train-run --nproc, torchrun) each rank watches its parent: if
+  the agent is killed (SIGKILL gives it no chance to stop its workers, which run in their own
+  sessions) the rank exits within a second instead of training on as an orphan.
+* Nothing is unpickled: RNG states are JSON, and DeepSpeed's own loads (which use
+  torch.load(weights_only=False)) are redirected to train.export.safe_load (weights only, a short
+  allowlist of DeepSpeed classes).
+* Test-only fault points (off unless PACKTRAIN_FAULTPOINT is set; comma-separated):
+  `kill-after-step:N[@R]` SIGKILLs rank R (default 0) after optimizer step N, before any
+  checkpoint of it; `kill-in-ckpt:N[@R]` after DeepSpeed wrote step N's files, before our state
+  file and `latest`; `stop-after-step:N[@R]` SIGSTOPs it (a hung rank); `step-sleep:S` sleeps S
+  seconds before every step (a window for tests to send signals mid-run).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.util
 import json
@@ -52,11 +77,15 @@ import math
 import os
 import random
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -70,6 +99,19 @@ from train.data import DataState, MicroBatch, PackStream
 IGNORE_INDEX = -100
 STATE_FILE = "packtrain_state.json"
 LATEST = "latest"
+PREEMPTED_FILE = "preempted.json"
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on purpose with a checkpoint; rerun with --resume auto
+DEFAULT_DIST_TIMEOUT = 1800
+FAULTPOINT_ENV = "PACKTRAIN_FAULTPOINT"
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after writing the checkpoint `checkpoint` at `step`."""
+
+    def __init__(self, step: int, checkpoint: Path, signame: str = "SIGTERM"):
+        super().__init__(f"preempted: {signame} received; stopped after step {step} with checkpoint "
+                         f"{checkpoint}; continue with --resume auto (exit code {PREEMPTED_EXIT})")
+        self.step, self.checkpoint = step, checkpoint
 
 
 def log0(msg: str) -> None:
@@ -136,7 +178,9 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
+def setup_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT) -> Dist:
+    """Initialise the process group; every collective then fails after `timeout_s` seconds
+    without its peers instead of hanging."""
     os.environ.update(distributed_env())
     # DeepSpeed 0.19 calls collectives torch 2.13 renamed; one warning per call is noise
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
@@ -151,7 +195,7 @@ def setup_distributed() -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     return Dist(tdist.get_rank(), tdist.get_world_size(), local_rank, device)
 
 
@@ -187,17 +231,120 @@ def on_rank0(dist: "Dist", fn: Callable[[], Any]) -> Any:
     return result
 
 
+# ---------------------------------------------------------------- faults and signals
+
+def _faultpoints() -> list[tuple[str, float, int | None]]:
+    """Parse PACKTRAIN_FAULTPOINT (see the module doc) into (name, value, rank or None)."""
+    spec = os.environ.get(FAULTPOINT_ENV, "").strip()
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        m = re.fullmatch(r"(kill-after-step|kill-in-ckpt|stop-after-step|step-sleep):"
+                         r"([0-9.]+)(?:@(\d+))?", item)
+        if not m:
+            raise PacktrainError(f"{FAULTPOINT_ENV}={spec!r}: cannot parse {item!r}; expected "
+                                 f"kill-after-step:N[@R], kill-in-ckpt:N[@R], stop-after-step:N[@R] "
+                                 f"or step-sleep:SECONDS (a test-only setting: unset it)")
+        out.append((m.group(1), float(m.group(2)), None if m.group(3) is None else int(m.group(3))))
+    return out
+
+
+def faultpoint(name: str, step: int, rank: int) -> None:
+    """Test-only: act on a matching PACKTRAIN_FAULTPOINT entry (nothing when it is unset)."""
+    if FAULTPOINT_ENV not in os.environ:
+        return
+    for fname, value, frank in _faultpoints():
+        if fname != name or int(value) != step or (frank if frank is not None else 0) != rank:
+            continue
+        print(f"faultpoint {name}:{step} rank {rank} pid {os.getpid()}", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP if name.startswith("stop") else signal.SIGKILL)
+
+
+def _step_sleep() -> float:
+    if FAULTPOINT_ENV not in os.environ:
+        return 0.0
+    return sum(v for name, v, _ in _faultpoints() if name == "step-sleep")
+
+
+class StopRequest:
+    """SIGTERM handler for one rank: the first signal sets `requested` (acted on at the next step
+    boundary, see train), a second one terminates at once. Restores the old handler on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signame = "SIGTERM"
+        self._old: Any = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:  # the user (or the scheduler) insists
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+        self.signame = signal.Signals(signum).name
+        print(f"rank {os.environ.get('RANK', '0')}: {self.signame} received; writing a checkpoint "
+              f"at the end of this step", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def release(self) -> None:
+        """Back to the previous handler (after the last checkpoint nothing is left to save)."""
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_watchdog_started = False
+
+
+def watch_launcher() -> None:
+    """Under torchrun's elastic agent, exit if the agent dies: its workers run in their own
+    sessions, so a SIGKILLed agent would otherwise leave them training (or hanging) as orphans."""
+    global _watchdog_started
+    if _watchdog_started or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    if parent == 1:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                print(f"error (rank {os.environ.get('RANK', '?')}): the launcher (pid {parent}) "
+                      f"is gone; stopping this rank", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="packtrain-launcher-watchdog", daemon=True).start()
+    _watchdog_started = True
+
+
 # ---------------------------------------------------------------- safety checks
+
+def checksums_wanted(args) -> bool:
+    """sha256 every shard before training: --verify / --no-verify, else yes for a local dataset
+    (a flipped byte can keep every invariant valid; hashing costs ~10% of the invariant scan)
+    and no for a URL, whose shards are hashed as they arrive."""
+    if args.verify is not None:
+        return bool(args.verify)
+    return not getattr(args, "shards_url", None)
+
 
 def preflight_checks(args, manifest: dict, model, model_path: str, dist: Dist) -> None:
     """train.checks.preflight on rank 0 (the others wait; a refusal stops every rank): shard
-    sizes/schemas/rows and pack invariants, --verify checksums, the model's tokenizer against the
+    sizes/schemas/rows and pack invariants, checksums (local datasets unless --no-verify), the model's tokenizer against the
     dataset's fingerprint (--allow-tokenizer-mismatch), token ids < embedding rows, context
     length. Warnings are printed."""
     from train.checks import preflight
 
     notes = on_rank0(dist, lambda: preflight(
-        args.shards, manifest, model, model_path, full_checksums=bool(args.verify),
+        args.shards, manifest, model, model_path, full_checksums=checksums_wanted(args),
         allow_tokenizer_mismatch=bool(args.allow_tokenizer_mismatch)))
     for w in notes or []:
         log0(f"warning: {w}")
@@ -359,7 +506,9 @@ def build(args, dist: Dist) -> Run:
 
     preflight_checks(args, manifest, model, model_path, dist)
 
-    stream = PackStream(PackedDataset(args.shards, manifest), seed=args.seed, rank=dist.rank,
+    from pack.remote import open_dataset  # a cache view of a URL fetches shards on first use
+
+    stream = PackStream(open_dataset(args.shards, manifest), seed=args.seed, rank=dist.rank,
                         world_size=dist.world_size, micro_batch=args.micro_batch,
                         grad_accum=args.grad_accum)
     total = planned_steps(args, stream)
@@ -373,6 +522,7 @@ def build(args, dist: Dist) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **sched_kw))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    safe_deepspeed_loads(engine)
     seed_everything(args.seed + dist.rank)  # dropout etc. differ per rank from here on
     debug = os.environ.get("PACKTRAIN_DEBUG_PACKS")
     return Run(args=args, dist=dist, engine=engine, model=engine.module, stream=stream,
@@ -539,28 +689,92 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(),
-          "torch": torch.get_rng_state()}
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.json"
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state_json() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states as plain JSON: nothing to unpickle on resume."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [version, list(internal), gauss],
+          "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+          "torch": _b64(torch.get_rng_state())}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = [_b64(t) for t in torch.cuda.get_rng_state_all()]
     return st
 
 
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
+def set_rng_state_json(st: dict) -> None:
+    version, internal, gauss = st["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
+    torch.set_rng_state(_unb64(st["torch"]))
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([_unb64(x) for x in st["cuda"]])
+
+
+def safe_deepspeed_loads(engine) -> None:
+    """DeepSpeed 0.19's TorchCheckpointEngine.load calls torch.load(weights_only=False), i.e. it
+    unpickles arbitrary objects from checkpoint files; every model/optimizer load of
+    engine.load_checkpoint goes through engine.checkpoint_engine.load, so point it at the
+    weights-only loader export uses (a file holding anything else is refused, naming it)."""
+    from train.export import safe_load
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or not hasattr(ce, "load"):
+        raise RuntimeError("DeepSpeed engine has no checkpoint_engine.load; cannot make checkpoint "
+                           "loading pickle-free with this DeepSpeed version")
+
+    def load(path, map_location=None):
+        # only a device can be honoured without unpickling; DeepSpeed's callables keep storages
+        # where they are, i.e. on CPU here, and load_state_dict copies to the device
+        loc = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+        return safe_load(path, map_location=loc)
+
+    ce.load = load
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:  # another rank's temporary file may be renamed under us: it fsyncs its own
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _current_latest(ckpt_root: Path) -> str | None:
+    f = ckpt_root / LATEST
+    return f.read_text().strip() if f.is_file() else None
 
 
 def save_checkpoint(run: Run, data_state: DataState, epoch: int, elapsed: float) -> Path:
-    """All ranks save (DeepSpeed is collective) and their RNG states; after a barrier rank 0
-    writes packtrain_state.json, then (after a barrier) `latest`, atomically: a checkpoint counts
-    only once `latest` names it."""
+    """All ranks save (DeepSpeed is collective) and their RNG states and fsync what they see;
+    after a barrier rank 0 writes packtrain_state.json, then (after a barrier) `latest`,
+    atomically: a checkpoint counts only once `latest` names it. A directory of the same tag left
+    by a killed earlier attempt is removed first, so no stale file of it survives."""
     ckpt_root = run.out / "checkpoints"
     tag = tag_for(run.step)
+
+    def clear_stale() -> None:
+        if (ckpt_root / tag).exists() and _current_latest(ckpt_root) != tag:
+            shutil.rmtree(ckpt_root / tag)
+    on_rank0(run.dist, clear_stale)
     state = {"step": run.step, "epoch": epoch, "data": data_state.to_dict(),
              "world_size": run.dist.world_size, "seed": run.args.seed,
              "micro_batch": run.args.micro_batch, "grad_accum": run.args.grad_accum,
@@ -568,7 +782,10 @@ def save_checkpoint(run: Run, data_state: DataState, epoch: int, elapsed: float)
              "elapsed_s": elapsed, "total_steps": run.total_steps}
     run.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"packtrain": state},
                                save_latest=False)
-    torch.save(_rng_state(), ckpt_root / tag / f"rng_state_{run.dist.rank}.pth")
+    faultpoint("kill-in-ckpt", run.step, run.dist.rank)
+    write_atomic(ckpt_root / tag / rng_file(run.dist.rank),
+                 (json.dumps(rng_state_json()) + "\n").encode())
+    _fsync_tree(ckpt_root / tag)  # `latest` must never name data still in the page cache
     barrier()  # every rank has saved
     on_rank0(run.dist, lambda: write_atomic(ckpt_root / tag / STATE_FILE,
                                             (json.dumps(state, indent=2) + "\n").encode()))
@@ -614,9 +831,16 @@ def restore_checkpoint(run: Run, path: Path) -> DataState:
     if int(state["seed"]) != run.args.seed:
         log0(f"warning: checkpoint seed {state['seed']} != --seed {run.args.seed}; the data "
              f"order follows --seed from here on")
-    rng = path / f"rng_state_{run.dist.rank}.pth"
+    rng = path / rng_file(run.dist.rank)
     if rng.is_file() and int(state["world_size"]) == run.dist.world_size:
-        _set_rng_state(torch.load(rng, weights_only=False))
+        try:
+            set_rng_state_json(json.loads(rng.read_text()))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise PacktrainError(f"{rng}: not a valid RNG state ({e}); the checkpoint is "
+                                 f"corrupt — resume from an older step directory") from None
+    elif int(state["world_size"]) == run.dist.world_size:
+        log0(f"warning: {rng.name} missing (a checkpoint written before RNG states were JSON?); "
+             f"RNG states re-seeded")
     else:
         log0("warning: world size changed since the checkpoint; RNG states re-seeded")
     return DataState.from_dict(state["data"])
@@ -642,7 +866,9 @@ def train(args) -> dict:
     """Run training as configured by train-run's arguments; returns the closing summary."""
     from tqdm import tqdm
 
-    dist = setup_distributed()
+    dist = setup_distributed(float(getattr(args, "dist_timeout", DEFAULT_DIST_TIMEOUT)))
+    watch_launcher()
+    _faultpoints()  # a malformed test setting fails here, before any work
     out = Path(args.output)
     resume_from = find_resume(args.resume, out)
     if resume_from is None and (out / "checkpoints" / LATEST).is_file():
@@ -657,6 +883,7 @@ def train(args) -> dict:
         on_rank0(dist, lambda: _trim_metrics(metrics_path, run.step))
     else:
         on_rank0(dist, lambda: metrics_path.unlink(missing_ok=True))
+    on_rank0(dist, lambda: (out / PREEMPTED_FILE).unlink(missing_ok=True))
     if run.debug_packs is not None:
         run.debug_packs.mkdir(parents=True, exist_ok=True)
 
@@ -674,8 +901,12 @@ def train(args) -> dict:
     epoch = run.stream.state.epoch
     saved_at = run.step if resume_from is not None else -1
     metrics = open(metrics_path, "a") if dist.is_main else None
+    stop = StopRequest().__enter__()
+    sleep_s = _step_sleep()
     try:
         while run.step < run.total_steps:
+            if sleep_s:
+                time.sleep(sleep_s)
             t0 = time.perf_counter()
             micro_batches, epoch = run.stream.next_step()
             res = train_step(run, micro_batches)
@@ -705,16 +936,28 @@ def train(args) -> dict:
                         print(f"step {run.step}/{run.total_steps} loss {res.loss:.4f} "
                               f"lr {res.lr:.3e} tokens/s {res.tokens / dt:,.0f} "
                               f"eta {left:.0f}s", file=sys.stderr, flush=True)
+            faultpoint("kill-after-step", run.step, dist.rank)
+            faultpoint("stop-after-step", run.step, dist.rank)
+            # every rank must take the same branch: agree on "any rank was signalled"
+            if all_reduce_sum([float(stop.requested)], dist.device)[0] > 0:
+                if saved_at != run.step:
+                    save_checkpoint(run, run.stream.state, epoch, elapsed)
+                    saved_at = run.step
+                _preempted(run, stop.signame)
             if args.save_every and run.step % args.save_every == 0 and run.step < run.total_steps:
                 save_checkpoint(run, run.stream.state, epoch, elapsed)
                 saved_at = run.step
+        elapsed = run.elapsed_before + time.perf_counter() - t_start
+        if saved_at != run.step:
+            save_checkpoint(run, run.stream.state, epoch, elapsed)
+        # a signal that came during the final checkpoint: it is complete, skip the export
+        if all_reduce_sum([float(stop.requested)], dist.device)[0] > 0:
+            _preempted(run, stop.signame)
     finally:
+        stop.release()  # from here a SIGTERM terminates at once: the checkpoint is complete
         bar.close()
         if metrics is not None:
             metrics.close()
-    elapsed = run.elapsed_before + time.perf_counter() - t_start
-    if saved_at != run.step:
-        save_checkpoint(run, run.stream.state, epoch, elapsed)
     tag = tag_for(run.step)
     summary = {"steps": run.step, "tokens": run.tokens_seen, "label_tokens": run.label_tokens_seen,
                "elapsed_s": round(elapsed, 2),
@@ -736,6 +979,17 @@ def train(args) -> dict:
               f"checkpoint {summary['checkpoint']}"
               + (f"; export {summary['export']}" if summary.get("export") else ""), flush=True)
     return summary
+
+
+def _preempted(run: Run, signame: str) -> None:
+    """Record the stop (OUTPUT/preempted.json, rank 0) and raise Preempted on every rank."""
+    ckpt = run.out / "checkpoints" / tag_for(run.step)
+    info = {"step": run.step, "checkpoint": str(ckpt), "signal": signame,
+            "exit_code": PREEMPTED_EXIT, "launch_id": os.environ.get("PACKTRAIN_LAUNCH_ID"),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    on_rank0(run.dist, lambda: write_atomic(run.out / PREEMPTED_FILE,
+                                            (json.dumps(info, indent=2) + "\n").encode()))
+    raise Preempted(run.step, ckpt, signame)
 
 
 def _unset_hf_deepspeed_config() -> None:

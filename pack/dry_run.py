@@ -1,0 +1,185 @@
+"""``pack-build --dry-run``: say what a build would make, and write nothing.
+
+:func:`pack.build.build` runs its usual checks (arguments, output directory, inputs expanded and
+hashed, tokenizer and template loaded, formats detected) and then hands over to :func:`plan`
+instead of creating the output directory. :func:`plan` reads every record of the inputs (so
+record counts are exact and unreadable lines fail as in a real build), renders and tokenizes an
+evenly spread sample of at most :data:`SAMPLE` of them, and extrapolates samples, tokens, label
+tokens, truncation and the lower bound on packs. Those numbers are estimates and are labelled so;
+errors in records outside the sample (a missing field, say) only show in the real build.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import format as fmt_mod
+from .format import PacktrainError
+
+SAMPLE = 512  # records rendered and tokenized for the estimate
+
+
+class _Spread:
+    """An evenly spread sample of a stream of unknown length: keep every ``stride``-th item; when
+    ``2 * size`` are kept, drop every other one and double the stride. Deterministic, and the
+    kept items are spread over the whole stream."""
+
+    def __init__(self, size: int):
+        self.size, self.stride, self.items = size, 1, []
+
+    def offer(self, index: int, make) -> None:
+        if index % self.stride:
+            return
+        self.items.append(make())
+        if len(self.items) >= 2 * self.size:
+            self.items = self.items[::2]
+            self.stride *= 2
+
+
+def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template: str,
+         stream: Iterator, spec: Any, renderer: Any, tokenizer: Any, tok_path: str,
+         skipped: Counter, partition: tuple[int | None, int]) -> dict:
+    """Read everything, estimate from a sample, return the plan (see :func:`plan_text`)."""
+    from .build import Encoder
+    from .sources import LineError, parse_line
+
+    part, n_parts = partition
+    sample = _Spread(SAMPLE)
+    records = own_records = 0
+    for task in stream:
+        own = task.kind in ("rec", "raw")
+        if task.kind in ("raw", "count"):
+            n = 0
+            for j, raw in enumerate(task.payload):
+                try:
+                    rec = parse_line(raw)
+                except LineError as e:
+                    if not cfg.skip_invalid:
+                        raise PacktrainError(f"{task.where(j)}: {e.message}") from None
+                    if own:
+                        skipped[e.reason] += 1
+                    continue
+                if own:
+                    sample.offer(own_records + n, lambda: (task.where(j), rec))
+                n += 1
+            sources[task.file]["records"] += n
+        elif task.kind == "skip":
+            n = task.payload[0]
+        else:
+            n = len(task.payload)
+            for j, rec in enumerate(task.payload):
+                sample.offer(own_records + j, lambda: (task.where(j), rec))
+            if task.skipped:
+                skipped.update(task.skipped)
+        records += n
+        own_records += n if own else 0
+    if records == 0:
+        raise PacktrainError(f"{', '.join(str(p) for p in paths)}: no records found in the "
+                             f"inputs")
+    if own_records == 0:
+        raise PacktrainError(f"--partition {part}: this partition got no records (the inputs "
+                             f"hold {records} records); use fewer partitions")
+
+    items = sample.items  # between SAMPLE and 2 * SAMPLE spread items, or all records
+    picked = [items[k] for k in
+              np.unique(np.linspace(0, len(items) - 1, min(SAMPLE, len(items))).round()
+                        .astype(np.int64))]
+    res = Encoder(spec, renderer)([r for _, r in picked])
+    if res.errors and not cfg.skip_invalid:
+        j, msg, _ = res.errors[0]
+        raise PacktrainError(f"{picked[j][0]}: {msg} (pass --skip-invalid to skip invalid "
+                             f"records and count them)")
+    n = len(picked)
+    per_record = np.zeros(n, dtype=np.float64)  # tokens each sampled record would add
+    per_record[res.keep] = res.lengths
+    scale = own_records / n
+    tokens = float(per_record.sum()) * scale
+    # 95% interval of the total from the sample's spread (normal approximation)
+    half = 1.96 * own_records * float(per_record.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    max_len = int(cfg.max_length)
+    estimate = {
+        "sampled_records": n,
+        "samples": round(len(res.keep) * scale),
+        "tokens": round(tokens),
+        "tokens_95pct": [max(0, round(tokens - half)), round(tokens + half)],
+        "label_tokens": round(res.label_tokens * scale),
+        "truncated": round(res.truncated * scale),
+        "dropped": {k: round(v * scale) for k, v in sorted(res.dropped.items())},
+        "mean_sample_length": (round(float(res.lengths.mean()), 1) if len(res.lengths)
+                               else 0.0),
+        "packs_lower_bound": math.ceil(tokens / max_len),
+    }
+    out = Path(cfg.out)
+    if not out.exists():
+        out_state = "would be created"
+    elif any(out.iterdir()):
+        out_state = "exists; its dataset would be replaced (--overwrite)"
+    else:
+        out_state = "exists and is empty"
+    resolved_ct = getattr(renderer, "chat_template", None)
+    return {
+        "dry_run": True,
+        "out": str(out),
+        "out_state": out_state,
+        "sources": sources,
+        "format": fmt,
+        "template": template,
+        "chat_template": cfg.chat_template or ("tokenizer's" if resolved_ct else None),
+        "train_on_prompt": bool(cfg.train_on_prompt),
+        "tokenizer": fmt_mod.tokenizer_record(tokenizer, tok_path),
+        "max_length": max_len,
+        "strategy": cfg.strategy,
+        "overlong": cfg.overlong,
+        "seed": int(cfg.seed),
+        "shard_size": cfg.shard_size,
+        "partition": None if part is None else {"index": part, "count": n_parts},
+        "records": own_records,
+        "records_total": records,
+        "skipped_invalid": dict(sorted(skipped.items())),
+        "estimate": estimate,
+    }
+
+
+def plan_text(p: dict) -> str:
+    """The dry-run report, one screen."""
+    e = p["estimate"]
+    tok = p["tokenizer"]
+    lines = ["dry run: nothing was written"]
+    lines.append(f"inputs           {len(p['sources'])}")
+    for s in p["sources"]:
+        what = f" (Hugging Face dataset{', split ' + s['split'] if s.get('split') else ''})" \
+            if s.get("kind") == "hf-dataset" else ""
+        lines.append(f"  {s['path']}{what}  {s['records']:,} records, sha256 {s['sha256']}")
+    part = p["partition"]
+    recs = f"{p['records']:,}"
+    if part:
+        recs += f" in partition {part['index']} of {part['count']} ({p['records_total']:,} in all)"
+    skipped = ", ".join(f"{k} {v:,}" for k, v in p["skipped_invalid"].items()) or "none"
+    lines += [
+        f"records          {recs}; skipped invalid: {skipped}",
+        f"format           {p['format']}",
+        f"template         {p['template']}"
+        + (f" (chat template: {p['chat_template']})" if p["chat_template"] else "")
+        + f"; train on prompt: {'yes' if p['train_on_prompt'] else 'no'}",
+        f"tokenizer        {tok.get('name') or tok['path']} (vocab {tok['vocab_size']:,})",
+        f"  fingerprint    {tok['fingerprint']}",
+        f"max_length       {p['max_length']:,}",
+        f"packing          {p['strategy']}, seed {p['seed']}, overlong: {p['overlong']}, "
+        f"shards of {p['shard_size']}",
+        f"output           {p['out']} ({p['out_state']})",
+        f"estimate         from {e['sampled_records']:,} records rendered and tokenized "
+        f"(an estimate, not a count):",
+        f"  samples        ~{e['samples']:,}",
+        f"  tokens         ~{e['tokens']:,} (95%: {e['tokens_95pct'][0]:,} to "
+        f"{e['tokens_95pct'][1]:,}); ~{e['label_tokens']:,} with labels",
+        f"  mean length    ~{e['mean_sample_length']:,} tokens; truncated ~{e['truncated']:,}"
+        + (", dropped " + ", ".join(f"{k} ~{v:,}" for k, v in e["dropped"].items())
+           if e["dropped"] else ""),
+        f"  packs          at least ~{e['packs_lower_bound']:,} of {p['max_length']:,} tokens",
+    ]
+    return "\n".join(lines)
