@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmark scripts: where results go, a plain-text table, JSON output."""
+"""Small helpers shared by the benchmark scripts: where results go, a plain-text table, JSON output,
+what machine and memory the numbers come from."""
 
 from __future__ import annotations
 
@@ -48,3 +49,25 @@ def write_json(name: str, obj: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(obj, indent=2) + "\n")
     return path
+
+
+def cpu_name() -> str:
+    """The CPU model, for the record of where a benchmark ran."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def proc_status(key: str) -> int | None:
+    """A /proc/self/status memory field (VmRSS, VmHWM, ...) in bytes, or None where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

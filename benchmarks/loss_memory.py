@@ -42,19 +42,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_name, proc_status  # noqa: E402  (also puts the repo on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results" / "loss_memory.json"
 GIB = 2**30
 
 
 def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {key}")
+    value = proc_status(key)
+    if value is None:
+        raise OSError(f"/proc/self/status has no {key}")
+    return value
 
 
 def mem_available() -> int | None:
@@ -174,16 +174,6 @@ def plot(result: dict, path: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

@@ -88,6 +88,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import cpu_name, proc_status  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_speed.json"
 TOKENS_PER_RECORD_GUESS = 80  # low guess (they average ~90 with the chat template): more records, not fewer
@@ -342,32 +343,12 @@ def run_trainer(kind: str, model_dir: Path, tok_dir: Path, work: Path, samples, 
 
 # ------------------------------------------------------------------ measurement helpers
 
-def _proc_status(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def short(n: int) -> str:
@@ -455,11 +436,11 @@ def run_size(size: str, a, lengths: list[int], trl_lengths: list[int], work: Pat
     for r in range(a.rounds):
         for label, kind, L, tps, runner in run_order:
             gc.collect()
-            rss_before = _proc_status("VmRSS")
+            rss_before = proc_status("VmRSS")
             peak_ok = reset_peak_rss()
             t_row = time.perf_counter()
             steps = runner()
-            peak = _proc_status("VmHWM") if peak_ok else None
+            peak = proc_status("VmHWM") if peak_ok else None
             wall = sum(s[0] for s in steps)
             cpu = sum(s[1] for s in steps)
             tokens = sum(s[2] for s in steps)

@@ -525,7 +525,10 @@ def _is_ours(name: str) -> bool:
             or name.startswith((f".{MANIFEST}.tmp-", f".{CARD}.tmp-")))
 
 
-def _cleanup(out: Path, shard_writer=None, remove_shards: bool = True) -> None:
+def _cleanup(out: Path, shard_writer=None, remove_shards: bool = True,
+             remove_dir: bool = False) -> None:
+    """After a failed build or merge: delete the files it wrote (temporary ones always, shards
+    with `remove_shards`) and, with `remove_dir`, the output directory it created if now empty."""
     if shard_writer is not None:
         try:
             shard_writer.abort()
@@ -541,6 +544,11 @@ def _cleanup(out: Path, shard_writer=None, remove_shards: bool = True) -> None:
                 p.unlink()
             except OSError:
                 pass
+    if remove_dir:
+        try:
+            out.rmdir()
+        except OSError:
+            pass
 
 
 def _peek(it: Iterator, n: int) -> tuple[list, Iterator]:
@@ -1060,12 +1068,7 @@ def _build(cfg: BuildConfig) -> dict:
             _stop_pool(pool)
         if store is not None:
             store.close()
-        _cleanup(out, writer, remove_shards=True)
-        if created_out:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
+        _cleanup(out, writer, remove_shards=True, remove_dir=created_out)
         raise
     if not cfg.quiet:
         print(summary(manifest), file=sys.stderr, flush=True)

@@ -259,12 +259,7 @@ def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = 
         fmt_mod.write_atomic(out_p / CARD, dataset_card(manifest).encode())
         fmt_mod.write_manifest(out_p, manifest)
     except BaseException:
-        _cleanup(out_p, None, remove_shards=True)
-        if created:
-            try:
-                out_p.rmdir()
-            except OSError:
-                pass
+        _cleanup(out_p, None, remove_shards=True, remove_dir=created)
         raise
     finally:
         _unlock_out_dirs()
