@@ -356,13 +356,7 @@ class PackedDataset:
 
     def _columns(self, s: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if s not in self._cols:
-            t = self.table(s)
-            cols = {}
-            for c in COLUMNS:
-                arr = t.column(c).combine_chunks()
-                cols[c] = (arr.offsets.to_numpy(zero_copy_only=False),
-                           arr.values.to_numpy(zero_copy_only=False))
-            self._cols[s] = cols
+            self._cols[s] = table_columns(self.table(s))
         return self._cols[s]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
@@ -383,6 +377,28 @@ class PackedDataset:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(self)):
             yield self[i]
+
+
+def table_columns(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each format column of a shard table as (offsets, values) numpy arrays: pack r of column c
+    is ``values[offsets[r]:offsets[r + 1]]``."""
+    cols = {}
+    for c in COLUMNS:
+        arr = table.column(c).combine_chunks()
+        cols[c] = (arr.offsets.to_numpy(zero_copy_only=False),
+                   arr.values.to_numpy(zero_copy_only=False))
+    return cols
+
+
+def pack_problems(cols: dict[str, tuple[np.ndarray, np.ndarray]], max_length: int,
+                  vocab_size: int | None) -> Iterator[tuple[int, str]]:
+    """``(row, broken rule)`` for every pack of a shard (as :func:`table_columns` gives it) that
+    breaks an invariant of :func:`check_pack`."""
+    for r in range(len(cols["input_ids"][0]) - 1):
+        row = {c: vals[off[r]:off[r + 1]] for c, (off, vals) in cols.items()}
+        rule = check_pack(row, max_length, vocab_size)
+        if rule:
+            yield r, rule
 
 
 def read_arrow(path: str | os.PathLike) -> pa.Table:
@@ -489,21 +505,16 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
                     "sha256 does not match the manifest; the shard is corrupt or altered — "
                     "re-copy it or rebuild", shard=name, rule="checksum")))
         if invariants:
-            ds_cols = {c: table.column(c).combine_chunks() for c in COLUMNS}
-            offs = {c: ds_cols[c].offsets.to_numpy() for c in COLUMNS}
-            vals = {c: ds_cols[c].values.to_numpy() for c in COLUMNS}
-            shard_tokens = 0
-            samples_total += int(len(vals["sample_index"]))
-            label_total += int(np.count_nonzero(vals["labels"] != IGNORE_INDEX))
-            for r in range(table.num_rows):
-                row = {c: vals[c][offs[c][r]:offs[c][r + 1]] for c in COLUMNS}
-                shard_tokens += len(row["input_ids"])
-                rule = check_pack(row, max_length, vocab)
-                if rule:
-                    problems.append(str(FormatError(rule, shard=name, row=r,
-                                                    rule=rule.split(":")[0])))
-                    if len(problems) >= max_problems:
-                        return problems
+            cols = table_columns(table)
+            ids_off = cols["input_ids"][0]
+            shard_tokens = int(ids_off[-1] - ids_off[0])
+            samples_total += int(len(cols["sample_index"][1]))
+            label_total += int(np.count_nonzero(cols["labels"][1] != IGNORE_INDEX))
+            for r, rule in pack_problems(cols, max_length, vocab):
+                problems.append(str(FormatError(rule, shard=name, row=r,
+                                                rule=rule.split(":")[0])))
+                if len(problems) >= max_problems:
+                    return problems
             if shard_tokens != info["tokens"]:
                 problems.append(str(FormatError(
                     f"{shard_tokens} tokens, manifest says {info['tokens']}", shard=name,

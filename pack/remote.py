@@ -431,18 +431,15 @@ class Fetcher:
             return
         table = fmt.open_shard(tmp.parent, {**info, "path": tmp.name})
         vocab = self.manifest["tokenizer"].get("vocab_size")
-        max_length = int(self.manifest["max_length"])
-        cols = {c: table.column(c).combine_chunks() for c in fmt.COLUMNS}
-        offs = {c: cols[c].offsets.to_numpy() for c in fmt.COLUMNS}
-        vals = {c: cols[c].values.to_numpy() for c in fmt.COLUMNS}
-        for r in range(table.num_rows):
-            row = {c: vals[c][offs[c][r]:offs[c][r + 1]] for c in fmt.COLUMNS}
-            rule = fmt.check_pack(row, max_length, vocab)
-            if rule:
-                raise FormatError(f"{where}: pack {r}: {rule}; the dataset breaks the format "
-                                  f"— run pack-verify {self.store.where}/ and republish it",
-                                  rule=rule.split(":")[0])
-        tokens = int(offs["input_ids"][-1] - offs["input_ids"][0])
+        cols = fmt.table_columns(table)
+        bad = next(fmt.pack_problems(cols, int(self.manifest["max_length"]), vocab), None)
+        if bad is not None:
+            r, rule = bad
+            raise FormatError(f"{where}: pack {r}: {rule}; the dataset breaks the format "
+                              f"— run pack-verify {self.store.where}/ and republish it",
+                              rule=rule.split(":")[0])
+        ids_off = cols["input_ids"][0]
+        tokens = int(ids_off[-1] - ids_off[0])
         if tokens != info["tokens"]:
             raise FormatError(f"{where}: {tokens} tokens, manifest says {info['tokens']}",
                               rule="shard-tokens")
