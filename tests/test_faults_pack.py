@@ -151,6 +151,9 @@ def kill_at(argv: list[str], out: Path, trigger: str, delay: float) -> tuple[boo
     if running:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        # Alive but past writing its manifest (closing summary, exit): the build won the race,
+        # and the caller checks the finished dataset like any other completed build.
+        running = not (out / MANIFEST).exists()
     return running, pid
 
 
