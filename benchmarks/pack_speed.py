@@ -22,7 +22,17 @@ records, repeated ``--scale`` times, rendered with trl's llama3 chat template) a
   ``trl.data_utils.pack_dataset(..., strategy="bfd")``;
 * peak RSS of pack-build (``wait4`` rusage: the largest of the main process and its workers; and
   the main process and whole process tree, sampled from /proc every 20 ms) for the chat corpus
-  and the same corpus repeated 4x.
+  and the same corpus repeated 4x, whose throughput is also quoted against the chat corpus's
+  median bare tokenizer (the bare tokenizer's tokens/s does not depend on the corpus size).
+
+Shared machines are noisy (the bare tokenizer alone varies by a quarter between back-to-back
+runs), so the headline ratios are medians of ratios measured side by side: each of ``--repeat``
+repetitions (default 3, quick 1) is a *pair*, a bare tokenizer run then a pack-build run back to
+back; each pair gives ratio_build (pack-build's in-build tokens/s over the bare tokenizer's),
+ratio_wall (its whole-process tokens/s over the same) and ratio_cpu (tokens per CPU-second over
+the bare tokenizer's), and the table and ``ratio`` in the JSON are the medians of those
+(``statistics.median``). ``bare_tokenizer`` and ``pack_build`` in the JSON are the median run of
+each (the lower middle one for an even count), ``pairs`` every pair, ``runs`` every run's tokens/s.
 
 Prints a table with the ratios (targets: pack-build >= 0.8x the bare tokenizer, ahead of TRL,
 RSS flat from 1x to 4x) and writes ``benchmarks/results/pack_speed.json``.
@@ -35,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -276,8 +287,18 @@ def trl_pipeline(src: Path, fmt: str, tok_dir: Path, workers: int, max_length: i
 
 # ---------------------------------------------------------------- main
 
-def best(runs: list[dict], key: str) -> dict:
-    return max(runs, key=lambda r: r[key])
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run whose `key` is the median (the lower middle one for an even count)."""
+    ranked = sorted(runs, key=lambda r: r[key])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def pair(bare: dict, pb: dict) -> dict:
+    """A bare tokenizer run and the pack-build run right after it, with their ratios."""
+    return {"bare": bare, "pack_build": pb,
+            "ratio_build": pb["tokens_per_s_build"] / bare["tokens_per_s"],
+            "ratio_wall": pb["tokens_per_s_wall"] / bare["tokens_per_s"],
+            "ratio_cpu": pb["tokens_per_cpu_s"] / bare["tokens_per_cpu_s"]}
 
 
 def main(argv=None) -> int:
@@ -287,8 +308,9 @@ def main(argv=None) -> int:
                     help="pack-build workers = tokenizer threads = TRL num_proc (default: cores)")
     ap.add_argument("--max-length", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=None,
-                    help="alternating runs of pack-build and the bare tokenizer, best kept "
-                         "(default: 2, quick: 1); shared machines are noisy")
+                    help="pairs of runs, the bare tokenizer then pack-build back to back; "
+                         "ratios are the median of the pairs' (default: 3, quick: 1); shared "
+                         "machines are noisy")
     ap.add_argument("--scale", type=int, default=None,
                     help="repeat chitchat this many times for the chat corpus (default: 2; "
                          "quick: 1 with 400 conversations); memory is measured at 4x that")
@@ -296,7 +318,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = ap.parse_args(argv)
-    repeat = args.repeat or (1 if args.quick else 2)
+    if args.repeat is not None and args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    repeat = args.repeat or (1 if args.quick else 3)
     scale = args.scale or (1 if args.quick else 2)
 
     from pack.offline import llama3_tokenizer_dir
@@ -327,15 +351,24 @@ def main(argv=None) -> int:
             log(f"{name}: {r['records']:,} records, {r['bytes'] / 1e6:.1f} MB")
             r["render"] = render_texts(src, tok, fmt, texts)
             log(f"{name}: render {r['render']['chars_per_s'] / 1e6:.2f} M chars/s")
-            bare_runs, pb_runs = [], []
-            for _ in range(repeat):
-                bare_runs.append(bare_tokenizer(texts, tok, n))
-                log(f"{name}: bare tokenizer x{n} {bare_runs[-1]['tokens_per_s']:,.0f} tok/s")
-                pb_runs.append(pack_build(src, work / f"{name}.out", tok, n, L))
-                log(f"{name}: pack-build x{n} {pb_runs[-1]['tokens_per_s_build']:,.0f} tok/s "
-                    f"(build), {pb_runs[-1]['tokens_per_s_wall']:,.0f} (process)")
-            r["bare_tokenizer"] = best(bare_runs, "tokens_per_s")
-            r["pack_build"] = best(pb_runs, "tokens_per_s_build")
+            pairs = []
+            for i in range(repeat):  # a pair: the bare tokenizer, then pack-build, back to back
+                bare = bare_tokenizer(texts, tok, n)
+                log(f"{name}: pair {i + 1}/{repeat}: bare tokenizer x{n} "
+                    f"{bare['tokens_per_s']:,.0f} tok/s")
+                pairs.append(pair(bare, pack_build(src, work / f"{name}.out", tok, n, L)))
+                pb = pairs[-1]["pack_build"]
+                log(f"{name}: pair {i + 1}/{repeat}: pack-build x{n} "
+                    f"{pb['tokens_per_s_build']:,.0f} tok/s (build), "
+                    f"{pb['tokens_per_s_wall']:,.0f} (process); "
+                    f"ratio {pairs[-1]['ratio_build']:.2f}")
+            bare_runs = [p["bare"] for p in pairs]
+            pb_runs = [p["pack_build"] for p in pairs]
+            r["pairs"] = pairs
+            r["ratio"] = {k: statistics.median(p[f"ratio_{k}"] for p in pairs)
+                          for k in ("build", "wall", "cpu")}
+            r["bare_tokenizer"] = median_run(bare_runs, "tokens_per_s")
+            r["pack_build"] = median_run(pb_runs, "tokens_per_s_build")
             r["runs"] = {"bare_tokenizer": [x["tokens_per_s"] for x in bare_runs],
                          "pack_build": [x["tokens_per_s_build"] for x in pb_runs]}
             if n > 1:  # one core each: the per-core cost, whatever the machine's contention
@@ -348,8 +381,14 @@ def main(argv=None) -> int:
                 log(f"{name}: TRL {r['trl']['tokens_per_s']:,.0f} tok/s")
             res["corpora"][name] = r
         log("chat x4: pack-build for memory")
-        res["corpora"]["chat"]["pack_build_x4"] = pack_build(corpora["chat4"], work / "chat4.out",
-                                                            tok, n, L)
+        chat = res["corpora"]["chat"]
+        x4 = chat["pack_build_x4"] = pack_build(corpora["chat4"], work / "chat4.out", tok, n, L)
+        # Against the 1x corpus's median bare tokenizer: its tokens/s does not depend on size.
+        base = chat["bare_tokenizer"]["tokens_per_s"]
+        chat["ratio_x4"] = {"build": x4["tokens_per_s_build"] / base,
+                            "wall": x4["tokens_per_s_wall"] / base}
+        log(f"chat x4: pack-build x{n} {x4['tokens_per_s_build']:,.0f} tok/s (build); "
+            f"ratio {chat['ratio_x4']['build']:.2f} against the 1x median bare tokenizer")
         res["machine"]["load_avg_end"] = os.getloadavg()
         res["total_s"] = time.perf_counter() - t_all
     finally:
@@ -367,26 +406,29 @@ def print_table(res: dict) -> None:
     n = res["workers"]
     m = res["machine"]
     print(f"\npack_speed: {n} workers, max_length {res['max_length']}, "
-          f"{'quick' if res['quick'] else 'full'} run, best of {res['repeat']}; "
+          f"{'quick' if res['quick'] else 'full'} run, median of {res['repeat']} paired runs; "
           f"{m['usable_cpus']} usable CPUs, load average {m['load_avg_start'][0]:.1f} -> "
           f"{m['load_avg_end'][0]:.1f}")
     print("tokens/s: wall clock; tok/CPU-s: tokens per CPU-second of the whole process tree "
           "(robust to other load on a shared machine); ratios against the bare tokenizer with "
-          "the same parallelism")
-    head = (f"{'corpus':7} {'stage':36} {'tokens/s':>9} {'ratio':>6} {'tok/CPU-s':>10} "
+          "the same parallelism; pack-build ratios: the median of the per-pair ratios, each pair "
+          "a bare tokenizer run and a pack-build run back to back; tokens/s: the median run")
+    head = (f"{'corpus':7} {'stage':44} {'tokens/s':>9} {'ratio':>6} {'tok/CPU-s':>10} "
             f"{'ratio':>6}  notes")
     print(head)
     print("-" * (len(head) + 40))
 
-    def row(name, stage, tps, cps, base, notes=""):
-        def fmt(v, b):
-            return (f"{v:,.0f}" if v else "", f"{v / b:.2f}x" if v and b else "")
-        t, tr = fmt(tps, base["tokens_per_s"] if base else None)
-        c, cr = fmt(cps, base["tokens_per_cpu_s"] if base else None)
-        print(f"{name:7} {stage:36} {t:>9} {tr:>6} {c:>10} {cr:>6}  {notes}")
+    def row(name, stage, tps, cps, base, notes="", ratio=None, cpu_ratio=None):
+        """ratio / cpu_ratio, when given, replace tps / cps over base's (paired medians)."""
+        def fmt(v, b, given):
+            q = given if given is not None else (v / b if v and b else None)
+            return (f"{v:,.0f}" if v else "", f"{q:.2f}x" if q is not None else "")
+        t, tr = fmt(tps, base["tokens_per_s"] if base else None, ratio)
+        c, cr = fmt(cps, base["tokens_per_cpu_s"] if base else None, cpu_ratio)
+        print(f"{name:7} {stage:44} {t:>9} {tr:>6} {c:>10} {cr:>6}  {notes}")
 
     for name, r in res["corpora"].items():
-        b, pb = r["bare_tokenizer"], r["pack_build"]
+        b, pb, q = r["bare_tokenizer"], r["pack_build"], r["ratio"]
         row(name, "render template (1 core)", None, None, None,
             f"{r['render']['chars_per_s'] / 1e6:.2f} M chars/s over {r['records']:,} records")
         row(name, f"bare tokenizer ({n} threads)", b["tokens_per_s"], b["tokens_per_cpu_s"], b,
@@ -394,9 +436,18 @@ def print_table(res: dict) -> None:
         row(name, f"pack-build ({n} workers), in build", pb["tokens_per_s_build"],
             pb["tokens_per_cpu_s"], b,
             f"{pb['tokenized']:,} tokens -> {pb['packs']:,} packs (lower bound "
-            f"{pb['lower_bound']:,}, fill {100 * pb['fill']:.2f}%)")
+            f"{pb['lower_bound']:,}, fill {100 * pb['fill']:.2f}%)",
+            ratio=q["build"], cpu_ratio=q["cpu"])
         row(name, f"pack-build ({n} workers), process", pb["tokens_per_s_wall"], None, b,
-            f"{pb['wall_s']:.1f} s incl. interpreter, imports, tokenizer load")
+            f"{pb['wall_s']:.1f} s incl. interpreter, imports, tokenizer load",
+            ratio=q["wall"])
+        if "pack_build_x4" in r:
+            x4 = r["pack_build_x4"]
+            row(name, f"pack-build ({n} workers), 4x corpus, in build",
+                x4["tokens_per_s_build"], x4["tokens_per_cpu_s"], None,
+                f"{x4['tokenized']:,} tokens; ratio against the 1x median bare tokenizer "
+                f"(its tokens/s does not depend on corpus size); process "
+                f"{r['ratio_x4']['wall']:.2f}x", ratio=r["ratio_x4"]["build"])
         if "pack_build_1" in r:
             b1, p1 = r["bare_tokenizer_1"], r["pack_build_1"]
             row(name, "bare tokenizer (1 thread)", b1["tokens_per_s"], b1["tokens_per_cpu_s"],
@@ -413,6 +464,8 @@ def print_table(res: dict) -> None:
         runs = {k: ", ".join(f"{x:,.0f}" for x in v) for k, v in r["runs"].items()}
         print(f"{'':7} every run (tokens/s): bare tokenizer {runs['bare_tokenizer']}; "
               f"pack-build {runs['pack_build']}")
+        each = ", ".join(f"{p['ratio_build']:.2f}" for p in r["pairs"])
+        print(f"{'':7} pairs (build ratio): {each} -> median {q['build']:.2f}")
     c = res["corpora"]["chat"]
     a, x4 = c["pack_build"], c["pack_build_x4"]
     print(f"\npeak RSS of pack-build ({n} workers), chat corpus 1x -> 4x "

@@ -98,6 +98,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 VERIFY_FIRST = 1
 _LAYOUT_CACHE_MAX = 8192
 _PH = "PKTPH{:06d}Z"  # placeholder content: alphanumeric, no whitespace
+_PH_RE = re.compile(r"PKTPH\d{6}Z")
 # A second placeholder render wraps each placeholder in these characters (no whitespace at the
 # ends, which records are checked for anyway): a template that changes any of them (replace,
 # escape, upper/capitalize, ...) gets every record of that role sequence checked.
@@ -562,14 +563,20 @@ class Renderer:
 
     @staticmethod
     def _split_pieces(text: str, marks: list[str]) -> list[str] | None:
-        """The text around each mark, when every mark occurs exactly once, in order."""
+        """The text around each mark, when every mark occurs exactly once, in order. Each mark
+        holds exactly one placeholder, so one scan for placeholders decides it (counting every
+        mark in the text was quadratic in the length of long conversations)."""
+        found = list(_PH_RE.finditer(text))
+        if len(found) != len(marks):
+            return None
         pieces, pos = [], 0
-        for mark in marks:
-            i = text.find(mark, pos)
-            if i < 0 or text.count(mark) != 1:
+        for mark, m in zip(marks, found):
+            k = mark.find(m.group())  # -1: the placeholders come back out of order
+            start = m.start() - k
+            if k < 0 or start < pos or not text.startswith(mark, start):
                 return None
-            pieces.append(text[pos:i])
-            pos = i + len(mark)
+            pieces.append(text[pos:start])
+            pos = start + len(mark)
         pieces.append(text[pos:])
         return pieces
 

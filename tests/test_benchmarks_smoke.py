@@ -92,3 +92,46 @@ def test_train_speed_tiny_with_peers(tmp_path):
     p = _run(["benchmarks/train_speed.py", "--combine", str(out), str(out), "--out", str(merged)])
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(json.loads(merged.read_text())["sizes"]) == 2
+
+
+@pytest.mark.slow
+def test_pack_speed_quick_paired_medians(tmp_path):
+    """pack_speed's headline ratios are medians of (bare tokenizer, pack-build) pairs run back to
+    back: every pair's ratios agree with its two runs, the medians with the pairs, the median runs
+    are runs that happened, and the 4x corpus is quoted against the chat corpus's bare tokenizer."""
+    import statistics
+
+    out = tmp_path / "ps.json"
+    # two pairs: an even count, so the median run is the lower middle and the median ratio a mean
+    p = _run(["benchmarks/pack_speed.py", "--quick", "--skip-trl", "--repeat", "2",
+              "--workers", "1", "--out", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["repeat"] == 2
+    assert "median of 2 paired runs" in p.stdout
+    for name in ("chat", "alpaca"):
+        c = r["corpora"][name]
+        pairs = c["pairs"]
+        assert len(pairs) == r["repeat"]
+        for pr in pairs:
+            b, pb = pr["bare"], pr["pack_build"]
+            assert b["tokens_per_s"] > 0 and pb["tokens_per_s_build"] > pb["tokens_per_s_wall"] > 0
+            assert pr["ratio_build"] == pytest.approx(pb["tokens_per_s_build"] / b["tokens_per_s"])
+            assert pr["ratio_wall"] == pytest.approx(pb["tokens_per_s_wall"] / b["tokens_per_s"])
+            assert pr["ratio_cpu"] == pytest.approx(pb["tokens_per_cpu_s"] / b["tokens_per_cpu_s"])
+        for k in ("build", "wall", "cpu"):
+            assert c["ratio"][k] == pytest.approx(statistics.median(pr[f"ratio_{k}"] for pr in pairs))
+        assert c["runs"]["bare_tokenizer"] == [pr["bare"]["tokens_per_s"] for pr in pairs]
+        assert c["runs"]["pack_build"] == [pr["pack_build"]["tokens_per_s_build"] for pr in pairs]
+        # the median run, lower middle of two: the slower one
+        assert c["bare_tokenizer"] == min((pr["bare"] for pr in pairs), key=lambda x: x["tokens_per_s"])
+        assert c["pack_build"] == min((pr["pack_build"] for pr in pairs),
+                                      key=lambda x: x["tokens_per_s_build"])
+        each = ", ".join(f"{pr['ratio_build']:.2f}" for pr in pairs)
+        assert f"pairs (build ratio): {each} -> median {c['ratio']['build']:.2f}" in p.stdout
+    chat = r["corpora"]["chat"]
+    x4, base = chat["pack_build_x4"], chat["bare_tokenizer"]["tokens_per_s"]
+    assert chat["ratio_x4"]["build"] > 0 and chat["ratio_x4"]["wall"] > 0
+    assert chat["ratio_x4"]["build"] == pytest.approx(x4["tokens_per_s_build"] / base)
+    assert chat["ratio_x4"]["wall"] == pytest.approx(x4["tokens_per_s_wall"] / base)
+    assert "pack-build (1 workers), 4x corpus, in build" in p.stdout
