@@ -151,33 +151,115 @@ def resolve_tokenizer(path: str | None) -> str:
 _TOKENIZER_CACHE: dict[tuple, Any] = {}
 
 
-def load_tokenizer_cached(path: str):
-    """:func:`pack.format.load_tokenizer`, remembered per process for an unchanged path (loading
-    a 128k-vocabulary tokenizer takes seconds; tests and library callers build many times).
+def load_tokenizer_cached(path: str, lite: bool = False):
+    """:func:`pack.format.load_tokenizer` (or, with ``lite``, :func:`pack.fast_tokenizer.load_lite`,
+    which may give None), remembered per process for an unchanged path (loading a
+    128k-vocabulary tokenizer takes seconds; tests and library callers build many times).
     Nothing in the pipeline modifies a tokenizer, so sharing it is safe."""
+    from .fast_tokenizer import load_lite
+
+    load = load_lite if lite else fmt_mod.load_tokenizer
     p = Path(path)
     try:
         files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file())
-        key = (str(p.resolve()), tuple((x.name, x.stat().st_mtime_ns, x.stat().st_size)
-                                       for x in files))
+        key = (lite, str(p.resolve()), tuple((x.name, x.stat().st_mtime_ns, x.stat().st_size)
+                                             for x in files))
     except OSError:
-        return fmt_mod.load_tokenizer(path)
-    tok = _TOKENIZER_CACHE.get(key)
-    if tok is None:
-        tok = fmt_mod.load_tokenizer(path)
-        _TOKENIZER_CACHE.clear()
+        return load(path)
+    if key not in _TOKENIZER_CACHE:
+        tok = load(path)
+        for k in [k for k in _TOKENIZER_CACHE if k[0] == lite]:
+            del _TOKENIZER_CACHE[k]
         _TOKENIZER_CACHE[key] = tok
-    return tok
+    return _TOKENIZER_CACHE[key]
+
+
+class _LiteMismatch(Exception):
+    """The transformers-free tokenizer view disagreed with transformers: build again without."""
+
+
+def _build_tokenizer(tok_path: str, chat_template: str | None, workers: int, dry_run: bool,
+                     allow_lite: bool) -> tuple[Any, dict | None]:
+    """The tokenizer a build renders and tokenizes with, and the state of its check: None for
+    transformers' own object; ``{"key", "record"}`` for a lite view (:mod:`pack.fast_tokenizer`)
+    whose check passed before (``record`` from the cache) or, with several workers, is still to
+    run beside them (``record`` None). A lite view is not worth its check with one worker (no
+    core to run it on) or in a dry run."""
+    from . import fast_tokenizer as ft
+
+    if allow_lite and ft.enabled():
+        try:
+            key = ft.check_key(tok_path, chat_template)
+        except OSError:
+            key = None
+        if key is not None:
+            record = ft.cached_record(key)
+            if record is not None or (workers > 1 and not dry_run):
+                lite = load_tokenizer_cached(tok_path, lite=True)
+                if lite is not None:
+                    return lite, {"key": key, "record": record}
+    return load_tokenizer_cached(tok_path), None
+
+
+def _start_check(lite_state: dict, tokenizer, tok_path: str, spec: "EncodeSpec",
+                 first: "_Task | None") -> None:
+    """Run :func:`pack.fast_tokenizer.compare` in a thread of the parent (idle while workers
+    tokenize) on the first records of the build; its answer lands in ``lite_state["result"]``.
+    Started only after the workers are forked: a fork must not copy a thread mid-import."""
+    import threading
+
+    from .fast_tokenizer import compare
+    from .sources import LineError, parse_line
+
+    records: list[dict] = []
+    if first is not None and first.kind in ("raw", "count"):
+        for raw in first.payload[:32]:
+            try:
+                records.append(parse_line(raw))
+            except LineError:
+                continue
+    elif first is not None and first.kind == "rec":
+        records = list(first.payload[:32])
+    args = dict(fmt=spec.fmt, template=spec.template, train_on_prompt=spec.train_on_prompt,
+                chat_template=spec.chat_template)
+
+    def run() -> None:
+        try:
+            lite_state["result"] = compare(tokenizer, tok_path, args, records)
+        except BaseException as e:  # any failure of the check means: do not trust the view
+            lite_state["result"] = (f"the check failed ({type(e).__name__}: {e})", None)
+
+    t = threading.Thread(target=run, name="tokenizer-check", daemon=True)
+    lite_state["thread"] = t
+    t.start()
+
+
+def _tokenizer_entry(lite_state: dict | None, tokenizer, tok_path: str) -> dict:
+    """The manifest's tokenizer entry; for a lite view, once its check has passed."""
+    if lite_state is None:
+        return fmt_mod.tokenizer_record(tokenizer, tok_path)
+    if lite_state["record"] is not None:
+        return lite_state["record"]
+    from .fast_tokenizer import remember
+
+    lite_state["thread"].join()
+    why, record = lite_state["result"]
+    if why is not None:
+        raise _LiteMismatch(why)
+    remember(lite_state["key"], record)
+    return record
 
 
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"packtrain": __version__,
                                   "python": platform.python_version(),
                                   "pyarrow": pa.__version__}
+    from importlib.metadata import PackageNotFoundError, version
+
     for mod in ("tokenizers", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover - both are dependencies
+        try:  # package metadata: importing transformers for its version costs over a second
+            out[mod] = version(mod)
+        except PackageNotFoundError:  # pragma: no cover - both are dependencies
             out[mod] = None
     return out
 
@@ -322,54 +404,50 @@ class Encoder:
         return res
 
     def __call__(self, records: list[dict]) -> ChunkResult:
+        """Render and tokenize ``records``, then apply the overlong policy to all of them at
+        once on the flat token arrays (a Python loop over records cost more than rendering
+        short Alpaca records)."""
         spec = self.spec
-        out = self.renderer.encode_batch(records)
-        keep: list[int] = []
-        lens: list[int] = []
-        ids_parts: list[np.ndarray] = []
-        lab_parts: list[np.ndarray] = []
+        L = int(spec.max_length)
+        out, ids, labels, starts, ends = self.renderer.encode_flat(records)
         errors: list[tuple[int, str, str]] = []
         dropped: Counter = Counter()
-        truncated = label_tokens = cut_tokens = 0
+        js: list[int] = []
+        ks: list[int] = []
         for j, r in enumerate(out):
-            if isinstance(r, BaseException):
-                if self._nothing and isinstance(r, self._nothing):
-                    dropped[getattr(r, "reason", None) or "empty-response"] += 1
-                elif isinstance(r, PacktrainError):
-                    reason = getattr(r, "reason", None) or "invalid-record"
-                    errors.append((j, str(r), str(reason)))
-                else:
-                    raise r
-                continue
-            ids, labels = r
-            ids = np.asarray(ids, dtype=np.int32)
-            labels = np.array(labels, dtype=np.int32)  # a copy: we write into it
-            n = len(ids)
-            if n == 0:
-                dropped["empty"] += 1
-                continue
-            cut = n > spec.max_length
-            if cut:
-                if spec.overlong == "drop":
-                    dropped["overlong"] += 1
-                    continue
-                ids, labels = ids[:spec.max_length], labels[:spec.max_length]
-            labels[0] = IGNORE_INDEX
-            nl = int(np.count_nonzero(labels != IGNORE_INDEX))
-            if nl == 0:
-                dropped["no-labels-after-truncation" if cut else "empty-response"] += 1
-                continue
-            truncated += cut
-            cut_tokens += n - len(ids)
-            label_tokens += nl
-            keep.append(j)
-            lens.append(len(ids))
-            ids_parts.append(ids)
-            lab_parts.append(labels)
-        cat = (lambda p: np.concatenate(p) if p else np.zeros(0, np.int32))
-        return ChunkResult(np.asarray(keep, dtype=np.int64), np.asarray(lens, dtype=np.int32),
-                           cat(ids_parts), cat(lab_parts), label_tokens, truncated, cut_tokens,
-                           dict(dropped), errors)
+            if type(r) is int:
+                js.append(j)
+                ks.append(r)
+            elif self._nothing and isinstance(r, self._nothing):
+                dropped[getattr(r, "reason", None) or "empty-response"] += 1
+            elif isinstance(r, PacktrainError):
+                errors.append((j, str(r), str(getattr(r, "reason", None) or "invalid-record")))
+            else:
+                raise r
+        row = np.asarray(ks, dtype=np.int64)
+        s = starts[row]
+        n = ends[row] - s
+        cut = n > L
+        keep = n > 0
+        dropped["empty"] += int(np.count_nonzero(~keep))
+        if spec.overlong == "drop":
+            dropped["overlong"] += int(np.count_nonzero(keep & cut))
+            keep &= ~cut
+        m = np.minimum(n, L)
+        trained = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+        nl = trained[s + m] - trained[s]  # trained tokens left after truncation
+        lost = keep & (nl == 0)
+        dropped["no-labels-after-truncation"] += int(np.count_nonzero(lost & cut))
+        dropped["empty-response"] += int(np.count_nonzero(lost & ~cut))
+        keep &= nl > 0
+        s, m, n, cut = s[keep], m[keep], n[keep], cut[keep]
+        # every kept sample's first m tokens, back to back
+        total = int(m.sum())
+        first = np.concatenate([[0], np.cumsum(m)[:-1]]) if len(m) else m
+        at = np.repeat(s - first, m) + np.arange(total, dtype=np.int64)
+        return ChunkResult(np.asarray(js, dtype=np.int64)[keep], m.astype(np.int32),
+                           ids[at], labels[at], int(nl[keep].sum()), int(np.count_nonzero(cut)),
+                           int((n - m).sum()), {k: v for k, v in dropped.items() if v}, errors)
 
 
 def _counted(n_records: int) -> ChunkResult:
@@ -813,7 +891,13 @@ def build(args: Any) -> dict:
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        return _build(cfg)
+        try:
+            return _build(cfg)
+        except _LiteMismatch as e:
+            _unlock_out_dirs()
+            print(f"pack-build: note: the quick tokenizer load differs from transformers' ({e}); "
+                  f"building again through transformers", file=sys.stderr, flush=True)
+            return _build(cfg, allow_lite=False)
     except OSError as e:
         full = _disk_full(e)
         if full is None:
@@ -829,7 +913,7 @@ def build(args: Any) -> dict:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def _build(cfg: BuildConfig) -> dict:
+def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
     t0 = time.perf_counter()
     ui = _Progress(cfg.quiet)
     from . import binpack
@@ -874,7 +958,8 @@ def _build(cfg: BuildConfig) -> dict:
         if resolved_out in p.resolve().parents:
             raise PacktrainError(f"{p}: input lies inside the output directory {out}; choose "
                                  f"another output directory")
-    tokenizer = load_tokenizer_cached(tok_path)
+    tokenizer, lite_state = _build_tokenizer(tok_path, chat_template_text, workers,
+                                             bool(cfg.dry_run), allow_lite)
     sources = [_source_info(p, cfg.split, hub) for p in paths]
 
     skipped: Counter = Counter()
@@ -926,6 +1011,9 @@ def _build(cfg: BuildConfig) -> dict:
             finally:
                 _WORKER.pop("inherit", None)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            if lite_state is not None and lite_state["record"] is None:
+                head, stream = _peek(stream, 1)
+                _start_check(lite_state, tokenizer, tok_path, spec, head[0] if head else None)
             results = _ordered_map(pool, stream, workers * IN_FLIGHT_PER_WORKER)
         bar = ui.bar(desc="tokenize", unit="rec")  # after the fork: no tqdm thread in workers
         for task, res in results:
@@ -1010,6 +1098,7 @@ def _build(cfg: BuildConfig) -> dict:
         store.close()
 
         # ---- statistics, card, manifest (last)
+        tok_entry = _tokenizer_entry(lite_state, tokenizer, tok_path)
         tokens = int(lengths.sum())
         seconds = time.perf_counter() - t0
         lb = binpack.lower_bound(lengths, int(cfg.max_length))
@@ -1045,7 +1134,7 @@ def _build(cfg: BuildConfig) -> dict:
             "created_by": _versions(),
             "arguments": arguments,
             "max_length": int(cfg.max_length),
-            "tokenizer": fmt_mod.tokenizer_record(tokenizer, tok_path),
+            "tokenizer": tok_entry,
             "template": template_rec,
             "sources": sources,
             "packing": {"strategy": cfg.strategy, "seed": int(cfg.seed),

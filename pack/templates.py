@@ -263,26 +263,31 @@ class Renderer:
         if self._backend is not None and getattr(self._backend, "encode_special_tokens", False):
             self._backend = None  # it would split special tokens: use the Python path
         self._jinja = None
-        self._jinja_checked = False
+        self._jinja_checked = False  # set by _compile_direct
         if self.template == "chat":
             self._special_re = self._compile_specials()
             self._marker_re = self._compile_markers()
             self._jinja = self._compile_direct()
 
     def _compile_direct(self):
-        """The chat template compiled as transformers compiles it, with the variables
-        apply_chat_template gives it, or None. Rendering through it directly skips
-        apply_chat_template's per-call message normalisation (over half of a render's cost for
-        plain-string messages). Its first render is compared with apply_chat_template's and it is
-        dropped on any difference, so the text stays exactly the tokenizer's."""
-        try:
-            from transformers.utils.chat_template_utils import (_compile_jinja_template,
-                                                                _plain_template_data)
+        """The chat template compiled in :mod:`pack.chat_env` (transformers' environment, rebuilt)
+        with the variables apply_chat_template gives it. Rendering through it directly
+        skips apply_chat_template's per-call message normalisation (over half of a render's
+        cost for plain-string messages) and needs no transformers import. Its first render is
+        compared with apply_chat_template's and it is dropped on any difference, so the text
+        stays exactly the tokenizer's; a tokenizer view from :mod:`pack.fast_tokenizer` is
+        checked by the build instead (``is_lite``)."""
+        from jinja2 import TemplateSyntaxError
 
-            compiled = _compile_jinja_template(self.chat_template)
-            variables = _plain_template_data(dict(self.tokenizer.special_tokens_map))
-        except Exception:  # another transformers layout: keep apply_chat_template
-            return None
+        from .chat_env import compile_chat_template, template_variables
+
+        try:
+            compiled = compile_chat_template(self.chat_template)
+            variables = template_variables(dict(self.tokenizer.special_tokens_map))
+        except TemplateSyntaxError as e:
+            raise PacktrainError(f"the chat template is not valid Jinja ({e}); fix it or pass "
+                                 f"--chat-template FILE") from None
+        self._jinja_checked = bool(getattr(self.tokenizer, "is_lite", False))
         return lambda conv, agp: compiled.render(messages=conv, tools=None, documents=None,
                                                  add_generation_prompt=agp, **variables)
 
@@ -326,19 +331,12 @@ class Renderer:
         """String constants of the template (but role names and subscript keys) that a content
         may contain and the template may test (``'</think>' in content``): contents holding one
         are always checked."""
-        from jinja2 import Environment, TemplateSyntaxError, nodes
+        from jinja2 import nodes
 
-        try:  # transformers' own environment knows its extensions ({% generation %}, loop controls)
-            from transformers.utils.chat_template_utils import _compile_jinja_template
+        from .chat_env import environment
 
-            env = _compile_jinja_template(self.chat_template).environment
-        except TemplateSyntaxError as e:
-            raise PacktrainError(f"the chat template is not valid Jinja ({e}); fix it or pass "
-                                 f"--chat-template FILE") from None
-        except Exception:  # pragma: no cover - private API moved
-            env = Environment(extensions=["jinja2.ext.loopcontrols"])
-        try:
-            ast = env.parse(self.chat_template)
+        try:  # the chat environment knows its extensions ({% generation %}, loop controls)
+            ast = environment().parse(self.chat_template)
         except Exception as e:  # jinja2.TemplateSyntaxError
             raise PacktrainError(f"the chat template is not valid Jinja ({e}); fix it or pass "
                                  f"--chat-template FILE") from None
@@ -775,6 +773,15 @@ class Renderer:
         """One entry per record: ``(input_ids, labels)`` (int32; labels -100 where not trained,
         always at position 0) or the PacktrainError / NothingToTrain for that record. All
         segments of the batch are tokenized in one call of the fast tokenizer."""
+        out, ids, labels, starts, ends = self.encode_flat(records)
+        return [(ids[starts[r]:ends[r]], labels[starts[r]:ends[r]]) if isinstance(r, int) else r
+                for r in out]
+
+    def encode_flat(self, records: list[dict]) -> tuple[list[Any], np.ndarray, np.ndarray,
+                                                         np.ndarray, np.ndarray]:
+        """:meth:`encode_batch` without cutting the batch into per-record arrays (pack-build
+        works on the flat arrays): ``(outcome, ids, labels, starts, ends)`` where outcome[i] is
+        record i's exception, or k: its tokens are ``ids[starts[k]:ends[k]]``."""
         out: list[Any] = [None] * len(records)
         texts: list[str] = []
         flags: list[bool] = []
@@ -789,8 +796,10 @@ class Renderer:
             texts.extend(t for t, _ in segs)
             flags.extend(f for _, f in segs)
             out[i] = len(segs)
+        none = np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64), \
+            np.zeros(0, np.int64)
         if not texts:
-            return out
+            return (out, *none)
         try:
             ids_lists = self._encode_texts(texts)
         except (TypeError, ValueError, UnicodeError):
@@ -800,9 +809,9 @@ class Renderer:
             bad = _records_not_text(owners, texts, out)
             if not bad:
                 raise
-            rest = self.encode_batch([None if i in bad else r for i, r in enumerate(records)])
+            rest = self.encode_flat([None if i in bad else r for i, r in enumerate(records)])
             for i in bad:
-                rest[i] = _not_text_error()
+                rest[0][i] = _not_text_error()
             return rest
         seg_lens = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
         total = int(seg_lens.sum())
@@ -818,10 +827,6 @@ class Renderer:
         cs = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
         trained = cs[rec_end] - cs[rec_start]
         for k, i in enumerate(owners):
-            if trained[k] == 0:
-                out[i] = NothingToTrain("empty-response", "no trained tokens after "
-                                                          "tokenization, nothing to train on")
-                continue
-            s, e = int(rec_start[k]), int(rec_end[k])
-            out[i] = (ids[s:e], labels[s:e])
-        return out
+            out[i] = k if trained[k] else NothingToTrain(
+                "empty-response", "no trained tokens after tokenization, nothing to train on")
+        return out, ids, labels, rec_start, rec_end

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from pack.offline import chitchat_conversations, llama3_tokenizer_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _packtrain_cache(tmp_path_factory):
+    """pack-build remembers passed tokenizer checks (pack/fast_tokenizer.py) in a cache: one per
+    test session, never the user's ~/.cache."""
+    os.environ["PACKTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("packtrain-cache"))
 
 
 @pytest.fixture(scope="session")
