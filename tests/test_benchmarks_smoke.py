@@ -135,3 +135,8 @@ def test_pack_speed_quick_paired_medians(tmp_path):
     assert chat["ratio_x4"]["build"] == pytest.approx(x4["tokens_per_s_build"] / base)
     assert chat["ratio_x4"]["wall"] == pytest.approx(x4["tokens_per_s_wall"] / base)
     assert "pack-build (1 workers), 4x corpus, in build" in p.stdout
+    # the first build with the tokenizer is measured on its own, and builds the same dataset
+    cold = chat["pack_build_cold"]
+    assert (cold["tokens"], cold["packs"]) == (chat["pack_build"]["tokens"],
+                                               chat["pack_build"]["packs"])
+    assert "pack-build (1 workers), first build" in p.stdout
