@@ -333,7 +333,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t_all:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     # pack-build's tokenizer-check cache (pack/fast_tokenizer.py): a fresh one per run
-    os.environ["PACKTRAIN_CACHE_DIR"] = str(work / "packtrain-cache")
+    os.environ["PACKTRAIN_CACHE"] = str(work / "packtrain-cache")
     try:
         tok = llama3_tokenizer_dir(work / "tok")
         corpora = make_corpora(work, args.quick, scale)

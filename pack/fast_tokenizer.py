@@ -14,7 +14,8 @@ runs that check beside its workers the first time it meets a tokenizer, and buil
 transformers if anything differs; a passed check is remembered in a small cache keyed by the
 content of the tokenizer's files and the versions of the libraries involved
 (:func:`check_key`, :func:`cached_record`, :func:`remember`), so later builds skip transformers
-altogether. ``PACKTRAIN_CACHE_DIR`` moves the cache (default ``~/.cache/packtrain``);
+altogether. The cache lives in packtrain's cache directory (``$PACKTRAIN_CACHE``, default
+``~/.cache/packtrain``), under ``tokenizer-checks/``;
 ``PACKTRAIN_FAST_TOKENIZER=0`` turns the lite view off.
 """
 
@@ -212,16 +213,10 @@ def check_key(path: str | os.PathLike, chat_template: str | None) -> str:
     return h.hexdigest()
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("PACKTRAIN_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "packtrain"
-
-
 def _entry(key: str) -> Path:
-    return cache_dir() / "tokenizer-checks" / f"{key}.json"
+    from .remote import cache_root
+
+    return cache_root() / "tokenizer-checks" / f"{key}.json"
 
 
 def cached_record(key: str) -> dict[str, Any] | None:

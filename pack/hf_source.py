@@ -173,7 +173,9 @@ def _offline() -> str | None:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PACKTRAIN_CACHE") or Path.home() / ".cache" / "packtrain")
+    from .remote import cache_root as root
+
+    return root()
 
 
 def resolve_hub(text: str, split: str | None) -> Path:

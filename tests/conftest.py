@@ -15,7 +15,7 @@ from pack.offline import chitchat_conversations, llama3_tokenizer_dir
 def _packtrain_cache(tmp_path_factory):
     """pack-build remembers passed tokenizer checks (pack/fast_tokenizer.py) in a cache: one per
     test session, never the user's ~/.cache."""
-    os.environ["PACKTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("packtrain-cache"))
+    os.environ["PACKTRAIN_CACHE"] = str(tmp_path_factory.mktemp("packtrain-cache"))
 
 
 @pytest.fixture(scope="session")

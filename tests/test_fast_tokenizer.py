@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     d = tmp_path / "cache"
-    monkeypatch.setenv("PACKTRAIN_CACHE_DIR", str(d))
+    monkeypatch.setenv("PACKTRAIN_CACHE", str(d))
     return d
 
 
@@ -200,7 +200,7 @@ def test_first_build_checks_and_remembers_later_builds_skip_transformers(
             f"tokenizer={str(tokenizer_dir)!r}, max_length=1024, workers=2, quiet=True)); "
             "print('transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PACKTRAIN_CACHE_DIR=str(cache)), timeout=300)
+                       env=dict(os.environ, PACKTRAIN_CACHE=str(cache)), timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
     _same_dataset(tmp_path / "full", tmp_path / "warm")
@@ -238,12 +238,12 @@ def test_a_bad_or_unwritable_cache_is_only_slower(cache, tokenizer_dir, alpaca_j
     assert ft.cached_record(key) is None  # an entry must name its own key
     _build(alpaca_jsonl, tmp_path / "a", tokenizer_dir)
     assert ft.cached_record(key) is not None  # the check ran again and replaced it
-    os.environ["PACKTRAIN_CACHE_DIR"] = str(tmp_path / "file-not-dir")
+    os.environ["PACKTRAIN_CACHE"] = str(tmp_path / "file-not-dir")
     (tmp_path / "file-not-dir").write_text("")
     try:
         _build(alpaca_jsonl, tmp_path / "b", tokenizer_dir)
     finally:
-        os.environ["PACKTRAIN_CACHE_DIR"] = str(cache)
+        os.environ["PACKTRAIN_CACHE"] = str(cache)
     _same_dataset(tmp_path / "a", tmp_path / "b")
 
 
