@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +106,12 @@ def fork_build(argv: list[str]) -> int:
         rc = 3
         try:
             os.setsid()
+            # tqdm's write lock is a multiprocessing lock shared with this test process: a child
+            # SIGKILLed while holding it would leave every later progress bar here waiting
+            # forever. The child gets a lock of its own.
+            from tqdm import tqdm
+
+            tqdm.set_lock(threading.RLock())
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
             rc = build_main(argv)
