@@ -30,7 +30,6 @@ from typing import Any
 # The named special tokens, in the order transformers keeps them (SPECIAL_TOKENS_ATTRIBUTES).
 NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
-_GENERIC_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
 # tokenizer_config.json keys that change nothing pack-build computes. Any other key (e.g.
 # add_prefix_space, legacy, split_special_tokens, extra special tokens) sends the tokenizer
 # through transformers.
@@ -131,6 +130,8 @@ def _read_json(path: Path) -> Any:
 def load_lite(path: str | os.PathLike) -> LiteTokenizer | None:
     """The lite view of a tokenizer directory (generic fast class) or a bare tokenizer.json, or
     None when this module does not model it (transformers then loads it)."""
+    from .format import _GENERIC_TOKENIZER_CLASSES
+
     if not enabled():
         return None
     p = Path(path)
@@ -141,7 +142,7 @@ def load_lite(path: str | os.PathLike) -> LiteTokenizer | None:
         elif p.is_dir():
             config = _read_json(p / "tokenizer_config.json")
             if not isinstance(config, dict) or config.get("tokenizer_class") not in \
-                    _GENERIC_CLASSES or set(config) - _INERT_KEYS:
+                    _GENERIC_TOKENIZER_CLASSES or set(config) - _INERT_KEYS:
                 return None
             if config.get("extra_special_tokens") or config.get("additional_special_tokens"):
                 return None
