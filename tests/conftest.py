@@ -54,3 +54,28 @@ def alpaca_jsonl(tmp_path_factory) -> Path:
             if n >= 400:
                 break
     return path
+
+
+# ---------------------------------------------------------------- tiny training runs
+# test_loop.py and test_faults_train.py train the same tiny model on the same small dataset.
+
+@pytest.fixture(scope="module")
+def work(request, tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp(request.module.__name__)
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer_dir, work) -> Path:
+    """29 packs of <= 128 tokens from 84 real records."""
+    from test_data import make_packed_dataset
+
+    return make_packed_dataset(tokenizer_dir, work / "data", max_length=128, records=84)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer_dir, work) -> Path:
+    """A tiny random-weight Llama with the real tokenizer's vocabulary."""
+    from train.tiny import make_tiny_model
+
+    return make_tiny_model("llama", tokenizer_dir, work / "model", hidden=32, layers=2, heads=4,
+                           kv_heads=2, seed=0)

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from test_data import make_packed_dataset
 
-STEPS = 10
+STEPS = 10  # the dataset fixture: 29 packs, 2 ranks x 1 pack = 14 steps per epoch, more than STEPS
 COMMON = ["--dtype", "fp32", "--lr", "3e-3", "--schedule", "constant", "--warmup-steps", "2",
           "--grad-clip", "1.0", "--seed", "0", "--log-every", "1", "--zero", "2",
           "--max-steps", str(STEPS), "--save-every", "2", "--no-export"]
@@ -37,26 +36,8 @@ ORPHAN_BOUND_S = 10    # launcher SIGKILLed -> its ranks gone [0.3-0.4 s]
 HANG_TIMEOUT_S = 10    # --dist-timeout of the raw launch with a SIGSTOPped rank [exit ~timeout+4 s]
 
 
-# ---------------------------------------------------------------- fixtures and helpers
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("faults")
-
-
-@pytest.fixture(scope="module")
-def dataset(tokenizer_dir, work) -> Path:
-    # 29 packs of <= 128 tokens: 2 ranks x 1 pack = 14 steps per epoch, more than STEPS
-    return make_packed_dataset(tokenizer_dir, work / "data", max_length=128, records=84)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer_dir, work) -> Path:
-    from train.tiny import make_tiny_model
-
-    return make_tiny_model("llama", tokenizer_dir, work / "model", hidden=32, layers=2, heads=4,
-                           kv_heads=2, seed=0)
-
+# ---------------------------------------------------------------- helpers
+# (fixtures work, dataset, model_dir: tests/conftest.py)
 
 def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()

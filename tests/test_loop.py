@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from test_data import make_packed_dataset
 
 STEPS = 8
 # Constant LR after a 2-step warm-up: the schedule does not depend on the total step count, so
@@ -31,25 +30,7 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("loop")
-
-
-@pytest.fixture(scope="module")
-def dataset(tokenizer_dir, work) -> Path:
-    # ~30 packs of <= 128 tokens: one epoch is 8 steps of 4 packs
-    return make_packed_dataset(tokenizer_dir, work / "data", max_length=128, records=84)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer_dir, work) -> Path:
-    from train.tiny import make_tiny_model
-
-    return make_tiny_model("llama", tokenizer_dir, work / "model", hidden=32, layers=2, heads=4,
-                           kv_heads=2, seed=0)
-
+# (work, dataset, model_dir: tests/conftest.py)
 
 @pytest.fixture(scope="module")
 def inproc():
