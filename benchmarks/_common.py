@@ -71,3 +71,17 @@ def proc_status(key: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a note) when the optional
+    plot extra is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_name, proc_status  # noqa: E402  (also puts the repo on sys.path)
+from _common import cpu_name, proc_status, pyplot  # noqa: E402  (also puts the repo on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,13 +131,9 @@ def compare(out_dir: Path, length: int) -> dict:
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7.5, 5))

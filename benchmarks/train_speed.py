@@ -88,7 +88,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import cpu_name, proc_status  # noqa: E402
+from _common import cpu_name, proc_status, pyplot  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_speed.json"
 TOKENS_PER_RECORD_GUESS = 80  # low guess (they average ~90 with the chat template): more records, not fewer
@@ -546,13 +546,9 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sizes = result["sizes"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(7.0 * len(sizes), 5.4), squeeze=False)
