@@ -61,6 +61,11 @@ from . import format as fmt_mod
 from .format import IGNORE_INDEX, MANIFEST, PacktrainError
 
 CHUNK = 128            # records per task handed to a worker (small: little idle tail)
+# JSON Lines tasks end at this many bytes of lines (or RAW_CHUNK_RECORDS records): 128 short
+# Alpaca records (~40 KB) made the per-task costs (pickling, the pool's threads, numpy calls)
+# about 10% of the CPU; 256 KB is ~128 records of long chat conversations.
+RAW_CHUNK_BYTES = 256 << 10
+RAW_CHUNK_RECORDS = 4096
 # --num-partitions: the inputs are cut into blocks of this many consecutive records of one file
 # (non-blank lines for JSON Lines) and block b goes to partition b mod N. Part of the contract
 # of a partitioned build (recorded in the manifest, checked by pack-merge): never change it.
@@ -756,17 +761,18 @@ class _SampleStore:
 
 
 def _read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Counter,
-                  sources: list[dict], chunk: int = CHUNK, split: str | None = None
-                  ) -> tuple[str, Iterator[_Task]]:
+                  sources: list[dict], chunk: int = CHUNK, split: str | None = None,
+                  chunk_bytes: int | None = None) -> tuple[str, Iterator[_Task]]:
     """Return the (detected) format and an iterator over the tasks (chunks of at most ``chunk``
     records of one file) of all files in order. JSON Lines files are read as raw lines that the
-    workers parse (the head of a file is parsed here too, to detect the format); other files
-    are parsed here. With ``--format auto`` every file's format is detected from its first
-    records and all files must agree. Each source's ``records`` count of parsed files is filled
-    in as the iterator is consumed (that of raw files as their results come back). Records of
-    parsed files skipped as invalid are counted in each task's ``skipped`` (the caller adds
-    them up), so that a partition counts only those around its own tasks. ``split`` picks the
-    split of a Hugging Face DatasetDict directory."""
+    workers parse (the head of a file is parsed here too, to detect the format); with
+    ``chunk_bytes`` their tasks end at that many bytes of lines or :data:`RAW_CHUNK_RECORDS`
+    records, whichever comes first. Other files are parsed here. With ``--format auto`` every
+    file's format is detected from its first records and all files must agree. Each source's
+    ``records`` count of parsed files is filled in as the iterator is consumed (that of raw
+    files as their results come back). Records of parsed files skipped as invalid are counted
+    in each task's ``skipped`` (the caller adds them up), so that a partition counts only those
+    around its own tasks. ``split`` picks the split of a Hugging Face DatasetDict directory."""
     from .sources import LineError, detect_format, is_jsonl, iter_raw_lines, iter_records, \
         parse_line
 
@@ -801,9 +807,25 @@ def _read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Coun
             del head
             lines = itertools.chain(head_lines, lines)
         sp = str(path)
+
+        def task(block: list[tuple[int, bytes]]) -> _Task:
+            return _Task("raw", [r for _, r in block], file=i, path=sp,
+                         linenos=[n for n, _ in block])
+
+        if chunk_bytes:  # many short records per task: per-task costs fall, tasks stay small
+            block: list[tuple[int, bytes]] = []
+            size = 0
+            for item in lines:
+                block.append(item)
+                size += len(item[1])
+                if size >= chunk_bytes or len(block) >= RAW_CHUNK_RECORDS:
+                    yield task(block)
+                    block, size = [], 0
+            if block:
+                yield task(block)
+            return
         while block := list(itertools.islice(lines, chunk)):
-            yield _Task("raw", [r for _, r in block], file=i, path=sp,
-                        linenos=[n for n, _ in block])
+            yield task(block)
 
     def parsed_tasks(i: int, path: Path) -> Iterator[_Task]:
         local: Counter = Counter()
@@ -963,9 +985,12 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
     sources = [_source_info(p, cfg.split, hub) for p in paths]
 
     skipped: Counter = Counter()
+    if part is None:
+        chunking = dict(chunk=CHUNK, chunk_bytes=RAW_CHUNK_BYTES)
+    else:  # partitions are exact blocks of records: part of their contract
+        chunking = dict(chunk=PARTITION_BLOCK)
     fmt, stream = _read_sources(paths, cfg.format, cfg.skip_invalid, skipped, sources,
-                                chunk=CHUNK if part is None else PARTITION_BLOCK,
-                                split=cfg.split)
+                                split=cfg.split, **chunking)
     if part is not None:
         stream = _partition_tasks(stream, n_parts, part)
     template = TEMPLATE_FOR_FORMAT[fmt] if cfg.template == "auto" else cfg.template

@@ -185,6 +185,39 @@ def test_rebuild_is_byte_identical(chat_build, tokenizer_dir, chat_jsonl, tmp_pa
     assert m3["arguments"]["workers"] == 2
 
 
+def test_task_size_does_not_change_the_dataset(alpaca_build, tokenizer_dir, alpaca_jsonl,
+                                               tmp_path, monkeypatch):
+    """JSON Lines tasks are cut by bytes; however they are cut (one record per task, or the
+    whole file in one), the shards and the manifest are the same."""
+    from pack import build as B
+
+    out, m1 = alpaca_build
+    for size in (1, 1 << 30):
+        monkeypatch.setattr(B, "RAW_CHUNK_BYTES", size)
+        o = tmp_path / f"bytes{size}"
+        m = run([alpaca_jsonl], o, tokenizer_dir, workers=2)
+        assert shard_digests(o) == shard_digests(out)
+        assert comparable(m, ignore_args=("out", "workers")) == \
+            comparable(m1, ignore_args=("out", "workers"))
+
+
+def test_jsonl_tasks_end_at_the_byte_budget(tmp_path, monkeypatch):
+    from collections import Counter
+
+    from pack import build as B
+
+    lines = [json.dumps({"text": "x" * n}) for n in (10, 500, 3, 3, 3, 900, 1, 1)]
+    src = tmp_path / "t.jsonl"
+    src.write_text("\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]) + "\n")
+    monkeypatch.setattr(B, "RAW_CHUNK_RECORDS", 3)
+    _, tasks = B._read_sources([src], "text", False, Counter(), [{}], chunk_bytes=520)
+    tasks = list(tasks)
+    # 10+500 (+ quotes and keys) passes 520 at the second line; a run of short lines stops at
+    # RAW_CHUNK_RECORDS; the blank line 5 is not a record
+    assert [t.linenos for t in tasks] == [[1, 2], [3, 4, 6], [7], [8, 9]]
+    assert [json.loads(r) for t in tasks for r in t.payload] == [json.loads(x) for x in lines]
+
+
 def test_seed_shuffles_pack_order(alpaca_build, tokenizer_dir, alpaca_jsonl, tmp_path):
     out, m = alpaca_build
     m1 = run([alpaca_jsonl], tmp_path / "s1", tokenizer_dir, seed=1)
