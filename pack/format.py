@@ -88,6 +88,60 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+class HashingSink:
+    """A write-only file that hashes what it writes on a thread of its own (hashlib lets go of
+    the GIL), so a shard's SHA-256 costs no second read and overlaps the gathering of the next
+    packs. :meth:`hexdigest` after :meth:`close` is ``file_sha256`` of the file."""
+
+    def __init__(self, path: str | os.PathLike, backlog: int = 64):
+        import queue
+        import threading
+
+        self._f = open(path, "wb")
+        self._h = hashlib.sha256()
+        self._q: Any = queue.Queue(maxsize=backlog)  # bounded: memory stays flat if hashing lags
+        self._pos = 0
+        self._t = threading.Thread(target=self._hash, name="shard-sha256", daemon=True)
+        self._t.start()
+
+    def _hash(self) -> None:
+        while (block := self._q.get()) is not None:
+            self._h.update(block)
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._q.put(bytes(data))  # a copy: the caller may reuse its buffer
+        self._pos += len(data)
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self._f.closed:
+            try:
+                self._f.close()
+            finally:
+                self._q.put(None)
+                self._t.join()
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename durable; ignored where directories cannot be opened (some platforms)."""
     try:
@@ -177,7 +231,7 @@ class ShardWriter:
             return
         if self._writer is None:
             self._tmp = self.out_dir / f".{shard_name(len(self.shards))}.tmp"
-            self._sink = pa.OSFile(str(self._tmp), "wb")
+            self._sink = HashingSink(self._tmp)
             self._writer = pa.ipc.new_stream(self._sink, SHARD_SCHEMA)
         arrays = [_list_array(self._buf[c], SHARD_SCHEMA.field(c).type.value_type) for c in COLUMNS]
         self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SHARD_SCHEMA))
@@ -188,14 +242,14 @@ class ShardWriter:
         if self._writer is None:
             return
         self._writer.close()
+        self._sink.flush()
+        os.fsync(self._sink.fileno())
         self._sink.close()
         name = shard_name(len(self.shards))
         final = self.out_dir / name
-        with open(self._tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(self._tmp, final)
         self.shards.append(ShardInfo(name, self._shard_packs, self._shard_tokens,
-                                     final.stat().st_size, file_sha256(final)))
+                                     final.stat().st_size, self._sink.hexdigest()))
         self._writer = self._sink = self._tmp = None
         self._shard_packs = self._shard_tokens = self._shard_bytes = 0
 
