@@ -259,6 +259,28 @@ def test_bad_model_path_is_clean_error(inproc, dataset, tmp_path):
         train(train_args(dataset, tmp_path / "nope", tmp_path / "o", "--zero", "0"))
 
 
+CLOSE_AT_EXIT = r"""
+import atexit, os
+import torch.distributed as tdist
+from train.loop import close_distributed_at_exit, distributed_env, setup_distributed
+os.environ.update(distributed_env())
+setup_distributed()
+# atexit runs last-registered first: this check runs after the group was destroyed
+atexit.register(lambda: print("initialized at exit:", tdist.is_initialized(), flush=True))
+close_distributed_at_exit()
+close_distributed_at_exit()  # registered once
+print("initialized now:", tdist.is_initialized(), flush=True)
+"""
+
+
+def test_process_group_is_destroyed_before_exit(tmp_path):
+    r = subprocess.run([sys.executable, "-c", CLOSE_AT_EXIT], capture_output=True, text=True,
+                       env=clean_env(), timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [line for line in r.stdout.splitlines() if line.startswith("initialized")]
+    assert said == ["initialized now: True", "initialized at exit: False"]
+
+
 # ---------------------------------------------------------------- 2 ranks (slow)
 
 DRIVER = r'''

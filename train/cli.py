@@ -159,10 +159,11 @@ def run_main(argv: list[str] | None = None) -> int:
         import torch.distributed as tdist
 
         from train.attention import AttentionBackendError
-        from train.loop import PREEMPTED_EXIT, Preempted, train
+        from train.loop import PREEMPTED_EXIT, Preempted, close_distributed_at_exit, train
 
         try:
             train(args)
+            close_distributed_at_exit()
         except AttentionBackendError as e:
             raise PacktrainError(str(e)) from None
         except Preempted as e:

@@ -199,6 +199,30 @@ def setup_distributed(timeout_s: float = DEFAULT_DIST_TIMEOUT) -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size(), local_rank, device)
 
 
+def close_distributed_at_exit() -> None:
+    """After a finished run: destroy the process group when the interpreter exits (atexit, so
+    that several runs in one process share the group). Left to exit-time destructors, a rank
+    once aborted after a complete ZeRO-2 run and its export (SIGABRT, "terminate called without
+    an active exception": a communication thread torn down while still joinable), which turned
+    a finished run into a failed launch. Only after success: a rank that fails exits without
+    waiting on peers that may be stuck in a collective."""
+    import atexit
+
+    if not _CLOSE_AT_EXIT:
+        _CLOSE_AT_EXIT.append(True)
+        atexit.register(_close_distributed)
+
+
+_CLOSE_AT_EXIT: list[bool] = []
+
+
+def _close_distributed() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as tdist
 
