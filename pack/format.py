@@ -93,13 +93,15 @@ class HashingSink:
     the GIL), so a shard's SHA-256 costs no second read and overlaps the gathering of the next
     packs. :meth:`hexdigest` after :meth:`close` is ``file_sha256`` of the file."""
 
-    def __init__(self, path: str | os.PathLike, backlog: int = 64):
+    def __init__(self, path: str | os.PathLike, backlog: int = 16):
         import queue
         import threading
 
         self._f = open(path, "wb")
         self._h = hashlib.sha256()
-        self._q: Any = queue.Queue(maxsize=backlog)  # bounded: memory stays flat if hashing lags
+        # bounded (Arrow writes a batch's buffers, ~4 MB at most each): if hashing lags, writing
+        # waits instead of memory growing
+        self._q: Any = queue.Queue(maxsize=backlog)
         self._pos = 0
         self._t = threading.Thread(target=self._hash, name="shard-sha256", daemon=True)
         self._t.start()

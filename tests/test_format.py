@@ -109,6 +109,23 @@ def test_shardwriter_same_packs_same_bytes(tmp_path):
     assert [s.sha256 for s in ia] == [s.sha256 for s in ib]
 
 
+def test_hashing_sink_hashes_exactly_what_it_wrote(tmp_path):
+    """The digest is the file's even when the caller reuses its buffer and the hash queue is
+    full (backlog 1: every write waits for the one before to be hashed)."""
+    rng = np.random.default_rng(3)
+    sink = F.HashingSink(tmp_path / "f", backlog=1)
+    buf = bytearray(1 << 16)
+    for n in rng.integers(0, 1 << 16, size=200):
+        buf[:n] = rng.bytes(int(n))
+        assert sink.write(memoryview(buf)[:n]) == n  # then overwritten by the next round
+    sink.write(pa.py_buffer(b"tail"))
+    sink.close()
+    sink.close()  # twice is harmless
+    assert sink.closed
+    assert sink.hexdigest() == F.file_sha256(tmp_path / "f")
+    assert sink.tell() == (tmp_path / "f").stat().st_size
+
+
 def test_shardwriter_abort_leaves_no_temp(tmp_path):
     w = F.ShardWriter(tmp_path, batch_packs=1)
     w.add(*random_pack(np.random.default_rng(2)))
