@@ -84,10 +84,38 @@ class _Namespace(jinja2.utils.Namespace):
                 f"({name!r})")
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _ChatEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with a short way through its attribute checks for what chat templates read
+    on every message: ``loop.index0``, ``message.content``, ``content.strip``. For a string or a
+    loop and a name without a leading underscore, the sandbox's checks (internal attribute,
+    private name, method that mutates) always allow the attribute; for a dict and a name that is
+    not a dict attribute, the sandbox returns the item unchecked. Both are done here without the
+    checks; everything else goes through the sandbox. The checks were about two thirds of the
+    render time of Llama 3's template on long conversations."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        kind = type(obj)
+        if type(attribute) is str and attribute[:1] != "_":
+            if kind is str or kind is jinja2.runtime.LoopContext:
+                try:
+                    return getattr(obj, attribute)
+                except AttributeError:
+                    pass
+            elif kind is dict and attribute not in _DICT_ATTRIBUTES:
+                try:
+                    return obj[attribute]
+                except KeyError:
+                    pass
+        return super().getattr(obj, attribute)
+
+
 def environment() -> ImmutableSandboxedEnvironment:
     """A fresh environment configured as transformers configures its chat-template one."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, "jinja2.ext.loopcontrols"])
+    env = _ChatEnvironment(trim_blocks=True, lstrip_blocks=True,
+                           extensions=[_Generation, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

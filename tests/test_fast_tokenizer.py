@@ -4,6 +4,7 @@ trusted, remembered only when the check passed, and the build falls back when it
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -164,6 +165,41 @@ def test_chat_env_keeps_the_sandbox():
         compile_chat_template("{% set ns = namespace(_x=1) %}{{ ns._x }}").render(messages=[])
     with pytest.raises(Exception):
         compile_chat_template("{{ messages.__class__.__mro__ }}").render(messages=[])
+
+
+SNIPPETS = [
+    "{% for m in messages %}{{ loop.index0 }}{{ loop.last }}{{ loop.length }}{% endfor %}",
+    "{% for m in messages %}{{ m.role }}{{ m.content.strip() }}{{ m.missing }}{% endfor %}",
+    "{{ messages[0].items() | list }}{{ messages[0].keys is callable }}",  # dict methods stay
+    "{{ messages[1]['items'] }}{{ messages[1].items() | list }}",  # a key named like a method
+    "{{ 'a b'.split() }}{{ 'x'.upper() }}{{ 'x'.nope }}",
+    "{{ 'x'.__class__.__mro__ }}",
+    "{% for m in messages %}{{ loop.__class__.__mro__ }}{% endfor %}",
+    "{{ messages[0].__class__ }}{{ messages[0].__class__.__mro__ }}",
+    "{{ 'x'.format.__globals__ }}",
+    "{{ messages.append is callable }}{{ messages[0].update({'a': 1}) }}",
+]
+
+
+@pytest.mark.parametrize("source", SNIPPETS)
+def test_chat_env_shortcut_decides_like_the_sandbox(source):
+    """The environment's short way through attribute checks gives what the plain immutable
+    sandbox gives: the same text, or the same kind of refusal."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from pack.chat_env import _Generation
+
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                          extensions=[_Generation, "jinja2.ext.loopcontrols"])
+    messages = [{"role": "user", "content": " hi "}, {"role": "a", "content": "b", "items": 5}]
+
+    def outcome(template):
+        try:
+            return "ok", template.render(messages=copy.deepcopy(messages))
+        except Exception as e:  # noqa: BLE001 - the kind of refusal is what is compared
+            return "error", type(e).__name__
+
+    assert outcome(compile_chat_template(source)) == outcome(plain.from_string(source))
 
 
 # ---------------------------------------------------------------- builds
