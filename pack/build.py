@@ -812,19 +812,17 @@ def _read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Coun
             return _Task("raw", [r for _, r in block], file=i, path=sp,
                          linenos=[n for n, _ in block])
 
-        if chunk_bytes:  # many short records per task: per-task costs fall, tasks stay small
-            block: list[tuple[int, bytes]] = []
-            size = 0
-            for item in lines:
-                block.append(item)
-                size += len(item[1])
-                if size >= chunk_bytes or len(block) >= RAW_CHUNK_RECORDS:
-                    yield task(block)
-                    block, size = [], 0
-            if block:
+        # with chunk_bytes, many short records per task: per-task costs fall, tasks stay small
+        most = RAW_CHUNK_RECORDS if chunk_bytes else chunk
+        block: list[tuple[int, bytes]] = []
+        size = 0
+        for item in lines:
+            block.append(item)
+            size += len(item[1])
+            if len(block) >= most or (chunk_bytes and size >= chunk_bytes):
                 yield task(block)
-            return
-        while block := list(itertools.islice(lines, chunk)):
+                block, size = [], 0
+        if block:
             yield task(block)
 
     def parsed_tasks(i: int, path: Path) -> Iterator[_Task]:
