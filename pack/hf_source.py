@@ -172,15 +172,9 @@ def _offline() -> str | None:
     return None
 
 
-def cache_root() -> Path:
-    from .remote import cache_root as root
-
-    return root()
-
-
 def resolve_hub(text: str, split: str | None) -> Path:
     """Load hub dataset ``text`` (one split) and return a save_to_disk directory of it under
-    :func:`cache_root`; reused when the same fingerprint is already there."""
+    :func:`pack.remote.cache_root`; reused when the same fingerprint is already there."""
     name, revision = _parse_hub(text)
     var = _offline()
     if var:
@@ -212,6 +206,8 @@ def resolve_hub(text: str, split: str | None) -> Path:
                              f"check the name, --split and the network, or save_to_disk it "
                              f"elsewhere and pass the directory") from None
     safe = re.sub(r"[^\w.-]", "_", f"{name}@{revision or 'default'}")
+    from .remote import cache_root
+
     target = cache_root() / "hub" / safe / f"{want}-{ds._fingerprint}"
     if not is_hf_dataset_dir(target):
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
