@@ -208,12 +208,8 @@ def close_distributed_at_exit() -> None:
     waiting on peers that may be stuck in a collective."""
     import atexit
 
-    if not _CLOSE_AT_EXIT:
-        _CLOSE_AT_EXIT.append(True)
-        atexit.register(_close_distributed)
-
-
-_CLOSE_AT_EXIT: list[bool] = []
+    atexit.unregister(_close_distributed)  # registered once, however many runs finish
+    atexit.register(_close_distributed)
 
 
 def _close_distributed() -> None:
