@@ -75,6 +75,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import encode_thread
 from .format import IGNORE_INDEX, PacktrainError
 
 PROMPT_INPUT = (
@@ -763,13 +764,14 @@ class Renderer:
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        from .encode_thread import call  # off the main thread: measured cheaper, see there
-
         if self._backend is not None:
             encode = getattr(self._backend, "encode_batch_fast", None) or \
                 self._backend.encode_batch
-            return call(lambda: [e.ids for e in encode(texts, add_special_tokens=False)])
-        return call(lambda: self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+            # off the main thread: measured cheaper, see pack/encode_thread.py
+            return encode_thread.call(
+                lambda: [e.ids for e in encode(texts, add_special_tokens=False)])
+        return encode_thread.call(
+            lambda: self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     def encode_batch(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
         """One entry per record: ``(input_ids, labels)`` (int32; labels -100 where not trained,

@@ -41,8 +41,7 @@ def test_from_another_thread_it_runs_in_place():
 
 
 def _child(q) -> None:
-    q.put(encode_thread.call(lambda: (threading.current_thread().ident,
-                                      threading.current_thread().name)))
+    q.put(encode_thread.call(_thread_name))
 
 
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
@@ -52,12 +51,11 @@ def test_a_forked_child_gets_its_own_thread():
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q,))
     p.start()
-    ident, name = q.get(timeout=60)  # the parent's thread does not exist there: no hang
+    name = q.get(timeout=60)  # the parent's thread does not exist there: no hang
     p.join(60)
     assert p.exitcode == 0
     assert name.startswith("packtrain-encode")
     assert encode_thread.call(lambda: threading.current_thread().ident) == parent_ident
-    del ident
 
 
 def test_the_renderer_tokenizes_on_the_encode_thread(tokenizer_dir, monkeypatch):
