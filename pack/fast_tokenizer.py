@@ -277,7 +277,7 @@ def compare(lite: LiteTokenizer, path: str, renderer_args: dict[str, Any],
         return "token ids of a probe text differ", None
     try:
         mine = Renderer(lite, **renderer_args)
-        theirs = Renderer(full, **renderer_args)
+        theirs = Renderer(full, **renderer_args, reuse_head_tokens=False)  # every text whole
         theirs.verify_all = True  # every record rendered by apply_chat_template too
     except PacktrainError as e:
         return f"renderer set-up differs ({e})", None

@@ -75,7 +75,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import encode_thread
+from . import encode_thread, head_tokens
 from .format import IGNORE_INDEX, PacktrainError
 
 PROMPT_INPUT = (
@@ -210,7 +210,8 @@ class Renderer:
 
     def __init__(self, tokenizer, fmt: str, template: str | None = None,
                  train_on_prompt: bool = False, chat_template: str | None = None, *,
-                 add_bos: bool | None = None, verify_all: bool = False):
+                 add_bos: bool | None = None, verify_all: bool = False,
+                 reuse_head_tokens: bool = True):
         if fmt not in ALLOWED:
             raise PacktrainError(f"unknown record format {fmt!r}; use alpaca, messages or text")
         if template in (None, "", "auto"):
@@ -224,6 +225,7 @@ class Renderer:
         self.fmt, self.template = fmt, template
         self.train_on_prompt = bool(train_on_prompt)
         self.verify_all = bool(verify_all)
+        self.reuse_head_tokens = bool(reuse_head_tokens)  # same ids either way; see head_tokens
         self.bos = tokenizer.bos_token or ""
         self.eos = tokenizer.eos_token or ""
         if add_bos is None:
@@ -265,6 +267,7 @@ class Renderer:
             self._backend = None  # it would split special tokens: use the Python path
         self._jinja = None
         self._jinja_checked = False  # set by _compile_direct
+        self._heads: list[head_tokens.Head] | None = None  # made on first use
         if self.template == "chat":
             self._special_re = self._compile_specials()
             self._marker_re = self._compile_markers()
@@ -308,7 +311,7 @@ class Renderer:
     def __getstate__(self):
         state = self.__dict__.copy()
         for k in ("_layouts", "_special_re", "_marker_re", "_closing", "_backend", "_jinja",
-                  "_jinja_checked"):
+                  "_jinja_checked", "_heads"):
             state.pop(k, None)
         return state
 
@@ -773,6 +776,18 @@ class Renderer:
         return encode_thread.call(
             lambda: self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
+    def _head_tokens(self) -> list[head_tokens.Head]:
+        """The Alpaca prompt headers whose tokens this renderer reuses (see
+        :mod:`pack.head_tokens`): with and without BOS, since a history turn's prompt starts a
+        segment of its own."""
+        if self._heads is None:
+            self._heads = []
+            if self.template == "alpaca" and self.reuse_head_tokens and self._backend is not None:
+                fixed = [p[:p.index("{instruction}")] for p in (PROMPT_INPUT, PROMPT_NO_INPUT)]
+                self._heads = head_tokens.prepare(
+                    self._backend, [self.bos + f for f in fixed] + fixed, self._encode_texts)
+        return self._heads
+
     def encode_batch(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
         """One entry per record: ``(input_ids, labels)`` (int32; labels -100 where not trained,
         always at position 0) or the PacktrainError / NothingToTrain for that record. All
@@ -804,8 +819,14 @@ class Renderer:
             np.zeros(0, np.int64)
         if not texts:
             return (out, *none)
+        heads = self._head_tokens()
         try:
-            ids_lists = self._encode_texts(texts)
+            if heads:
+                cut, front = head_tokens.cut(texts, heads)
+                ids_lists = [ids if f is None else f + ids
+                             for f, ids in zip(front, self._encode_texts(cut))]
+            else:
+                ids_lists = self._encode_texts(texts)
         except (TypeError, ValueError, UnicodeError):
             # The fast tokenizer refuses the whole batch for one string that is not Unicode
             # text (a lone surrogate, from a JSON escape such as \ud800): refuse those records
