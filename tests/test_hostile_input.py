@@ -40,9 +40,12 @@ def report_cases():
 
 
 def run_build(inp: Path, out: Path, tok: Path, *flags: str) -> tuple[int, str]:
+    # 1024: more than any generated good record needs (the Alpaca header's ~40 tokens plus three
+    # 30-character fields at up to 4 byte tokens a character), so truncation never drops one;
+    # at 128 a record with astral-plane text could lose all its labels.
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = build_main([str(inp), str(out), "--tokenizer", str(tok), "--max-length", "128",
+        rc = build_main([str(inp), str(out), "--tokenizer", str(tok), "--max-length", "1024",
                          "--workers", "1", "--quiet", *flags])
     return rc, err.getvalue()
 
