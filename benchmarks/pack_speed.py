@@ -14,7 +14,10 @@ records, repeated ``--scale`` times, rendered with trl's llama3 chat template) a
   (``stats.tokens_per_s``: imports and interpreter start-up excluded);
 * the bare fast tokenizer (``tokenizers.Tokenizer.encode_batch``, batches of 1,000, Rust threads
   ``RAYON_NUM_THREADS=N``) on exactly the texts pack-build renders: the ceiling for any pipeline
-  that must tokenize them;
+  that must tokenize them whole. pack-build need not: it tokenizes the Alpaca prompt header once
+  per process and reuses its ids where that is provably exact (pack/head_tokens.py), so each
+  Alpaca pair also runs pack-build without that reuse (``PACKTRAIN_HEAD_TOKENS=0``), reported as
+  ``ratio.build_no_head_reuse``;
 * the template-rendering stage alone (``Renderer.segments``, one core): characters/s;
 * TRL's pipeline: ``datasets`` ``map`` (``num_proc=N``) tokenizing as TRL's SFTTrainer does
   (chat: ``apply_chat_template`` with trl's llama3 *training* template and
@@ -164,12 +167,14 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
             "stdout": stdout, "stderr": stderr}
 
 
-def pack_build(src: Path, out: Path, tok: Path, workers: int, max_length: int) -> dict:
+def pack_build(src: Path, out: Path, tok: Path, workers: int, max_length: int,
+               env: dict | None = None) -> dict:
+    """One pack-build subprocess; ``env`` adds environment variables."""
     exe = Path(sys.executable).parent / "pack-build"
     cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "pack.cli", "build"])
     cmd += ["--quiet", "--overwrite", "--tokenizer", str(tok), "--workers", str(workers),
             "--max-length", str(max_length), str(src), str(out)]
-    r = run_measured(cmd)
+    r = run_measured(cmd, env=dict(os.environ, **env) if env else None)
     m = json.loads((out / "manifest.json").read_text())
     s = m["stats"]
     # Tokens the pipeline tokenized: those packed plus those truncation cut off afterwards.
@@ -371,11 +376,25 @@ def main(argv=None) -> int:
                     f"{pb['tokens_per_s_build']:,.0f} tok/s (build), "
                     f"{pb['tokens_per_s_wall']:,.0f} (process); "
                     f"ratio {pairs[-1]['ratio_build']:.2f}")
+                if fmt == "alpaca":  # the same pair, with the prompt header tokenized each time
+                    nr = pack_build(src, work / f"{name}.out", tok, n, L,
+                                    env={"PACKTRAIN_HEAD_TOKENS": "0"})
+                    pairs[-1]["no_head_reuse"] = nr
+                    pairs[-1]["ratio_build_no_head_reuse"] = (nr["tokens_per_s_build"]
+                                                              / bare["tokens_per_s"])
+                    log(f"{name}: pair {i + 1}/{repeat}: without header reuse "
+                        f"{nr['tokens_per_s_build']:,.0f} tok/s (build); ratio "
+                        f"{pairs[-1]['ratio_build_no_head_reuse']:.2f}")
             bare_runs = [p["bare"] for p in pairs]
             pb_runs = [p["pack_build"] for p in pairs]
             r["pairs"] = pairs
             r["ratio"] = {k: statistics.median(p[f"ratio_{k}"] for p in pairs)
                           for k in ("build", "wall", "cpu")}
+            if fmt == "alpaca":
+                r["ratio"]["build_no_head_reuse"] = statistics.median(
+                    p["ratio_build_no_head_reuse"] for p in pairs)
+                r["pack_build_no_head_reuse"] = median_run(
+                    [p["no_head_reuse"] for p in pairs], "tokens_per_s_build")
             r["bare_tokenizer"] = median_run(bare_runs, "tokens_per_s")
             r["pack_build"] = median_run(pb_runs, "tokens_per_s_build")
             r["runs"] = {"bare_tokenizer": [x["tokens_per_s"] for x in bare_runs],
@@ -450,6 +469,13 @@ def print_table(res: dict) -> None:
         row(name, f"pack-build ({n} workers), process", pb["tokens_per_s_wall"], None, b,
             f"{pb['wall_s']:.1f} s incl. interpreter, imports, tokenizer load",
             ratio=q["wall"])
+        if "pack_build_no_head_reuse" in r:
+            nr = r["pack_build_no_head_reuse"]
+            row(name, f"pack-build ({n} workers), no header reuse", nr["tokens_per_s_build"],
+                nr["tokens_per_cpu_s"], b,
+                "PACKTRAIN_HEAD_TOKENS=0: the Alpaca prompt header tokenized in every record, "
+                "as the bare tokenizer does (pack/head_tokens.py)",
+                ratio=q["build_no_head_reuse"])
         if "pack_build_cold" in r:
             c = r["pack_build_cold"]
             row(name, f"pack-build ({n} workers), first build", c["tokens_per_s_build"],
