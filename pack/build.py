@@ -279,11 +279,42 @@ def _source_info(path: Path, split: str | None = None,
             if Path(local) == path:
                 info["hub"], info["split"] = name, split or DEFAULT_SPLIT
         return info
-    try:
-        return {"path": str(path), "sha256": fmt_mod.file_sha256(path), "records": 0,
-                "bytes": path.stat().st_size}
+    try:  # the sha256 comes later, from _hash_sources, beside the workers
+        return {"path": str(path), "sha256": None, "records": 0, "bytes": path.stat().st_size}
     except OSError as e:
         raise PacktrainError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _hash_sources(paths: list[Path], sources: list[dict]):
+    """Fill in the sha256 of each source file on a thread (hashlib lets go of the GIL), started
+    once the workers are forked, so hashing the inputs overlaps tokenizing them instead of
+    delaying the start; the thread also loads the manifest validator (importing jsonschema),
+    needed at the end. Returns ``finish()``, which waits and raises the first error."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for path, info in zip(paths, sources):
+                if info.get("sha256", "") is None:
+                    try:
+                        info["sha256"] = fmt_mod.file_sha256(path)
+                    except OSError as e:
+                        raise PacktrainError(f"{path}: cannot read ({e.strerror or e})") from None
+            fmt_mod.manifest_validator()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, name="hash-sources", daemon=True)
+    t.start()
+
+    def finish() -> None:
+        t.join()
+        if errors:
+            raise errors[0]
+
+    return finish
 
 
 def length_histogram(lengths: np.ndarray, max_length: int) -> dict[str, list[int]]:
@@ -999,6 +1030,8 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
     if cfg.dry_run:  # nothing below this line runs: nothing is written
         from .dry_run import plan
 
+        _hash_sources(paths, sources)()
+
         return plan(cfg, paths=paths, sources=sources, fmt=fmt, template=template,
                     stream=stream, spec=spec, renderer=renderer, tokenizer=tokenizer,
                     tok_path=tok_path, skipped=skipped, partition=(part, n_parts))
@@ -1020,6 +1053,7 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
         if workers == 1:
             encoder = Encoder(spec, renderer)
             results: Iterator = ((t, encoder.run(t.kind, t.payload)) for t in stream)
+            hashed = _hash_sources(paths, sources)
         else:
             import multiprocessing as mp
 
@@ -1034,6 +1068,7 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
             finally:
                 _WORKER.pop("inherit", None)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            hashed = _hash_sources(paths, sources)  # after the fork, like the check below
             if lite_state is not None and lite_state["record"] is None:
                 head, stream = _peek(stream, 1)
                 _start_check(lite_state, tokenizer, tok_path, spec, head[0] if head else None)
@@ -1121,6 +1156,7 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
         store.close()
 
         # ---- statistics, card, manifest (last)
+        hashed()
         tok_entry = _tokenizer_entry(lite_state, tokenizer, tok_path)
         tokens = int(lengths.sum())
         seconds = time.perf_counter() - t0

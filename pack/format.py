@@ -26,6 +26,7 @@ It imports no torch: `train` reads shards through it, `pack` writes through it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -304,7 +305,9 @@ def positions_from_cu(cu_seqlens: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- manifest
 
-def _manifest_validator():
+@functools.lru_cache(maxsize=1)
+def manifest_validator():
+    """The JSON Schema validator of schemas/manifest.schema.json (made once per process)."""
     import jsonschema
 
     schema = json.loads((SCHEMA_DIR / "manifest.schema.json").read_text())
@@ -313,7 +316,7 @@ def _manifest_validator():
 
 def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
     """Check a manifest against schemas/manifest.schema.json and the path rules."""
-    errors = sorted(_manifest_validator().iter_errors(manifest), key=lambda e: list(e.path))
+    errors = sorted(manifest_validator().iter_errors(manifest), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
         field = ".".join(str(p) for p in e.path) or "(top level)"

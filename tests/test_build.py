@@ -308,3 +308,16 @@ def test_output_dir_rules(alpaca_jsonl, tokenizer_dir, tmp_path):
     assert F.verify(out) == []
     with pytest.raises(PacktrainError, match="shard-size"):
         run([small], tmp_path / "x", tokenizer_dir, shard_size="lots")
+
+
+def test_sources_are_hashed_beside_the_workers(tmp_path, alpaca_jsonl, tokenizer_dir):
+    """The inputs' sha256 is computed on a thread while the workers tokenize; every source gets
+    its own digest, with one worker and with several."""
+    lines = alpaca_jsonl.read_text().splitlines(keepends=True)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(lines[:200]))
+    b.write_text("".join(lines[200:500]))
+    for workers in (1, 2):
+        m = run([a, b], tmp_path / f"out{workers}", tokenizer_dir, workers=workers)
+        assert [s["sha256"] for s in m["sources"]] == [F.file_sha256(a), F.file_sha256(b)]
+        assert [s["records"] for s in m["sources"]] == [200, 300]
