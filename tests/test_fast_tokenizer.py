@@ -68,6 +68,31 @@ def test_lite_view_of_a_bare_tokenizer_json(alpaca_jsonl):
     assert why is None or why.startswith("renderer set-up"), why
 
 
+def test_view_drops_the_post_processor_and_keeps_the_ids(tokenizer_dir, tmp_path, chat_jsonl):
+    """The view tokenizes without the post-processor (pack never adds special tokens or reads
+    offsets there): ids equal transformers' with add_special_tokens=False, even for a
+    post-processor that adds BOS, as Llama 3's own does."""
+    from tokenizers import Tokenizer, processors
+
+    d = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, d)
+    backend = Tokenizer.from_file(str(d / "tokenizer.json"))
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=True),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                      special_tokens=[("<|begin_of_text|>", 128000)])])
+    backend.save(str(d / "tokenizer.json"))
+    lite, full = ft.load_lite(d), load_tokenizer(d)
+    assert lite._tokenizer.post_processor is None and full._tokenizer.post_processor is not None
+    texts = [m["content"] for r in records(chat_jsonl, 20) for m in r["messages"]]
+    texts += ["", " ", "<|begin_of_text|>x<|eot_id|>", "caf\u00e9  \n\t\U0001F600 12345"]
+    mine = [e.ids for e in lite._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    assert mine == full(texts, add_special_tokens=False)["input_ids"]
+    assert full("x")["input_ids"][0] == 128000  # the post-processor is really there
+    why, _ = ft.compare(lite, str(d), chat_args(), records(chat_jsonl))
+    assert why is None, why
+
+
 def test_template_in_the_config_and_a_missing_named_special_token(tokenizer_dir, tmp_path,
                                                                   chat_jsonl):
     """A chat template stored in tokenizer_config.json, and a pad token the vocabulary lacks
