@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import hashlib
 import itertools
 import mmap
@@ -513,6 +514,10 @@ def _worker_init(spec: EncodeSpec) -> None:
         _WORKER["encoder"] = Encoder(spec, renderer)
     except BaseException as e:  # reported on the first task instead of a respawn loop
         _WORKER["error"] = e
+    # What the worker inherited (modules, the tokenizer view) lives as long as it does: frozen,
+    # the cyclic collector stops traversing it on every full collection, and stops writing to
+    # those pages, which copy-on-write would otherwise copy into each worker.
+    gc.freeze()
 
 
 def _die_with_parent() -> None:
