@@ -30,7 +30,7 @@ records, repeated ``--scale`` times, rendered with trl's llama3 chat template) a
 
 Shared machines are noisy (the bare tokenizer alone varies by a quarter between back-to-back
 runs), so the headline ratios are medians of ratios measured side by side: each of ``--repeat``
-repetitions (default 3, quick 1) is a *pair*, a bare tokenizer run then a pack-build run back to
+repetitions (default 5, quick 1) is a *pair*, a bare tokenizer run then a pack-build run back to
 back; each pair gives ratio_build (pack-build's in-build tokens/s over the bare tokenizer's),
 ratio_wall (its whole-process tokens/s over the same) and ratio_cpu (tokens per CPU-second over
 the bare tokenizer's), and the table and ``ratio`` in the JSON are the medians of those
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=None,
                     help="pairs of runs, the bare tokenizer then pack-build back to back; "
-                         "ratios are the median of the pairs' (default: 3, quick: 1); shared "
+                         "ratios are the median of the pairs' (default: 5, quick: 1); shared "
                          "machines are noisy")
     ap.add_argument("--scale", type=int, default=None,
                     help="repeat chitchat this many times for the chat corpus (default: 2; "
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         ap.error("--repeat must be at least 1")
-    repeat = args.repeat or (1 if args.quick else 3)
+    repeat = args.repeat or (1 if args.quick else 5)
     scale = args.scale or (1 if args.quick else 2)
 
     from pack.offline import llama3_tokenizer_dir
