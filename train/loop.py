@@ -93,7 +93,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pack.format import PacktrainError, PackedDataset, file_sha256, read_manifest, write_atomic
+from pack.format import PacktrainError, file_sha256, read_manifest, write_atomic
 from train.data import DataState, MicroBatch, PackStream
 
 IGNORE_INDEX = -100
