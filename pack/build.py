@@ -215,15 +215,10 @@ def _start_check(lite_state: dict, tokenizer, tok_path: str, spec: "EncodeSpec",
     import threading
 
     from .fast_tokenizer import compare
-    from .sources import LineError, parse_line
 
     records: list[dict] = []
     if first is not None and first.kind in ("raw", "count"):
-        for raw in first.payload[:32]:
-            try:
-                records.append(parse_line(raw))
-            except LineError:
-                continue
+        records = _parse_raw(first.payload[:32])[0]
     elif first is not None and first.kind == "rec":
         records = list(first.payload[:32])
     args = dict(fmt=spec.fmt, template=spec.template, train_on_prompt=spec.train_on_prompt,
@@ -396,6 +391,24 @@ def _renderer_from_spec(spec: EncodeSpec, tokenizer=None):
                     chat_template=spec.chat_template)
 
 
+def _parse_raw(lines: list[bytes]) -> tuple[list[dict], list[int], list[tuple[int, str, str]]]:
+    """Parse raw JSON Lines lines: the records, the index of each one's line, and
+    ``(line index, message, reason)`` of every line that is not a JSON object."""
+    from .sources import LineError, parse_line
+
+    records: list[dict] = []
+    pos: list[int] = []
+    errors: list[tuple[int, str, str]] = []
+    for j, raw in enumerate(lines):
+        try:
+            records.append(parse_line(raw))
+        except LineError as e:
+            errors.append((j, e.message, e.reason))
+            continue
+        pos.append(j)
+    return records, pos, errors
+
+
 class Encoder:
     """Renders and tokenizes chunks of records and applies the overlong policy."""
 
@@ -417,18 +430,7 @@ class Encoder:
             return res
         if kind == "skip":  # another partition's parsed records: only their number matters
             return _counted(payload[0])
-        from .sources import LineError, parse_line
-
-        records: list[dict] = []
-        pos: list[int] = []
-        parse_errors: list[tuple[int, str, str]] = []
-        for j, raw in enumerate(payload):
-            try:
-                records.append(parse_line(raw))
-            except LineError as e:
-                parse_errors.append((j, e.message, e.reason))
-                continue
-            pos.append(j)
+        records, pos, parse_errors = _parse_raw(payload)
         if kind == "count":  # another partition's lines: parsed for the record numbers only
             res = _counted(len(records))
             res.parse_errors = parse_errors
