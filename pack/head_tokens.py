@@ -101,18 +101,16 @@ def _could_touch(content: str, head: str, j: int) -> bool:
     """Whether an added token's text fits anywhere over head[j-1:j+2] (text after the head is
     unknown, so it fits there)."""
     n = len(content)
-    for s in range(max(0, j - 1 - n + 1), j + 2):  # start positions of an overlap
-        if s + n <= j - 1:
-            continue
+    for s in range(max(0, j - n), j + 2):  # every start where it overlaps j-1..j+1
         if all(s + k >= len(head) or head[s + k] == ch for k, ch in enumerate(content)):
             return True
     return False
 
 
-def cut_point(head: str, added: list[str], start: int = 0) -> int | None:
-    """The last ``j >= start`` with head[j-1], head[j], head[j+1] = letter, space, letter where
-    no added token in ``added`` could match over head[j-1:j+2]; None if there is none."""
-    for j in range(len(head) - 2, max(start, 1) - 1, -1):
+def cut_point(head: str, added: list[str]) -> int | None:
+    """The last ``j`` with head[j-1], head[j], head[j+1] = letter, space, letter where no added
+    token in ``added`` could match over head[j-1:j+2]; None if there is none."""
+    for j in range(len(head) - 2, 0, -1):
         if head[j] == " " and head[j - 1] in _LETTERS and head[j + 1] in _LETTERS:
             if not any(c and _could_touch(c, head, j) for c in added):
                 return j
