@@ -45,8 +45,7 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
          stream: Iterator, spec: Any, renderer: Any, tokenizer: Any, tok_path: str,
          skipped: Counter, partition: tuple[int | None, int]) -> dict:
     """Read everything, estimate from a sample, return the plan (see :func:`plan_text`)."""
-    from .build import Encoder
-    from .sources import LineError, parse_line
+    from .build import Encoder, _parse_raw
 
     part, n_parts = partition
     sample = _Spread(SAMPLE)
@@ -54,19 +53,15 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
     for task in stream:
         own = task.kind in ("rec", "raw")
         if task.kind in ("raw", "count"):
-            n = 0
-            for j, raw in enumerate(task.payload):
-                try:
-                    rec = parse_line(raw)
-                except LineError as e:
-                    if not cfg.skip_invalid:
-                        raise PacktrainError(f"{task.where(j)}: {e.message}") from None
-                    if own:
-                        skipped[e.reason] += 1
-                    continue
-                if own:
-                    sample.offer(own_records + n, lambda: (task.where(j), rec))
-                n += 1
+            parsed, pos, errors = _parse_raw(task.payload)
+            if errors and not cfg.skip_invalid:
+                j, message, _ = errors[0]
+                raise PacktrainError(f"{task.where(j)}: {message}")
+            n = len(parsed)
+            if own:
+                skipped.update(reason for _, _, reason in errors)
+                for k, (j, rec) in enumerate(zip(pos, parsed)):
+                    sample.offer(own_records + k, lambda: (task.where(j), rec))
             sources[task.file]["records"] += n
         elif task.kind == "skip":
             n = task.payload[0]
