@@ -278,14 +278,19 @@ def _source_info(path: Path, split: str | None = None,
     try:  # the sha256 comes later, from _hash_sources, beside the workers
         return {"path": str(path), "sha256": None, "records": 0, "bytes": path.stat().st_size}
     except OSError as e:
-        raise PacktrainError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise _cannot_read(path, e) from None
 
 
-def _hash_sources(paths: list[Path], sources: list[dict]):
+def _cannot_read(path: Path, e: OSError) -> PacktrainError:
+    return PacktrainError(f"{path}: cannot read ({e.strerror or e})")
+
+
+def _hash_sources(paths: list[Path], sources: list[dict], load_validator: bool = True):
     """Fill in the sha256 of each source file on a thread (hashlib lets go of the GIL), started
     once the workers are forked, so hashing the inputs overlaps tokenizing them instead of
-    delaying the start; the thread also loads the manifest validator (importing jsonschema),
-    needed at the end. Returns ``finish()``, which waits and raises the first error."""
+    delaying the start; the thread then loads the manifest validator (importing jsonschema),
+    needed at the end, unless ``load_validator`` is false (a dry run writes no manifest).
+    Returns ``finish()``, which waits and raises the first error."""
     import threading
 
     errors: list[BaseException] = []
@@ -297,8 +302,9 @@ def _hash_sources(paths: list[Path], sources: list[dict]):
                     try:
                         info["sha256"] = fmt_mod.file_sha256(path)
                     except OSError as e:
-                        raise PacktrainError(f"{path}: cannot read ({e.strerror or e})") from None
-            fmt_mod.manifest_validator()
+                        raise _cannot_read(path, e) from None
+            if load_validator:
+                fmt_mod.manifest_validator()
         except BaseException as e:
             errors.append(e)
 
@@ -1037,7 +1043,7 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
     if cfg.dry_run:  # nothing below this line runs: nothing is written
         from .dry_run import plan
 
-        _hash_sources(paths, sources)()
+        _hash_sources(paths, sources, load_validator=False)()
 
         return plan(cfg, paths=paths, sources=sources, fmt=fmt, template=template,
                     stream=stream, spec=spec, renderer=renderer, tokenizer=tokenizer,
