@@ -18,6 +18,12 @@ records, repeated ``--scale`` times, rendered with trl's llama3 chat template) a
   per process and reuses its ids where that is provably exact (pack/head_tokens.py), so each
   Alpaca pair also runs pack-build without that reuse (``PACKTRAIN_HEAD_TOKENS=0``), reported as
   ``ratio.build_no_head_reuse``;
+* the allocator: pack-build runs on jemalloc or mimalloc where one is installed
+  (pack/allocator.py; ``PACKTRAIN_ALLOCATOR`` as for pack-build). The bare tokenizer is then
+  measured twice in each pair, as shipped (the system's malloc: ``ratio.build``) and on the same
+  library (``ratio.build_same_allocator``: like for like, the pipeline's own overhead), and
+  pack-build once more on the system's malloc (``ratio.build_system_malloc``); the header-reuse
+  and one-core comparisons are like for like. TRL runs as shipped;
 * the template-rendering stage alone (``Renderer.segments``, one core): characters/s;
 * TRL's pipeline: ``datasets`` ``map`` (``num_proc=N``) tokenizing as TRL's SFTTrainer does
   (chat: ``apply_chat_template`` with trl's llama3 *training* template and
@@ -224,8 +230,13 @@ print(json.dumps({"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "cpu_s": c
 """
 
 
-def bare_tokenizer(texts: Path, tok_dir: Path, workers: int) -> dict:
+def bare_tokenizer(texts: Path, tok_dir: Path, workers: int, preload: str | None = None) -> dict:
+    """The bare tokenizer as shipped (the system's malloc), or with ``preload`` (a faster
+    allocator's library) in LD_PRELOAD."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(workers), TOKENIZERS_PARALLELISM="true")
+    env.pop("LD_PRELOAD", None)
+    if preload:
+        env["LD_PRELOAD"] = preload
     r = run_measured([sys.executable, "-c", BARE, str(texts), str(tok_dir / "tokenizer.json")],
                      env=env)
     return json.loads(r["stdout"].strip().splitlines()[-1])
@@ -298,12 +309,25 @@ def median_run(runs: list[dict], key: str) -> dict:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def pair(bare: dict, pb: dict) -> dict:
-    """A bare tokenizer run and the pack-build run right after it, with their ratios."""
-    return {"bare": bare, "pack_build": pb,
-            "ratio_build": pb["tokens_per_s_build"] / bare["tokens_per_s"],
-            "ratio_wall": pb["tokens_per_s_wall"] / bare["tokens_per_s"],
-            "ratio_cpu": pb["tokens_per_cpu_s"] / bare["tokens_per_cpu_s"]}
+def pair(bare: dict, pb: dict, bare_alloc: dict | None = None, pb_system: dict | None = None
+         ) -> dict:
+    """A bare tokenizer run and the pack-build run right after it, with their ratios; where a
+    faster allocator is installed, also the bare tokenizer on it (``bare_alloc``: the
+    like-for-like ceiling for pack-build, which runs on it) and pack-build on the system's
+    malloc (``pb_system``)."""
+    same = bare_alloc or bare
+    out = {"bare": bare, "pack_build": pb,
+           "ratio_build": pb["tokens_per_s_build"] / bare["tokens_per_s"],
+           "ratio_wall": pb["tokens_per_s_wall"] / bare["tokens_per_s"],
+           "ratio_cpu": pb["tokens_per_cpu_s"] / bare["tokens_per_cpu_s"],
+           "ratio_build_same_allocator": pb["tokens_per_s_build"] / same["tokens_per_s"],
+           "ratio_cpu_same_allocator": pb["tokens_per_cpu_s"] / same["tokens_per_cpu_s"]}
+    if bare_alloc is not None:
+        out["bare_alloc"] = bare_alloc
+    if pb_system is not None:
+        out["pack_build_system_malloc"] = pb_system
+        out["ratio_build_system_malloc"] = pb_system["tokens_per_s_build"] / bare["tokens_per_s"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -328,7 +352,14 @@ def main(argv=None) -> int:
     repeat = args.repeat or (1 if args.quick else 5)
     scale = args.scale or (1 if args.quick else 2)
 
+    from pack.allocator import LIBRARIES, find
     from pack.offline import llama3_tokenizer_dir
+
+    # pack-build runs on jemalloc/mimalloc where installed (pack/allocator.py); the bare
+    # tokenizer is measured as shipped and, for the like-for-like ratio, on the same library.
+    alloc = find(os.environ.get("PACKTRAIN_ALLOCATOR", "auto"))
+    alloc_name = next((k for k in LIBRARIES if f"lib{k}" in Path(alloc).name),
+                      Path(alloc).name) if alloc else None
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="pack_speed-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -348,6 +379,7 @@ def main(argv=None) -> int:
                                  "platform": platform.platform(),
                                  "python": platform.python_version(),
                                  "load_avg_start": os.getloadavg()},
+                     "allocator": alloc_name,
                      "quick": args.quick, "workers": n, "max_length": L, "repeat": repeat,
                      "chat_scale": scale,
                      "corpora": {}}
@@ -370,18 +402,28 @@ def main(argv=None) -> int:
                 bare = bare_tokenizer(texts, tok, n)
                 log(f"{name}: pair {i + 1}/{repeat}: bare tokenizer x{n} "
                     f"{bare['tokens_per_s']:,.0f} tok/s")
-                pairs.append(pair(bare, pack_build(src, work / f"{name}.out", tok, n, L)))
-                pb = pairs[-1]["pack_build"]
+                bare_alloc = bare_tokenizer(texts, tok, n, preload=alloc) if alloc else None
+                if bare_alloc:
+                    log(f"{name}: pair {i + 1}/{repeat}: bare tokenizer x{n} on {alloc_name} "
+                        f"{bare_alloc['tokens_per_s']:,.0f} tok/s")
+                pb = pack_build(src, work / f"{name}.out", tok, n, L)
+                pb_sys = pack_build(src, work / f"{name}.out", tok, n, L,
+                                    env={"PACKTRAIN_ALLOCATOR": "system"}) if alloc else None
+                pairs.append(pair(bare, pb, bare_alloc, pb_sys))
                 log(f"{name}: pair {i + 1}/{repeat}: pack-build x{n} "
                     f"{pb['tokens_per_s_build']:,.0f} tok/s (build), "
                     f"{pb['tokens_per_s_wall']:,.0f} (process); "
-                    f"ratio {pairs[-1]['ratio_build']:.2f}")
+                    f"ratio {pairs[-1]['ratio_build']:.2f}, same allocator "
+                    f"{pairs[-1]['ratio_build_same_allocator']:.2f}"
+                    + (f"; on the system malloc {pb_sys['tokens_per_s_build']:,.0f} tok/s, "
+                       f"ratio {pairs[-1]['ratio_build_system_malloc']:.2f}" if pb_sys else ""))
                 if fmt == "alpaca":  # the same pair, with the prompt header tokenized each time
                     nr = pack_build(src, work / f"{name}.out", tok, n, L,
                                     env={"PACKTRAIN_HEAD_TOKENS": "0"})
                     pairs[-1]["no_head_reuse"] = nr
-                    pairs[-1]["ratio_build_no_head_reuse"] = (nr["tokens_per_s_build"]
-                                                              / bare["tokens_per_s"])
+                    # like-for-like: the same allocator as the bare tokenizer it is set against
+                    pairs[-1]["ratio_build_no_head_reuse"] = (
+                        nr["tokens_per_s_build"] / (bare_alloc or bare)["tokens_per_s"])
                     log(f"{name}: pair {i + 1}/{repeat}: without header reuse "
                         f"{nr['tokens_per_s_build']:,.0f} tok/s (build); ratio "
                         f"{pairs[-1]['ratio_build_no_head_reuse']:.2f}")
@@ -389,7 +431,15 @@ def main(argv=None) -> int:
             pb_runs = [p["pack_build"] for p in pairs]
             r["pairs"] = pairs
             r["ratio"] = {k: statistics.median(p[f"ratio_{k}"] for p in pairs)
-                          for k in ("build", "wall", "cpu")}
+                          for k in ("build", "wall", "cpu", "build_same_allocator",
+                                    "cpu_same_allocator")}
+            if alloc:
+                r["ratio"]["build_system_malloc"] = statistics.median(
+                    p["ratio_build_system_malloc"] for p in pairs)
+                r["bare_tokenizer_alloc"] = median_run([p["bare_alloc"] for p in pairs],
+                                                       "tokens_per_s")
+                r["pack_build_system_malloc"] = median_run(
+                    [p["pack_build_system_malloc"] for p in pairs], "tokens_per_s_build")
             if fmt == "alpaca":
                 r["ratio"]["build_no_head_reuse"] = statistics.median(
                     p["ratio_build_no_head_reuse"] for p in pairs)
@@ -399,8 +449,13 @@ def main(argv=None) -> int:
             r["pack_build"] = median_run(pb_runs, "tokens_per_s_build")
             r["runs"] = {"bare_tokenizer": [x["tokens_per_s"] for x in bare_runs],
                          "pack_build": [x["tokens_per_s_build"] for x in pb_runs]}
-            if n > 1:  # one core each: the per-core cost, whatever the machine's contention
-                r["bare_tokenizer_1"] = bare_tokenizer(texts, tok, 1)
+            if alloc:
+                r["runs"]["bare_tokenizer_alloc"] = [p["bare_alloc"]["tokens_per_s"]
+                                                     for p in pairs]
+                r["runs"]["pack_build_system_malloc"] = [
+                    p["pack_build_system_malloc"]["tokens_per_s_build"] for p in pairs]
+            if n > 1:  # one core each, like for like: the per-core cost
+                r["bare_tokenizer_1"] = bare_tokenizer(texts, tok, 1, preload=alloc)
                 r["pack_build_1"] = pack_build(src, work / f"{name}.out", tok, 1, L)
                 log(f"{name}: 1 core: bare {r['bare_tokenizer_1']['tokens_per_s']:,.0f}, "
                     f"pack-build {r['pack_build_1']['tokens_per_s_build']:,.0f} tok/s")
@@ -413,8 +468,10 @@ def main(argv=None) -> int:
         x4 = chat["pack_build_x4"] = pack_build(corpora["chat4"], work / "chat4.out", tok, n, L)
         # Against the 1x corpus's median bare tokenizer: its tokens/s does not depend on size.
         base = chat["bare_tokenizer"]["tokens_per_s"]
+        same = chat.get("bare_tokenizer_alloc", chat["bare_tokenizer"])["tokens_per_s"]
         chat["ratio_x4"] = {"build": x4["tokens_per_s_build"] / base,
-                            "wall": x4["tokens_per_s_wall"] / base}
+                            "wall": x4["tokens_per_s_wall"] / base,
+                            "build_same_allocator": x4["tokens_per_s_build"] / same}
         log(f"chat x4: pack-build x{n} {x4['tokens_per_s_build']:,.0f} tok/s (build); "
             f"ratio {chat['ratio_x4']['build']:.2f} against the 1x median bare tokenizer")
         res["machine"]["load_avg_end"] = os.getloadavg()
@@ -436,7 +493,8 @@ def print_table(res: dict) -> None:
     print(f"\npack_speed: {n} workers, max_length {res['max_length']}, "
           f"{'quick' if res['quick'] else 'full'} run, median of {res['repeat']} paired runs; "
           f"{m['usable_cpus']} usable CPUs, load average {m['load_avg_start'][0]:.1f} -> "
-          f"{m['load_avg_end'][0]:.1f}")
+          f"{m['load_avg_end'][0]:.1f}; pack-build's allocator: "
+          f"{res.get('allocator') or 'the system malloc (no jemalloc/mimalloc installed)'}")
     print("tokens/s: wall clock; tok/CPU-s: tokens per CPU-second of the whole process tree "
           "(robust to other load on a shared machine); ratios against the bare tokenizer with "
           "the same parallelism; pack-build ratios: the median of the per-pair ratios, each pair "
@@ -460,21 +518,36 @@ def print_table(res: dict) -> None:
         row(name, "render template (1 core)", None, None, None,
             f"{r['render']['chars_per_s'] / 1e6:.2f} M chars/s over {r['records']:,} records")
         row(name, f"bare tokenizer ({n} threads)", b["tokens_per_s"], b["tokens_per_cpu_s"], b,
-            f"{b['tokens']:,} tokens, {b['api']}")
+            f"{b['tokens']:,} tokens, {b['api']}, as shipped (system malloc)")
+        ba = r.get("bare_tokenizer_alloc")
+        if ba:
+            row(name, f"bare tokenizer ({n} threads), {res['allocator']}", ba["tokens_per_s"],
+                ba["tokens_per_cpu_s"], b, "the same allocator as pack-build: the like-for-like "
+                                           "ceiling")
         row(name, f"pack-build ({n} workers), in build", pb["tokens_per_s_build"],
             pb["tokens_per_cpu_s"], b,
             f"{pb['tokenized']:,} tokens -> {pb['packs']:,} packs (lower bound "
             f"{pb['lower_bound']:,}, fill {100 * pb['fill']:.2f}%)",
             ratio=q["build"], cpu_ratio=q["cpu"])
+        if ba:
+            row(name, f"  like for like, against {res['allocator']}", None, None, None,
+                f"like for like: build {q['build_same_allocator']:.2f}x, per CPU-s "
+                f"{q['cpu_same_allocator']:.2f}x")
+            ps = r["pack_build_system_malloc"]
+            row(name, f"pack-build ({n} workers), system malloc", ps["tokens_per_s_build"],
+                ps["tokens_per_cpu_s"], b, "PACKTRAIN_ALLOCATOR=system, against the bare "
+                                           "tokenizer as shipped",
+                ratio=q["build_system_malloc"])
         row(name, f"pack-build ({n} workers), process", pb["tokens_per_s_wall"], None, b,
             f"{pb['wall_s']:.1f} s incl. interpreter, imports, tokenizer load",
             ratio=q["wall"])
         if "pack_build_no_head_reuse" in r:
             nr = r["pack_build_no_head_reuse"]
             row(name, f"pack-build ({n} workers), no header reuse", nr["tokens_per_s_build"],
-                nr["tokens_per_cpu_s"], b,
+                nr["tokens_per_cpu_s"], ba or b,
                 "PACKTRAIN_HEAD_TOKENS=0: the Alpaca prompt header tokenized in every record, "
-                "as the bare tokenizer does (pack/head_tokens.py)",
+                "as the bare tokenizer does (pack/head_tokens.py); against the bare tokenizer on "
+                "the same allocator",
                 ratio=q["build_no_head_reuse"])
         if "pack_build_cold" in r:
             c = r["pack_build_cold"]
@@ -488,11 +561,12 @@ def print_table(res: dict) -> None:
                 x4["tokens_per_s_build"], x4["tokens_per_cpu_s"], None,
                 f"{x4['tokenized']:,} tokens; ratio against the 1x median bare tokenizer "
                 f"(its tokens/s does not depend on corpus size); process "
-                f"{r['ratio_x4']['wall']:.2f}x", ratio=r["ratio_x4"]["build"])
+                f"{r['ratio_x4']['wall']:.2f}x; same allocator "
+                f"{r['ratio_x4']['build_same_allocator']:.2f}x", ratio=r["ratio_x4"]["build"])
         if "pack_build_1" in r:
             b1, p1 = r["bare_tokenizer_1"], r["pack_build_1"]
-            row(name, "bare tokenizer (1 thread)", b1["tokens_per_s"], b1["tokens_per_cpu_s"],
-                b1)
+            row(name, "bare tokenizer (1 thread)" + (f", {res['allocator']}" if ba else ""),
+                b1["tokens_per_s"], b1["tokens_per_cpu_s"], b1)
             row(name, "pack-build (1 worker), in build", p1["tokens_per_s_build"],
                 p1["tokens_per_cpu_s"], b1)
         if "trl" in r:
@@ -503,10 +577,14 @@ def print_table(res: dict) -> None:
                 f"{pb['tokens_per_s_build'] / t['tokens_per_s']:.2f}x the speed, "
                 f"{pb['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x per CPU-s")
         runs = {k: ", ".join(f"{x:,.0f}" for x in v) for k, v in r["runs"].items()}
-        print(f"{'':7} every run (tokens/s): bare tokenizer {runs['bare_tokenizer']}; "
-              f"pack-build {runs['pack_build']}")
+        print(f"{'':7} every run (tokens/s): " + "; ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in runs.items()))
         each = ", ".join(f"{p['ratio_build']:.2f}" for p in r["pairs"])
         print(f"{'':7} pairs (build ratio): {each} -> median {q['build']:.2f}")
+        if ba:
+            each = ", ".join(f"{p['ratio_build_same_allocator']:.2f}" for p in r["pairs"])
+            print(f"{'':7} pairs (build ratio, same allocator): {each} -> median "
+                  f"{q['build_same_allocator']:.2f}")
     c = res["corpora"]["chat"]
     a, x4 = c["pack_build"], c["pack_build_x4"]
     print(f"\npeak RSS of pack-build ({n} workers), chat corpus 1x -> 4x "

@@ -1232,7 +1232,10 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
         _cleanup(out, writer, remove_shards=True, remove_dir=created_out)
         raise
     if not cfg.quiet:
-        print(summary(manifest), file=sys.stderr, flush=True)
+        from .allocator import describe
+
+        print(summary(manifest), file=sys.stderr)
+        print(f"allocator       {describe()}", file=sys.stderr, flush=True)
     return manifest
 
 
