@@ -94,7 +94,7 @@ def plan(env: Mapping[str, str], platform: str = sys.platform,
     if any(f"lib{name}" in env.get("LD_PRELOAD", "") for name in LIBRARIES):
         return None  # the user preloads one already
     lib = find(env.get(ENV, "auto"), dirs)
-    if lib is None:
+    if lib is None or any(c in lib for c in " :"):  # LD_PRELOAD splits on spaces and colons
         return None
     new = dict(env)
     prev = env.get("LD_PRELOAD")

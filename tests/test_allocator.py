@@ -23,7 +23,7 @@ needs_real = pytest.mark.skipif(REAL is None, reason="no jemalloc or mimalloc in
 
 def _libs(tmp_path: Path, *names: str) -> Path:
     d = tmp_path / "lib"
-    d.mkdir(exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
     for n in names:
         (d / n).write_bytes(b"\x7fELF")
     return d
@@ -70,6 +70,8 @@ def test_plan(tmp_path):
     assert allocator.plan({allocator.ENV: "system"}, "linux", [d]) is None
     assert allocator.plan({}, "linux", [tmp_path / "empty"]) is None
     assert allocator.plan({"LD_PRELOAD": "/usr/lib/libmimalloc.so.2"}, "linux", [d]) is None
+    spaced = _libs(tmp_path / "a b", "libjemalloc.so.2")  # LD_PRELOAD cannot name it
+    assert allocator.plan({}, "linux", [spaced]) is None
 
 
 PROBE = ("import json, os, sys; from pack import allocator; allocator.reexec(); "
