@@ -188,19 +188,25 @@ def _build_tokenizer(tok_path: str, chat_template: str | None, workers: int, dry
                      allow_lite: bool) -> tuple[Any, dict | None]:
     """The tokenizer a build renders and tokenizes with, and the state of its check: None for
     transformers' own object; ``{"key", "record"}`` for a lite view (:mod:`pack.fast_tokenizer`)
-    whose check passed before (``record`` from the cache) or, with several workers, is still to
-    run beside them (``record`` None). A lite view is not worth its check with one worker (no
-    core to run it on) or in a dry run."""
+    whose check passed before (``record`` from the cache), or, with several workers, whose check
+    or remembered answer :func:`_start_check` looks up beside them (``record`` None,
+    ``template`` set: hashing the tokenizer's files for the cache key took 0.1 s of the serial
+    start). A lite view is not worth its check with one worker (no core to run it on) or in a
+    dry run."""
     from . import fast_tokenizer as ft
 
     if allow_lite and ft.enabled():
-        try:
-            key = ft.check_key(tok_path, chat_template)
-        except OSError:
-            key = None
-        if key is not None:
-            record = ft.cached_record(key)
-            if record is not None or (workers > 1 and not dry_run):
+        if workers > 1 and not dry_run:  # the view is used whatever the cache holds
+            lite = load_tokenizer_cached(tok_path, lite=True)
+            if lite is not None:
+                return lite, {"key": None, "record": None, "template": chat_template}
+        else:
+            try:
+                key = ft.check_key(tok_path, chat_template)
+            except OSError:
+                key = None
+            record = ft.cached_record(key) if key is not None else None
+            if record is not None:
                 lite = load_tokenizer_cached(tok_path, lite=True)
                 if lite is not None:
                     return lite, {"key": key, "record": record}
@@ -210,11 +216,13 @@ def _build_tokenizer(tok_path: str, chat_template: str | None, workers: int, dry
 def _start_check(lite_state: dict, tokenizer, tok_path: str, spec: "EncodeSpec",
                  first: "_Task | None") -> None:
     """Run :func:`pack.fast_tokenizer.compare` in a thread of the parent (idle while workers
-    tokenize) on the first records of the build; its answer lands in ``lite_state["result"]``.
+    tokenize) on the first records of the build, unless the check's cache already holds its
+    answer (looked up first, in the same thread, when ``lite_state`` has no key yet); the
+    answer lands in ``lite_state["result"]`` (``"cached"``: it came from the cache).
     Started only after the workers are forked: a fork must not copy a thread mid-import."""
     import threading
 
-    from .fast_tokenizer import compare
+    from .fast_tokenizer import cached_record, check_key, compare
 
     records: list[dict] = []
     if first is not None and first.kind in ("raw", "count"):
@@ -226,6 +234,16 @@ def _start_check(lite_state: dict, tokenizer, tok_path: str, spec: "EncodeSpec",
 
     def run() -> None:
         try:
+            if lite_state["key"] is None and "template" in lite_state:
+                try:
+                    lite_state["key"] = check_key(tok_path, lite_state["template"])
+                except OSError:  # unreadable now: check, and remember nothing
+                    pass
+                known = cached_record(lite_state["key"]) if lite_state["key"] else None
+                if known is not None:
+                    lite_state["cached"] = True
+                    lite_state["result"] = (None, known)
+                    return
             lite_state["result"] = compare(tokenizer, tok_path, args, records)
         except BaseException as e:  # any failure of the check means: do not trust the view
             lite_state["result"] = (f"the check failed ({type(e).__name__}: {e})", None)
@@ -247,7 +265,8 @@ def _tokenizer_entry(lite_state: dict | None, tokenizer, tok_path: str) -> dict:
     why, record = lite_state["result"]
     if why is not None:
         raise _LiteMismatch(why)
-    remember(lite_state["key"], record)
+    if lite_state["key"] is not None and not lite_state.get("cached"):
+        remember(lite_state["key"], record)
     return record
 
 

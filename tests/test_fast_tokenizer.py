@@ -255,7 +255,9 @@ def test_first_build_checks_and_remembers_later_builds_skip_transformers(
     entries = list((cache / "tokenizer-checks").glob("*.json"))
     assert len(entries) == 1
     _same_dataset(tmp_path / "full", tmp_path / "cold")
-    # a warm build in a fresh process: no transformers import at all, the same dataset
+    # a warm build in a fresh process: no transformers import at all, the same dataset, and
+    # the remembered answer (looked up beside the workers) is read, not written again
+    before = entries[0].stat().st_mtime_ns
     code = ("import sys; from pack.build import build; "
             f"build(dict(inputs=[{str(chat_jsonl)!r}], out={str(tmp_path / 'warm')!r}, "
             f"tokenizer={str(tokenizer_dir)!r}, max_length=1024, workers=2, quiet=True)); "
@@ -265,6 +267,7 @@ def test_first_build_checks_and_remembers_later_builds_skip_transformers(
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
     _same_dataset(tmp_path / "full", tmp_path / "warm")
+    assert entries[0].stat().st_mtime_ns == before
 
 
 def test_a_failed_check_builds_again_through_transformers(cache, tokenizer_dir, chat_jsonl,
