@@ -352,14 +352,13 @@ def main(argv=None) -> int:
     repeat = args.repeat or (1 if args.quick else 5)
     scale = args.scale or (1 if args.quick else 2)
 
-    from pack.allocator import LIBRARIES, find
+    from pack.allocator import find, name_in
     from pack.offline import llama3_tokenizer_dir
 
     # pack-build runs on jemalloc/mimalloc where installed (pack/allocator.py); the bare
     # tokenizer is measured as shipped and, for the like-for-like ratio, on the same library.
     alloc = find(os.environ.get("PACKTRAIN_ALLOCATOR", "auto"))
-    alloc_name = next((k for k in LIBRARIES if f"lib{k}" in Path(alloc).name),
-                      Path(alloc).name) if alloc else None
+    alloc_name = (name_in(Path(alloc).name) or Path(alloc).name) if alloc else None
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="pack_speed-"))
     work.mkdir(parents=True, exist_ok=True)

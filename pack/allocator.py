@@ -31,7 +31,14 @@ _PREV = "_PACKTRAIN_LD_PRELOAD"
 
 LIBRARIES = {"jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
              "mimalloc": ("libmimalloc.so.2", "libmimalloc.so")}
+PACKAGES = {"jemalloc": "libjemalloc2", "mimalloc": "libmimalloc2.0"}  # Debian/Ubuntu
 OFF = ("system", "off", "0", "none", "false", "no")
+
+
+def name_in(text: str) -> str | None:
+    """The allocator (a key of LIBRARIES) whose library ``text`` names, if any: a path,
+    LD_PRELOAD, or /proc/self/maps."""
+    return next((name for name in LIBRARIES if f"lib{name}" in text), None)
 
 
 def _search_dirs() -> list[Path]:
@@ -56,32 +63,29 @@ def find(choice: str, dirs: Sequence[Path] | None = None) -> str | None:
     from .format import PacktrainError
 
     choice = (choice or "auto").strip()
-    if choice.lower() in OFF:
+    key = choice.lower()
+    if key in OFF:
         return None
     if "/" in choice:
         if not Path(choice).is_file():
             raise PacktrainError(f"{ENV}={choice}: no such file; point it at a jemalloc or "
                                  f"mimalloc shared library, or set {ENV}=system")
         return str(Path(choice).resolve())
-    names = LIBRARIES if choice.lower() == "auto" else None
-    if names is None:
-        if choice.lower() not in LIBRARIES:
-            raise PacktrainError(f"{ENV}={choice}: choose auto, system, "
-                                 f"{', '.join(LIBRARIES)} or a path to a shared library")
-        names = {choice.lower(): LIBRARIES[choice.lower()]}
+    if key != "auto" and key not in LIBRARIES:
+        raise PacktrainError(f"{ENV}={choice}: choose auto, system, "
+                             f"{', '.join(LIBRARIES)} or a path to a shared library")
+    names = list(LIBRARIES) if key == "auto" else [key]
     search = list(_search_dirs() if dirs is None else dirs)
-    for files in names.values():
+    for name in names:
         for d in search:
-            for f in files:
-                p = d / f
-                if p.is_file():
-                    return str(p)
-    if choice.lower() == "auto":
+            for f in LIBRARIES[name]:
+                if (d / f).is_file():
+                    return str(d / f)
+    if key == "auto":
         return None
-    raise PacktrainError(f"{ENV}={choice}: {LIBRARIES[choice.lower()][0]} not found in "
+    raise PacktrainError(f"{ENV}={choice}: {LIBRARIES[key][0]} not found in "
                          f"{', '.join(str(d) for d in search)}; install it (Debian/Ubuntu: "
-                         f"apt-get install lib{choice.lower()}2 or libmimalloc2.0) or set "
-                         f"{ENV}=auto")
+                         f"apt-get install {PACKAGES[key]}) or set {ENV}=auto")
 
 
 def plan(env: Mapping[str, str], platform: str = sys.platform,
@@ -91,7 +95,7 @@ def plan(env: Mapping[str, str], platform: str = sys.platform,
     found."""
     if not platform.startswith("linux") or _MARK in env:
         return None
-    if any(f"lib{name}" in env.get("LD_PRELOAD", "") for name in LIBRARIES):
+    if name_in(env.get("LD_PRELOAD", "")):
         return None  # the user preloads one already
     lib = find(env.get(ENV, "auto"), dirs)
     if lib is None or any(c in lib for c in " :"):  # LD_PRELOAD splits on spaces and colons
@@ -105,7 +109,7 @@ def plan(env: Mapping[str, str], platform: str = sys.platform,
     return new
 
 
-def reexec(argv: Sequence[str] | None = None) -> None:
+def reexec() -> None:
     """Re-execute this command on a faster allocator when :func:`plan` says so (does not return
     then); otherwise, or in the re-executed process, return at once. In the re-executed
     process, LD_PRELOAD is put back as it was."""
@@ -119,8 +123,7 @@ def reexec(argv: Sequence[str] | None = None) -> None:
     env = plan(os.environ)
     if env is None:
         return
-    args = list(argv if argv is not None else getattr(sys, "orig_argv", None) or
-                [sys.executable, *sys.argv])
+    args = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     # argv[0] as the interpreter's full path: Python finds its venv from it, not from the binary
     args[0] = sys.executable
     sys.stdout.flush()
@@ -135,13 +138,9 @@ def active() -> str | None:
     """The name of the faster allocator mapped into this process (``jemalloc``/``mimalloc``),
     or None: read from /proc/self/maps, so it reports what was loaded, not what was asked."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        return name_in(Path("/proc/self/maps").read_text())
     except OSError:
         return None
-    for name in LIBRARIES:
-        if f"lib{name}" in maps:
-            return name
-    return None
 
 
 def describe() -> str:
@@ -150,5 +149,5 @@ def describe() -> str:
     if name:
         return name
     hint = "" if os.environ.get(ENV, "auto").strip().lower() in OFF else \
-        " (install libjemalloc2 or libmimalloc2.0 for a faster build: see README)"
+        f" (install {' or '.join(PACKAGES.values())} for a faster build: see README)"
     return f"system malloc{hint}"
