@@ -197,9 +197,11 @@ def pack_build(src: Path, out: Path, tok: Path, workers: int, max_length: int,
 
 # ---------------------------------------------------------------- stages
 
-def render_texts(src: Path, tok_dir: Path, fmt: str, texts_out: Path) -> dict:
+def render_texts(src: Path, tok_dir: Path, fmt: str, texts_out: Path,
+                 segments_out: Path | None = None) -> dict:
     """Render every record (one core) as pack-build does; save the full texts for the bare
-    tokenizer. Returns chars/s of the rendering stage."""
+    tokenizer (and, with ``segments_out``, every segment, for the tokenize-only pipeline).
+    Returns chars/s of the rendering stage."""
     from pack.format import load_tokenizer
     from pack.templates import Renderer
 
@@ -212,6 +214,8 @@ def render_texts(src: Path, tok_dir: Path, fmt: str, texts_out: Path) -> dict:
     texts = ["".join(t for t, _ in s) for s in segs]
     chars = sum(map(len, texts))
     texts_out.write_text(json.dumps(texts))
+    if segments_out is not None:
+        segments_out.write_text(json.dumps([t for s in segs for t, _ in s]))
     return {"records": len(records), "chars": chars, "seconds": dt, "chars_per_s": chars / dt}
 
 
@@ -239,6 +243,55 @@ def bare_tokenizer(texts: Path, tok_dir: Path, workers: int, preload: str | None
         env["LD_PRELOAD"] = preload
     r = run_measured([sys.executable, "-c", BARE, str(texts), str(tok_dir / "tokenizer.json")],
                      env=env)
+    return json.loads(r["stdout"].strip().splitlines()[-1])
+
+
+TOKENIZE_ONLY = r"""
+import json, os, sys, time, tokenizers
+segments = json.load(open(sys.argv[1]))  # in memory before the clock starts: no reading, no JSON
+workers = int(sys.argv[3])
+t0 = time.perf_counter()
+tk = tokenizers.Tokenizer.from_file(sys.argv[2])
+load_s = time.perf_counter() - t0
+batches = [segments[i:i + 4000] for i in range(0, len(segments), 4000)]
+r, w = os.pipe()
+pids = []
+for k in range(workers):  # forked after the load, as pack-build's workers are
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            n = sum(len(e.ids) for b in batches[k::workers]
+                    for e in tk.encode_batch_fast(b, add_special_tokens=False))
+            os.write(w, f"{n}\n".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    pids.append(pid)
+for pid in pids:
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]):
+        sys.exit("a tokenizing process failed")
+dt = time.perf_counter() - t0
+os.close(w)
+with os.fdopen(r) as f:
+    n = sum(int(x) for x in f.read().split())
+print(json.dumps({"tokens": n, "seconds": dt, "load_s": load_s, "tokens_per_s": n / dt,
+                  "tokens_per_s_no_load": n / (dt - load_s)}))
+"""
+
+
+def tokenize_only(segments: Path, tok_dir: Path, workers: int, preload: str | None = None
+                   ) -> dict:
+    """The least any pipeline that tokenizes pack-build's segments does: load the tokenizer, fork
+    ``workers`` processes, tokenize the segments (already in memory, one thread each). No
+    reading, parsing, templating, labels, packing or writing: its tokens/s bounds what any such
+    pipeline can reach against the bare tokenizer on the same allocator."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.pop("LD_PRELOAD", None)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    r = run_measured([sys.executable, "-c", TOKENIZE_ONLY, str(segments),
+                      str(tok_dir / "tokenizer.json"), str(workers)], env=env)
     return json.loads(r["stdout"].strip().splitlines()[-1])
 
 
@@ -309,12 +362,14 @@ def median_run(runs: list[dict], key: str) -> dict:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def pair(bare: dict, pb: dict, bare_alloc: dict | None = None, pb_system: dict | None = None
-         ) -> dict:
+def pair(bare: dict, pb: dict, bare_alloc: dict | None = None, pb_system: dict | None = None,
+         tok_only: dict | None = None) -> dict:
     """A bare tokenizer run and the pack-build run right after it, with their ratios; where a
     faster allocator is installed, also the bare tokenizer on it (``bare_alloc``: the
     like-for-like ceiling for pack-build, which runs on it) and pack-build on the system's
-    malloc (``pb_system``)."""
+    malloc (``pb_system``); and the tokenize-only pipeline (``tok_only``, on pack-build's
+    allocator):
+    how far a pipeline that only loads the tokenizer and tokenizes the segments gets."""
     same = bare_alloc or bare
     out = {"bare": bare, "pack_build": pb,
            "ratio_build": pb["tokens_per_s_build"] / bare["tokens_per_s"],
@@ -324,6 +379,12 @@ def pair(bare: dict, pb: dict, bare_alloc: dict | None = None, pb_system: dict |
            "ratio_cpu_same_allocator": pb["tokens_per_cpu_s"] / same["tokens_per_cpu_s"]}
     if bare_alloc is not None:
         out["bare_alloc"] = bare_alloc
+    if tok_only is not None:
+        out["tokenize_only"] = tok_only
+        out["ratio_tokenize_only_same_allocator"] = (tok_only["tokens_per_s"]
+                                                     / same["tokens_per_s"])
+        out["ratio_build_over_tokenize_only"] = (pb["tokens_per_s_build"]
+                                                 / tok_only["tokens_per_s"])
     if pb_system is not None:
         out["pack_build_system_malloc"] = pb_system
         out["ratio_build_system_malloc"] = pb_system["tokens_per_s_build"] / bare["tokens_per_s"]
@@ -385,9 +446,10 @@ def main(argv=None) -> int:
         for name, fmt in (("chat", "messages"), ("alpaca", "alpaca")):
             src = corpora[name]
             texts = work / f"{name}.texts.json"
+            segments = work / f"{name}.segments.json"
             r: dict = {"records": count_lines(src), "bytes": src.stat().st_size}
             log(f"{name}: {r['records']:,} records, {r['bytes'] / 1e6:.1f} MB")
-            r["render"] = render_texts(src, tok, fmt, texts)
+            r["render"] = render_texts(src, tok, fmt, texts, segments)
             log(f"{name}: render {r['render']['chars_per_s'] / 1e6:.2f} M chars/s")
             if name == "chat":
                 # The first build with a tokenizer checks pack's transformers-free tokenizer
@@ -408,7 +470,12 @@ def main(argv=None) -> int:
                 pb = pack_build(src, work / f"{name}.out", tok, n, L)
                 pb_sys = pack_build(src, work / f"{name}.out", tok, n, L,
                                     env={"PACKTRAIN_ALLOCATOR": "system"}) if alloc else None
-                pairs.append(pair(bare, pb, bare_alloc, pb_sys))
+                tok_only = tokenize_only(segments, tok, n, preload=alloc)
+                pairs.append(pair(bare, pb, bare_alloc, pb_sys, tok_only))
+                log(f"{name}: pair {i + 1}/{repeat}: tokenize-only pipeline x{n} "
+                    f"{tok_only['tokens_per_s']:,.0f} tok/s (tokenizer load "
+                    f"{tok_only['load_s']:.2f} s); ratio to the bare tokenizer on the same "
+                    f"allocator {pairs[-1]['ratio_tokenize_only_same_allocator']:.2f}")
                 log(f"{name}: pair {i + 1}/{repeat}: pack-build x{n} "
                     f"{pb['tokens_per_s_build']:,.0f} tok/s (build), "
                     f"{pb['tokens_per_s_wall']:,.0f} (process); "
@@ -431,7 +498,9 @@ def main(argv=None) -> int:
             r["pairs"] = pairs
             r["ratio"] = {k: statistics.median(p[f"ratio_{k}"] for p in pairs)
                           for k in ("build", "wall", "cpu", "build_same_allocator",
-                                    "cpu_same_allocator")}
+                                    "cpu_same_allocator", "tokenize_only_same_allocator",
+                                    "build_over_tokenize_only")}
+            r["tokenize_only"] = median_run([p["tokenize_only"] for p in pairs], "tokens_per_s")
             if alloc:
                 r["ratio"]["build_system_malloc"] = statistics.median(
                     p["ratio_build_system_malloc"] for p in pairs)
@@ -532,6 +601,14 @@ def print_table(res: dict) -> None:
             row(name, f"  like for like, against {res['allocator']}", None, None, None,
                 f"like for like: build {q['build_same_allocator']:.2f}x, per CPU-s "
                 f"{q['cpu_same_allocator']:.2f}x")
+        fl = r.get("tokenize_only")
+        if fl:
+            row(name, f"tokenize-only pipeline ({n} processes)", fl["tokens_per_s"], None, ba or b,
+                f"load the tokenizer ({fl['load_s']:.2f} s) and tokenize the segments, nothing "
+                f"else, on pack-build's allocator: the most any such pipeline reaches; "
+                f"pack-build gets {q['build_over_tokenize_only']:.2f}x of it",
+                ratio=q["tokenize_only_same_allocator"])
+        if ba:
             ps = r["pack_build_system_malloc"]
             row(name, f"pack-build ({n} workers), system malloc", ps["tokens_per_s_build"],
                 ps["tokens_per_cpu_s"], b, "PACKTRAIN_ALLOCATOR=system, against the bare "

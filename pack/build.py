@@ -184,22 +184,34 @@ class _LiteMismatch(Exception):
     """The transformers-free tokenizer view disagreed with transformers: build again without."""
 
 
+@dataclasses.dataclass
+class _LiteCheck:
+    """Where the check of a lite tokenizer view (:mod:`pack.fast_tokenizer`) stands."""
+
+    record: dict | None = None  # the manifest's tokenizer entry, once known to be right
+    key: str | None = None  # the check cache's key, once computed
+    template: str | None = None  # the chat template the key covers
+    lookup: bool = False  # compute the key and look in the cache in the check thread
+    result: tuple[str | None, dict | None] | None = None  # (why it failed, record) from the thread
+    cached: bool = False  # the result came from the cache: nothing to remember
+    thread: Any = None
+
+
 def _build_tokenizer(tok_path: str, chat_template: str | None, workers: int, dry_run: bool,
-                     allow_lite: bool) -> tuple[Any, dict | None]:
+                     allow_lite: bool) -> tuple[Any, _LiteCheck | None]:
     """The tokenizer a build renders and tokenizes with, and the state of its check: None for
-    transformers' own object; ``{"key", "record"}`` for a lite view (:mod:`pack.fast_tokenizer`)
-    whose check passed before (``record`` from the cache), or, with several workers, whose check
-    or remembered answer :func:`_start_check` looks up beside them (``record`` None,
-    ``template`` set: hashing the tokenizer's files for the cache key took 0.1 s of the serial
-    start). A lite view is not worth its check with one worker (no core to run it on) or in a
-    dry run."""
+    transformers' own object; for a lite view (:mod:`pack.fast_tokenizer`) whose check passed
+    before, a :class:`_LiteCheck` holding the cached ``record``; with several workers, one whose
+    check or remembered answer :func:`_start_check` looks up beside them (``lookup``: hashing
+    the tokenizer's files for the cache key took 0.1 s of the serial start). A lite view is not
+    worth its check with one worker (no core to run it on) or in a dry run."""
     from . import fast_tokenizer as ft
 
     if allow_lite and ft.enabled():
         if workers > 1 and not dry_run:  # the view is used whatever the cache holds
             lite = load_tokenizer_cached(tok_path, lite=True)
             if lite is not None:
-                return lite, {"key": None, "record": None, "template": chat_template}
+                return lite, _LiteCheck(template=chat_template, lookup=True)
         else:
             try:
                 key = ft.check_key(tok_path, chat_template)
@@ -209,16 +221,16 @@ def _build_tokenizer(tok_path: str, chat_template: str | None, workers: int, dry
             if record is not None:
                 lite = load_tokenizer_cached(tok_path, lite=True)
                 if lite is not None:
-                    return lite, {"key": key, "record": record}
+                    return lite, _LiteCheck(record=record, key=key)
     return load_tokenizer_cached(tok_path), None
 
 
-def _start_check(lite_state: dict, tokenizer, tok_path: str, spec: "EncodeSpec",
+def _start_check(check: _LiteCheck, tokenizer, tok_path: str, spec: "EncodeSpec",
                  first: "_Task | None") -> None:
     """Run :func:`pack.fast_tokenizer.compare` in a thread of the parent (idle while workers
     tokenize) on the first records of the build, unless the check's cache already holds its
-    answer (looked up first, in the same thread, when ``lite_state`` has no key yet); the
-    answer lands in ``lite_state["result"]`` (``"cached"``: it came from the cache).
+    answer (looked up first, in the same thread, when ``check.lookup``); the answer lands in
+    ``check.result`` (``check.cached``: it came from the cache).
     Started only after the workers are forked: a fork must not copy a thread mid-import."""
     import threading
 
@@ -234,39 +246,38 @@ def _start_check(lite_state: dict, tokenizer, tok_path: str, spec: "EncodeSpec",
 
     def run() -> None:
         try:
-            if lite_state["key"] is None and "template" in lite_state:
+            if check.lookup:
                 try:
-                    lite_state["key"] = check_key(tok_path, lite_state["template"])
+                    check.key = check_key(tok_path, check.template)
                 except OSError:  # unreadable now: check, and remember nothing
                     pass
-                known = cached_record(lite_state["key"]) if lite_state["key"] else None
+                known = cached_record(check.key) if check.key else None
                 if known is not None:
-                    lite_state["cached"] = True
-                    lite_state["result"] = (None, known)
+                    check.cached = True
+                    check.result = (None, known)
                     return
-            lite_state["result"] = compare(tokenizer, tok_path, args, records)
+            check.result = compare(tokenizer, tok_path, args, records)
         except BaseException as e:  # any failure of the check means: do not trust the view
-            lite_state["result"] = (f"the check failed ({type(e).__name__}: {e})", None)
+            check.result = (f"the check failed ({type(e).__name__}: {e})", None)
 
-    t = threading.Thread(target=run, name="tokenizer-check", daemon=True)
-    lite_state["thread"] = t
-    t.start()
+    check.thread = threading.Thread(target=run, name="tokenizer-check", daemon=True)
+    check.thread.start()
 
 
-def _tokenizer_entry(lite_state: dict | None, tokenizer, tok_path: str) -> dict:
+def _tokenizer_entry(check: _LiteCheck | None, tokenizer, tok_path: str) -> dict:
     """The manifest's tokenizer entry; for a lite view, once its check has passed."""
-    if lite_state is None:
+    if check is None:
         return fmt_mod.tokenizer_record(tokenizer, tok_path)
-    if lite_state["record"] is not None:
-        return lite_state["record"]
+    if check.record is not None:
+        return check.record
     from .fast_tokenizer import remember
 
-    lite_state["thread"].join()
-    why, record = lite_state["result"]
+    check.thread.join()
+    why, record = check.result
     if why is not None:
         raise _LiteMismatch(why)
-    if lite_state["key"] is not None and not lite_state.get("cached"):
-        remember(lite_state["key"], record)
+    if check.key is not None and not check.cached:
+        remember(check.key, record)
     return record
 
 
@@ -1041,7 +1052,7 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
         if resolved_out in p.resolve().parents:
             raise PacktrainError(f"{p}: input lies inside the output directory {out}; choose "
                                  f"another output directory")
-    tokenizer, lite_state = _build_tokenizer(tok_path, chat_template_text, workers,
+    tokenizer, lite_check = _build_tokenizer(tok_path, chat_template_text, workers,
                                              bool(cfg.dry_run), allow_lite)
     sources = [_source_info(p, cfg.split, hub) for p in paths]
 
@@ -1101,9 +1112,9 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
                 _WORKER.pop("inherit", None)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             hashed = _hash_sources(paths, sources)  # after the fork, like the check below
-            if lite_state is not None and lite_state["record"] is None:
+            if lite_check is not None and lite_check.record is None:
                 head, stream = _peek(stream, 1)
-                _start_check(lite_state, tokenizer, tok_path, spec, head[0] if head else None)
+                _start_check(lite_check, tokenizer, tok_path, spec, head[0] if head else None)
             results = _ordered_map(pool, stream, workers * IN_FLIGHT_PER_WORKER)
         bar = ui.bar(desc="tokenize", unit="rec")  # after the fork: no tqdm thread in workers
         for task, res in results:
@@ -1189,7 +1200,7 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
 
         # ---- statistics, card, manifest (last)
         hashed()
-        tok_entry = _tokenizer_entry(lite_state, tokenizer, tok_path)
+        tok_entry = _tokenizer_entry(lite_check, tokenizer, tok_path)
         tokens = int(lengths.sum())
         seconds = time.perf_counter() - t0
         lb = binpack.lower_bound(lengths, int(cfg.max_length))

@@ -131,7 +131,14 @@ def test_pack_speed_quick_paired_medians(tmp_path):
                 assert pr["ratio_build_system_malloc"] == pytest.approx(
                     pr["pack_build_system_malloc"]["tokens_per_s_build"] / pr["bare"]["tokens_per_s"])
                 assert pr["pack_build_system_malloc"]["tokens"] == pr["pack_build"]["tokens"]
-        keys = ["build", "wall", "cpu", "build_same_allocator", "cpu_same_allocator"]
+        for pr in pairs:  # the tokenize-only pipeline tokenizes exactly what pack-build does
+            t = pr["tokenize_only"]
+            assert t["tokens"] == pr["pack_build"]["tokenized"]
+            assert 0 < t["load_s"] < t["seconds"]
+            assert pr["ratio_build_over_tokenize_only"] == pytest.approx(
+                pr["pack_build"]["tokens_per_s_build"] / t["tokens_per_s"])
+        keys = ["build", "wall", "cpu", "build_same_allocator", "cpu_same_allocator",
+                "tokenize_only_same_allocator", "build_over_tokenize_only"]
         for k in keys + (["build_system_malloc"] if alloc else []):
             assert c["ratio"][k] == pytest.approx(statistics.median(pr[f"ratio_{k}"] for pr in pairs))
         assert c["runs"]["bare_tokenizer"] == [pr["bare"]["tokens_per_s"] for pr in pairs]
