@@ -133,19 +133,3 @@ def prepare(backend, heads: list[str], encode: Callable[[list[str]], list[list[i
         return []
     ids = encode([h[:j] for h, j in cuts])
     return [(h, j, list(i)) for (h, j), i in zip(cuts, ids)]
-
-
-def cut(texts: list[str], heads: list[Head]) -> tuple[list[str], list[list[int] | None]]:
-    """``texts`` with each known head's cached part cut off, and per text the ids to put in
-    front (None where no head matched)."""
-    out, pre = [], []
-    for t in texts:
-        for head, j, ids in heads:
-            if t.startswith(head):
-                out.append(t[j:])
-                pre.append(ids)
-                break
-        else:
-            out.append(t)
-            pre.append(None)
-    return out, pre

@@ -75,7 +75,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import encode_thread, head_tokens
+from . import encode_thread, fixed_pieces, head_tokens
 from .format import IGNORE_INDEX, PacktrainError
 
 PROMPT_INPUT = (
@@ -268,6 +268,11 @@ class Renderer:
         self._jinja = None
         self._jinja_checked = False  # set by _compile_direct
         self._heads: list[head_tokens.Head] | None = None  # made on first use
+        # Fixed template texts whose ids may be reused at segment ends (pack/fixed_pieces.py):
+        # BOS/EOS now, each layout's pieces as it is made; the tables are remade when it grows.
+        self._fixed_texts: dict[str, None] = dict.fromkeys(t for t in (self.bos, self.eos) if t)
+        self._reuse: tuple[list[head_tokens.Head], list[fixed_pieces.Tail]] | None = None
+        self._pieces_usable: bool | None = None
         if self.template == "chat":
             self._special_re = self._compile_specials()
             self._marker_re = self._compile_markers()
@@ -561,7 +566,19 @@ class Renderer:
         for j, role in enumerate(roles):
             lay.close.append(self._close_len(lay.pieces[j + 1], closing)
                              if role == "assistant" else 0)
+        self._add_fixed_texts(lay)
         return lay
+
+    def _add_fixed_texts(self, lay: _Layout) -> None:
+        """Offer a layout's fixed text, as it falls into segments, for id reuse."""
+        parts = [lay.pieces[0]]
+        for j, k in enumerate(lay.close):
+            nxt = lay.pieces[j + 1]
+            parts += [nxt[:k], nxt[k:]] if k else [nxt]
+        new = [t for t in parts if t and t not in self._fixed_texts]
+        if new and len(self._fixed_texts) < 4 * fixed_pieces.MAX_TEXTS:
+            self._fixed_texts.update(dict.fromkeys(new))
+            self._reuse = None
 
     @staticmethod
     def _split_pieces(text: str, marks: list[str]) -> list[str] | None:
@@ -788,6 +805,23 @@ class Renderer:
                     self._backend, [self.bos + f for f in fixed] + fixed, self._encode_texts)
         return self._heads
 
+    def _reuse_tables(self) -> tuple[list[head_tokens.Head], list[fixed_pieces.Tail]]:
+        """The fixed leading and trailing texts whose ids are reused, longest first: Alpaca's
+        prompt headers (:mod:`pack.head_tokens`) and template text up to or from a special
+        token (:mod:`pack.fixed_pieces`)."""
+        if self._reuse is None:
+            heads = list(self._head_tokens())
+            tails: list[fixed_pieces.Tail] = []
+            if self._pieces_usable is None:
+                self._pieces_usable = (self.reuse_head_tokens and self._backend is not None
+                                       and fixed_pieces.usable(self._backend))
+            if self._pieces_usable:
+                fronts, tails = fixed_pieces.prepare(self._backend, list(self._fixed_texts),
+                                                     self._encode_texts)
+                heads = sorted(heads + fronts, key=lambda h: len(h[0]), reverse=True)
+            self._reuse = (heads, tails)
+        return self._reuse
+
     def encode_batch(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
         """One entry per record: ``(input_ids, labels)`` (int32; labels -100 where not trained,
         always at position 0) or the PacktrainError / NothingToTrain for that record. All
@@ -819,13 +853,13 @@ class Renderer:
             np.zeros(0, np.int64)
         if not texts:
             return (out, *none)
-        heads = self._head_tokens()
+        heads, tails = self._reuse_tables()
         try:
-            if heads:
-                cut, front = head_tokens.cut(texts, heads)
-                ids_lists = [ids if f is None else f + ids
-                             for f, ids in zip(front, self._encode_texts(cut))]
+            if heads or tails:
+                cut, front, back = fixed_pieces.cut(texts, heads, tails)
+                ids_lists = self._encode_texts(cut)
             else:
+                front = back = None
                 ids_lists = self._encode_texts(texts)
         except (TypeError, ValueError, UnicodeError):
             # The fast tokenizer refuses the whole batch for one string that is not Unicode
@@ -838,7 +872,12 @@ class Renderer:
             for i in bad:
                 rest[0][i] = _not_text_error()
             return rest
-        seg_lens = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
+        n = len(ids_lists)
+        seg_lens = np.fromiter(map(len, ids_lists), dtype=np.int64, count=n)
+        if front is not None:  # reused ids before and after each segment's tokenized middle
+            seg_lens += np.fromiter(map(len, front), dtype=np.int64, count=n)
+            seg_lens += np.fromiter(map(len, back), dtype=np.int64, count=n)
+            ids_lists = chain.from_iterable(zip(front, ids_lists, back))
         total = int(seg_lens.sum())
         ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int32, count=total)
         mask = np.repeat(np.asarray(flags, dtype=bool), seg_lens)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from pack import head_tokens
+from pack import fixed_pieces, head_tokens
 from pack.build import build
 from pack.format import file_sha256
 from pack.fast_tokenizer import load_lite
@@ -116,12 +116,6 @@ def test_property_reused_ids_equal_whole_text(variants, tail, which, name):
         assert ids + tk.encode(text[j:], add_special_tokens=False).ids == whole
 
 
-def test_cut_gives_each_text_its_head():
-    heads = [("ab cd", 2, [1]), ("ab", 1, [2])]
-    texts, front = head_tokens.cut(["ab cdx", "abz", "zab cd"], heads)
-    assert texts == [" cdx", "bz", "zab cd"] and front == [[1], [2], None]
-
-
 RECORDS = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},
     {"instruction": "Translate", "input": "bonjour\n", "output": "hello"},
@@ -162,13 +156,13 @@ def test_check_catches_wrong_reused_ids(tokenizer_dir, monkeypatch):
     args = dict(fmt="alpaca", template="alpaca", train_on_prompt=False, chat_template=None)
     why, record = compare(tok, str(tokenizer_dir), args, RECORDS[:3])
     assert why is None and record is not None
-    real_cut = head_tokens.cut
+    real_cut = fixed_pieces.cut
 
-    def wrong(texts, heads):
-        out, front = real_cut(texts, heads)
-        return out, [f if f is None else f[:-1] for f in front]
+    def wrong(texts, heads, tails):
+        out, front, back = real_cut(texts, heads, tails)
+        return out, [f[:-1] for f in front], back
 
-    monkeypatch.setattr(head_tokens, "cut", wrong)
+    monkeypatch.setattr(fixed_pieces, "cut", wrong)
     why, record = compare(load_lite(tokenizer_dir), str(tokenizer_dir), args, RECORDS[:3])
     assert why == "token ids or labels of a record differ" and record is None
 
