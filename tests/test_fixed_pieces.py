@@ -11,9 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 
 from pack import fixed_pieces
-from pack.build import build
 from pack.fast_tokenizer import load_lite
-from pack.format import file_sha256
 from pack.templates import Renderer
 from test_head_tokens import _variants
 
@@ -149,14 +147,3 @@ def test_renderer_with_reuse_equals_renderer_without(tokenizer_dir, chat_jsonl,
     for x, y in zip(a[1:], b[1:]):
         assert np.array_equal(x, y)
 
-
-def test_chat_build_is_byte_identical_without_reuse(tokenizer_dir, chat_jsonl, tmp_path,
-                                                    monkeypatch):
-    digests = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("PACKTRAIN_HEAD_TOKENS", flag)
-        out = tmp_path / f"reuse{flag}"
-        build(dict(inputs=[str(chat_jsonl)], out=str(out), tokenizer=str(tokenizer_dir),
-                   max_length=1024, workers=2, quiet=True))
-        digests.append({p.name: file_sha256(p) for p in sorted(out.glob("shard-*.arrow"))})
-    assert digests[0] and digests[0] == digests[1]

@@ -167,13 +167,17 @@ def test_check_catches_wrong_reused_ids(tokenizer_dir, monkeypatch):
     assert why == "token ids or labels of a record differ" and record is None
 
 
-def test_build_is_byte_identical_without_reuse(tokenizer_dir, alpaca_jsonl, tmp_path,
+@pytest.mark.parametrize("corpus", ["alpaca_jsonl", "chat_jsonl"])
+def test_build_is_byte_identical_without_reuse(tokenizer_dir, corpus, request, tmp_path,
                                                monkeypatch):
+    """PACKTRAIN_HEAD_TOKENS=0 turns off the reuse of both modules: Alpaca's header
+    (head_tokens) and template text at segment ends (fixed_pieces)."""
+    src = request.getfixturevalue(corpus)
     digests = []
     for flag in ("1", "0"):
         monkeypatch.setenv("PACKTRAIN_HEAD_TOKENS", flag)
         out = tmp_path / f"reuse{flag}"
-        build(dict(inputs=[str(alpaca_jsonl)], out=str(out), tokenizer=str(tokenizer_dir),
+        build(dict(inputs=[str(src)], out=str(out), tokenizer=str(tokenizer_dir),
                    max_length=1024, workers=2, quiet=True))
         digests.append({p.name: file_sha256(p) for p in sorted(out.glob("shard-*.arrow"))})
     assert digests[0] and digests[0] == digests[1]
