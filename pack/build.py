@@ -791,7 +791,8 @@ class _SampleStore:
 
     def gather(self, idx: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                                      np.ndarray]:
-        """Tokens and labels of samples ``idx`` back to back, and their cu_seqlens."""
+        """Tokens and labels of samples ``idx`` back to back, and the samples' boundaries in
+        them (int64, from 0)."""
         lens = lengths[idx].astype(np.int64)
         cu = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lens, out=cu[1:])
@@ -803,7 +804,7 @@ class _SampleStore:
         self._since_release += len(idx)
         if self._since_release >= self.RELEASE_EVERY:
             self.release()
-        return ids, labels, cu.astype(np.int32)
+        return ids, labels, cu
 
     def release(self) -> None:
         self._since_release = 0
@@ -1186,14 +1187,21 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
         # ---- write shards
         store.open(len(lengths))
         writer = fmt_mod.ShardWriter(out, max_packs=max_packs, max_bytes=max_bytes)
-        pack_tokens = np.zeros(len(bins), dtype=np.int64)
+        # the samples of every pack, in write order; each record batch is gathered and
+        # written in one go (per pack, the numpy calls cost more than the copying)
+        in_order = [bins[b] for b in order]
+        pack_samples = np.fromiter(map(len, in_order), dtype=np.int64, count=len(in_order))
+        all_idx = np.concatenate(in_order)
+        first = np.zeros(len(in_order) + 1, dtype=np.int64)
+        np.cumsum(pack_samples, out=first[1:])
+        pack_tokens = np.add.reduceat(lengths[all_idx], first[:-1])
+        del in_order
         wbar = ui.bar(desc="write", unit="pack", total=len(bins))
-        for n, b in enumerate(order):
-            idx = bins[b]
+        for a, z, close in writer.plan(pack_tokens, pack_samples):
+            idx = all_idx[first[a]:first[z]]
             ids, labels, cu = store.gather(idx, lengths)
-            writer.add(ids, labels, cu, sample_index[idx])
-            pack_tokens[n] = len(ids)
-            wbar.update(1)
+            writer.add_batch(ids, labels, cu, pack_samples[a:z], sample_index[idx], close)
+            wbar.update(z - a)
         shards = writer.close()
         wbar.close()
         store.close()

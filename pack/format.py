@@ -221,24 +221,88 @@ class ShardWriter:
         n = len(self._buf["input_ids"][-1])
         self._shard_packs += 1
         self._shard_tokens += n
-        # 4+4+4 bytes per token plus offsets: close enough to roll shards on size.
-        self._shard_bytes += 12 * n + 4 * len(cu) + 8 * len(sample_index) + 40
+        self._shard_bytes += _pack_bytes(n, len(cu), len(sample_index))
         if len(self._buf["input_ids"]) >= self.batch_packs:
             self._flush()
-        if (self.max_packs and self._shard_packs >= self.max_packs) or (
-                self.max_bytes and self._shard_bytes >= self.max_bytes):
+        if self._shard_full():
+            self._close_shard()
+
+    def _shard_full(self) -> bool:
+        return bool((self.max_packs and self._shard_packs >= self.max_packs)
+                    or (self.max_bytes and self._shard_bytes >= self.max_bytes))
+
+    def plan(self, pack_tokens: np.ndarray, pack_samples: np.ndarray
+             ) -> list[tuple[int, int, bool]]:
+        """The record batches that :meth:`add` would write for these packs, added next and in
+        this order: ``(first, end, the shard closes after it)``, for :meth:`add_batch`. The
+        bytes written are the same either way."""
+        if any(self._buf.values()):
+            raise RuntimeError("plan() after add() without a flush")
+        out: list[tuple[int, int, bool]] = []
+        start, packs, size = 0, self._shard_packs, self._shard_bytes
+        for i, (n, s) in enumerate(zip(pack_tokens.tolist(), pack_samples.tolist())):
+            packs += 1
+            size += _pack_bytes(n, s + 1, s)
+            full = bool((self.max_packs and packs >= self.max_packs)
+                        or (self.max_bytes and size >= self.max_bytes))
+            if full or i + 1 - start >= self.batch_packs:
+                out.append((start, i + 1, full))
+                start = i + 1
+                if full:
+                    packs = size = 0
+        if start < len(pack_tokens):
+            out.append((start, len(pack_tokens), False))
+        return out
+
+    def add_batch(self, input_ids: np.ndarray, labels: np.ndarray, cu_samples: np.ndarray,
+                  pack_samples: np.ndarray, sample_index: np.ndarray,
+                  close_shard: bool = False) -> None:
+        """Write packs as one record batch, as :meth:`plan` cut them: their tokens and labels
+        back to back, ``cu_samples`` the samples' boundaries in them (from 0), ``pack_samples``
+        how many samples each pack holds. position_ids and each pack's cu_seqlens are derived
+        here, as :meth:`add` derives them."""
+        cu = np.asarray(cu_samples, dtype=np.int64)
+        ps = np.zeros(len(pack_samples) + 1, dtype=np.int64)
+        np.cumsum(pack_samples, out=ps[1:])
+        tok_off = cu[ps]  # each pack's first token
+        k, total = len(pack_samples), int(cu[-1])
+        lens = np.diff(cu)
+        positions = (np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)).astype(np.int32)
+        # each pack's cu_seqlens: its samples' boundaries, from its own first token
+        per_pack = np.asarray(pack_samples, dtype=np.int64) + 1
+        cu_off = np.zeros(k + 1, dtype=np.int64)
+        np.cumsum(per_pack, out=cu_off[1:])
+        at = np.repeat(ps[:-1], per_pack) + (np.arange(int(cu_off[-1])) -
+                                             np.repeat(cu_off[:-1], per_pack))
+        cu_values = (cu[at] - np.repeat(tok_off[:-1], per_pack)).astype(np.int32)
+        self._shard_packs += k
+        self._shard_tokens += total
+        self._shard_bytes += int(12 * total + 12 * len(lens) + 44 * k)
+        cols = {"input_ids": (tok_off, input_ids), "labels": (tok_off, labels),
+                "position_ids": (tok_off, positions), "cu_seqlens": (cu_off, cu_values),
+                "sample_index": (ps, sample_index)}
+        arrays = [pa.ListArray.from_arrays(
+            numpy_to_arrow(off.astype(np.int32), pa.int32()),
+            numpy_to_arrow(vals, SHARD_SCHEMA.field(c).type.value_type))
+            for c, (off, vals) in cols.items()]
+        self._open_shard()
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SHARD_SCHEMA))
+        if close_shard:
             self._close_shard()
 
     def _flush(self) -> None:
         if not self._buf["input_ids"]:
             return
+        self._open_shard()
+        arrays = [_list_array(self._buf[c], SHARD_SCHEMA.field(c).type.value_type) for c in COLUMNS]
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SHARD_SCHEMA))
+        self._buf = {c: [] for c in COLUMNS}
+
+    def _open_shard(self) -> None:
         if self._writer is None:
             self._tmp = self.out_dir / f".{shard_name(len(self.shards))}.tmp"
             self._sink = HashingSink(self._tmp)
             self._writer = pa.ipc.new_stream(self._sink, SHARD_SCHEMA)
-        arrays = [_list_array(self._buf[c], SHARD_SCHEMA.field(c).type.value_type) for c in COLUMNS]
-        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SHARD_SCHEMA))
-        self._buf = {c: [] for c in COLUMNS}
 
     def _close_shard(self) -> None:
         self._flush()
@@ -277,6 +341,12 @@ class ShardWriter:
                 pass
         self._writer = self._sink = self._tmp = None
         self._buf = {c: [] for c in COLUMNS}
+
+
+def _pack_bytes(n_tokens: int, n_cu: int, n_index: int) -> int:
+    """A pack's size in a shard, close enough to roll shards on: 4+4+4 bytes per token (ids,
+    labels, positions), its cu_seqlens and sample indices, and its list offsets."""
+    return 12 * n_tokens + 4 * n_cu + 8 * n_index + 40
 
 
 def numpy_to_arrow(values: np.ndarray, value_type: pa.DataType) -> pa.Array:

@@ -218,17 +218,17 @@ def test_interrupted_writer_leaves_no_manifest(tmp_path, tokenizer_dir, alpaca_l
     assert build_main(args) == 0  # a complete dataset first; the rebuild then fails midway
     assert F.verify(out) == []
     calls = {"n": 0}
-    real_add = F.ShardWriter.add
+    real_add = F.ShardWriter.add_batch
 
-    def add(self, *a, **kw):
+    def add(self, *a, **kw):  # a record batch of 3 packs: one shard each
         calls["n"] += 1
-        if calls["n"] == 8:
+        if calls["n"] == 3:
             raise KeyboardInterrupt
         return real_add(self, *a, **kw)
 
-    monkeypatch.setattr(F.ShardWriter, "add", add)
+    monkeypatch.setattr(F.ShardWriter, "add_batch", add)
     assert build_main(args + ["--overwrite"]) == 130
-    assert calls["n"] == 8
+    assert calls["n"] == 3
     assert "error:" in capsys.readouterr().err
     assert not (out / F.MANIFEST).exists()
     assert not out.exists() or list(out.iterdir()) == []
@@ -236,7 +236,7 @@ def test_interrupted_writer_leaves_no_manifest(tmp_path, tokenizer_dir, alpaca_l
     def broken(self, *a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(F.ShardWriter, "add", broken)
+    monkeypatch.setattr(F.ShardWriter, "add_batch", broken)
     assert build_main(args) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "No space left on device" in err

@@ -109,6 +109,36 @@ def test_shardwriter_same_packs_same_bytes(tmp_path):
     assert [s.sha256 for s in ia] == [s.sha256 for s in ib]
 
 
+@pytest.mark.parametrize("kw", [
+    dict(max_packs=3, max_bytes=None, batch_packs=2),
+    dict(max_packs=None, max_bytes=2000, batch_packs=4),
+    dict(max_packs=None, max_bytes=None, batch_packs=3),
+    dict(max_packs=5, max_bytes=1500, batch_packs=256),
+])
+def test_batches_as_planned_give_the_same_bytes_as_pack_by_pack(tmp_path, kw):
+    """pack-build writes each record batch in one go (plan, add_batch); the shards are the
+    bytes that adding the same packs one by one writes."""
+    rng = np.random.default_rng(4)
+    packs = [random_pack(rng) for _ in range(23)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _, one_by_one = write_dataset(a, packs, **kw)
+    w = F.ShardWriter(b, **kw)
+    pack_samples = np.array([len(p[3]) for p in packs])
+    plan = w.plan(np.array([len(p[0]) for p in packs]), pack_samples)
+    assert [z for _, z, _ in plan][-1] == len(packs)
+    assert all(z - s <= kw["batch_packs"] for s, z, _ in plan)
+    for s, z, close in plan:
+        group = packs[s:z]
+        lens = np.concatenate([np.diff(p[2]) for p in group])
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        w.add_batch(np.concatenate([p[0] for p in group]), np.concatenate([p[1] for p in group]),
+                    cu, pack_samples[s:z], np.concatenate([p[3] for p in group]), close)
+    batched = w.close()
+    assert [x.to_json() for x in batched] == [x.to_json() for x in one_by_one]
+    assert len(batched) == sum(close for _, _, close in plan) + (not plan[-1][2])
+
+
 def test_hashing_sink_hashes_exactly_what_it_wrote(tmp_path):
     """The digest is the file's even when the caller reuses its buffer and the hash queue is
     full (backlog 1: every write waits for the one before to be hashed)."""
