@@ -15,9 +15,10 @@ records, repeated ``--scale`` times, rendered with trl's llama3 chat template) a
 * the bare fast tokenizer (``tokenizers.Tokenizer.encode_batch``, batches of 1,000, Rust threads
   ``RAYON_NUM_THREADS=N``) on exactly the texts pack-build renders: the ceiling for any pipeline
   that must tokenize them whole. pack-build need not: it tokenizes the Alpaca prompt header once
-  per process and reuses its ids where that is provably exact (pack/head_tokens.py), so each
-  Alpaca pair also runs pack-build without that reuse (``PACKTRAIN_HEAD_TOKENS=0``), reported as
-  ``ratio.build_no_head_reuse``;
+  per process and reuses its ids where that is provably exact (pack/head_tokens.py), and likewise
+  a chat template's text up to and from the special tokens at each segment's ends
+  (pack/fixed_pieces.py), so each pair also runs pack-build without that reuse
+  (``PACKTRAIN_HEAD_TOKENS=0``), reported as ``ratio.build_no_reuse``;
 * the allocator: pack-build runs on jemalloc or mimalloc where one is installed
   (pack/allocator.py; ``PACKTRAIN_ALLOCATOR`` as for pack-build). The bare tokenizer is then
   measured twice in each pair, as shipped (the system's malloc: ``ratio.build``) and on the same
@@ -483,16 +484,16 @@ def main(argv=None) -> int:
                     f"{pairs[-1]['ratio_build_same_allocator']:.2f}"
                     + (f"; on the system malloc {pb_sys['tokens_per_s_build']:,.0f} tok/s, "
                        f"ratio {pairs[-1]['ratio_build_system_malloc']:.2f}" if pb_sys else ""))
-                if fmt == "alpaca":  # the same pair, with the prompt header tokenized each time
-                    nr = pack_build(src, work / f"{name}.out", tok, n, L,
-                                    env={"PACKTRAIN_HEAD_TOKENS": "0"})
-                    pairs[-1]["no_head_reuse"] = nr
-                    # like-for-like: the same allocator as the bare tokenizer it is set against
-                    pairs[-1]["ratio_build_no_head_reuse"] = (
-                        nr["tokens_per_s_build"] / (bare_alloc or bare)["tokens_per_s"])
-                    log(f"{name}: pair {i + 1}/{repeat}: without header reuse "
-                        f"{nr['tokens_per_s_build']:,.0f} tok/s (build); ratio "
-                        f"{pairs[-1]['ratio_build_no_head_reuse']:.2f}")
+                # the same pair with every text tokenized whole, fixed template text included
+                nr = pack_build(src, work / f"{name}.out", tok, n, L,
+                                env={"PACKTRAIN_HEAD_TOKENS": "0"})
+                pairs[-1]["no_reuse"] = nr
+                # like-for-like: the same allocator as the bare tokenizer it is set against
+                pairs[-1]["ratio_build_no_reuse"] = (
+                    nr["tokens_per_s_build"] / (bare_alloc or bare)["tokens_per_s"])
+                log(f"{name}: pair {i + 1}/{repeat}: without fixed-text reuse "
+                    f"{nr['tokens_per_s_build']:,.0f} tok/s (build); ratio "
+                    f"{pairs[-1]['ratio_build_no_reuse']:.2f}")
             bare_runs = [p["bare"] for p in pairs]
             pb_runs = [p["pack_build"] for p in pairs]
             r["pairs"] = pairs
@@ -508,11 +509,10 @@ def main(argv=None) -> int:
                                                        "tokens_per_s")
                 r["pack_build_system_malloc"] = median_run(
                     [p["pack_build_system_malloc"] for p in pairs], "tokens_per_s_build")
-            if fmt == "alpaca":
-                r["ratio"]["build_no_head_reuse"] = statistics.median(
-                    p["ratio_build_no_head_reuse"] for p in pairs)
-                r["pack_build_no_head_reuse"] = median_run(
-                    [p["no_head_reuse"] for p in pairs], "tokens_per_s_build")
+            r["ratio"]["build_no_reuse"] = statistics.median(
+                p["ratio_build_no_reuse"] for p in pairs)
+            r["pack_build_no_reuse"] = median_run([p["no_reuse"] for p in pairs],
+                                                  "tokens_per_s_build")
             r["bare_tokenizer"] = median_run(bare_runs, "tokens_per_s")
             r["pack_build"] = median_run(pb_runs, "tokens_per_s_build")
             r["runs"] = {"bare_tokenizer": [x["tokens_per_s"] for x in bare_runs],
@@ -617,14 +617,15 @@ def print_table(res: dict) -> None:
         row(name, f"pack-build ({n} workers), process", pb["tokens_per_s_wall"], None, b,
             f"{pb['wall_s']:.1f} s incl. interpreter, imports, tokenizer load",
             ratio=q["wall"])
-        if "pack_build_no_head_reuse" in r:
-            nr = r["pack_build_no_head_reuse"]
-            row(name, f"pack-build ({n} workers), no header reuse", nr["tokens_per_s_build"],
+        if "pack_build_no_reuse" in r:
+            nr = r["pack_build_no_reuse"]
+            row(name, f"pack-build ({n} workers), no fixed-text reuse", nr["tokens_per_s_build"],
                 nr["tokens_per_cpu_s"], ba or b,
-                "PACKTRAIN_HEAD_TOKENS=0: the Alpaca prompt header tokenized in every record, "
-                "as the bare tokenizer does (pack/head_tokens.py); against the bare tokenizer on "
+                "PACKTRAIN_HEAD_TOKENS=0: the Alpaca prompt header and the template text at "
+                "segment ends tokenized in every record, as the bare tokenizer does "
+                "(pack/head_tokens.py, pack/fixed_pieces.py); against the bare tokenizer on "
                 "the same allocator",
-                ratio=q["build_no_head_reuse"])
+                ratio=q["build_no_reuse"])
         if "pack_build_cold" in r:
             c = r["pack_build_cold"]
             row(name, f"pack-build ({n} workers), first build", c["tokens_per_s_build"],
