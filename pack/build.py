@@ -796,14 +796,20 @@ class _SampleStore:
         lens = lengths[idx].astype(np.int64)
         cu = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lens, out=cu[1:])
-        total = int(cu[-1])
-        ramp = np.arange(total, dtype=np.int64)
-        ids = self.flat[np.repeat(self.ids_at[idx] - cu[:-1], lens) + ramp]
-        labels = self.flat[np.repeat(self.labels_at[idx] - cu[:-1], lens) + ramp]
+        ids = np.empty(int(cu[-1]), dtype=np.int32)
+        labels = np.empty(int(cu[-1]), dtype=np.int32)
+        step = self.RELEASE_EVERY
+        for s in range(0, len(idx), step):  # a record batch holds thousands of samples
+            e = min(s + step, len(idx))
+            a, z = int(cu[s]), int(cu[e])
+            ramp = np.arange(a, z, dtype=np.int64)
+            ids[a:z] = self.flat[np.repeat(self.ids_at[idx[s:e]] - cu[s:e], lens[s:e]) + ramp]
+            labels[a:z] = self.flat[np.repeat(self.labels_at[idx[s:e]] - cu[s:e], lens[s:e])
+                                    + ramp]
+            self._since_release += e - s
+            if self._since_release >= step:
+                self.release()
         labels[cu[:-1]] = IGNORE_INDEX
-        self._since_release += len(idx)
-        if self._since_release >= self.RELEASE_EVERY:
-            self.release()
         return ids, labels, cu
 
     def release(self) -> None:

@@ -321,3 +321,32 @@ def test_sources_are_hashed_beside_the_workers(tmp_path, alpaca_jsonl, tokenizer
         m = run([a, b], tmp_path / f"out{workers}", tokenizer_dir, workers=workers)
         assert [s["sha256"] for s in m["sources"]] == [F.file_sha256(a), F.file_sha256(b)]
         assert [s["records"] for s in m["sources"]] == [200, 300]
+
+
+def test_sample_store_gathers_a_batch_releasing_pages_as_it_goes(tmp_path, monkeypatch):
+    """A record batch gathers thousands of samples from the spill file; mapped pages are
+    released every RELEASE_EVERY samples within it, so resident memory stays bounded."""
+    from pack.build import _SampleStore
+
+    rng = np.random.default_rng(5)
+    lens = rng.integers(1, 40, size=50)
+    samples = [rng.integers(0, 1000, size=n).astype(np.int32) for n in lens]
+    store = _SampleStore(tmp_path / "spill.arrow")
+    for s in range(0, 50, 20):  # appended in chunks, as results come back
+        part = samples[s:s + 20]
+        store.append(lens[s:s + 20], np.concatenate(part), np.concatenate(part) + 1)
+    store.finish_writing()
+    store.open(50)
+    released = []
+    monkeypatch.setattr(_SampleStore, "RELEASE_EVERY", 7)
+    monkeypatch.setattr(store, "release", lambda: released.append(store._since_release)
+                        or setattr(store, "_since_release", 0))
+    idx = rng.permutation(50)[:45]
+    ids, labels, cu = store.gather(idx, lens)
+    assert released == [7] * 6  # 45 samples: a release after each 7
+    np.testing.assert_array_equal(ids, np.concatenate([samples[i] for i in idx]))
+    want = np.concatenate([samples[i] + 1 for i in idx])
+    want[cu[:-1]] = F.IGNORE_INDEX
+    np.testing.assert_array_equal(labels, want)
+    np.testing.assert_array_equal(cu, np.concatenate([[0], np.cumsum(lens[idx])]))
+    store.close()
