@@ -57,8 +57,11 @@ template; other keys (``name``, ``tool_calls``, ``weight``) are ignored.
 Tokenization: all segments of a batch go to the Rust tokenizer in one ``encode_batch_fast`` call
 (no special tokens added; special-token strings in the text, such as ``<|eot_id|>`` in the
 template text, become their single ids), and the ids of a record are its segments' ids back to
-back, so the label boundaries are exact. The Rust call uses all cores unless
-``TOKENIZERS_PARALLELISM=false``: set that in worker processes when running several.
+back, so the label boundaries are exact. Fixed template text at a segment's ends (Alpaca's
+header, a chat template's text up to and from its special tokens) is tokenized once and its ids
+reused where that is exact (:mod:`pack.head_tokens`, :mod:`pack.fixed_pieces`). The Rust call
+uses all cores unless ``TOKENIZERS_PARALLELISM=false``: set that in worker processes when
+running several.
 
 Workers: a Renderer pickles (its tokenizer pickles; caches are dropped) but a tokenizer is a
 ~7 MB pickle, so prefer ``Renderer.from_config(renderer.config(), tokenizer)`` in each worker,
