@@ -224,12 +224,13 @@ class ShardWriter:
         self._shard_bytes += _pack_bytes(n, len(cu), len(sample_index))
         if len(self._buf["input_ids"]) >= self.batch_packs:
             self._flush()
-        if self._shard_full():
+        if self._full(self._shard_packs, self._shard_bytes):
             self._close_shard()
 
-    def _shard_full(self) -> bool:
-        return bool((self.max_packs and self._shard_packs >= self.max_packs)
-                    or (self.max_bytes and self._shard_bytes >= self.max_bytes))
+    def _full(self, packs: int, size: int) -> bool:
+        """Whether a shard of ``packs`` packs and about ``size`` bytes is to be closed."""
+        return bool((self.max_packs and packs >= self.max_packs)
+                    or (self.max_bytes and size >= self.max_bytes))
 
     def plan(self, pack_tokens: np.ndarray, pack_samples: np.ndarray
              ) -> list[tuple[int, int, bool]]:
@@ -243,8 +244,7 @@ class ShardWriter:
         for i, (n, s) in enumerate(zip(pack_tokens.tolist(), pack_samples.tolist())):
             packs += 1
             size += _pack_bytes(n, s + 1, s)
-            full = bool((self.max_packs and packs >= self.max_packs)
-                        or (self.max_bytes and size >= self.max_bytes))
+            full = self._full(packs, size)
             if full or i + 1 - start >= self.batch_packs:
                 out.append((start, i + 1, full))
                 start = i + 1
@@ -266,18 +266,17 @@ class ShardWriter:
         np.cumsum(pack_samples, out=ps[1:])
         tok_off = cu[ps]  # each pack's first token
         k, total = len(pack_samples), int(cu[-1])
-        lens = np.diff(cu)
-        positions = (np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)).astype(np.int32)
+        positions = positions_from_cu(cu)  # restart at every sample, so at every pack too
         # each pack's cu_seqlens: its samples' boundaries, from its own first token
         per_pack = np.asarray(pack_samples, dtype=np.int64) + 1
         cu_off = np.zeros(k + 1, dtype=np.int64)
         np.cumsum(per_pack, out=cu_off[1:])
-        at = np.repeat(ps[:-1], per_pack) + (np.arange(int(cu_off[-1])) -
-                                             np.repeat(cu_off[:-1], per_pack))
+        at = np.repeat(ps[:-1], per_pack) + positions_from_cu(cu_off)  # index into cu
         cu_values = (cu[at] - np.repeat(tok_off[:-1], per_pack)).astype(np.int32)
         self._shard_packs += k
         self._shard_tokens += total
-        self._shard_bytes += int(12 * total + 12 * len(lens) + 44 * k)
+        n_samples = len(cu) - 1
+        self._shard_bytes += _pack_bytes(total, n_samples + k, n_samples, k)
         cols = {"input_ids": (tok_off, input_ids), "labels": (tok_off, labels),
                 "position_ids": (tok_off, positions), "cu_seqlens": (cu_off, cu_values),
                 "sample_index": (ps, sample_index)}
@@ -343,10 +342,10 @@ class ShardWriter:
         self._buf = {c: [] for c in COLUMNS}
 
 
-def _pack_bytes(n_tokens: int, n_cu: int, n_index: int) -> int:
-    """A pack's size in a shard, close enough to roll shards on: 4+4+4 bytes per token (ids,
-    labels, positions), its cu_seqlens and sample indices, and its list offsets."""
-    return 12 * n_tokens + 4 * n_cu + 8 * n_index + 40
+def _pack_bytes(n_tokens: int, n_cu: int, n_index: int, n_packs: int = 1) -> int:
+    """Packs' size in a shard, close enough to roll shards on: 4+4+4 bytes per token (ids,
+    labels, positions), their cu_seqlens and sample indices, and their list offsets."""
+    return 12 * n_tokens + 4 * n_cu + 8 * n_index + 40 * n_packs
 
 
 def numpy_to_arrow(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
