@@ -317,10 +317,34 @@ def test_killed_export_leftovers_removed(ckpts, tmp_path):
     stale = tmp_path / f"export.tmp-{dead}"  # what a SIGKILLed export leaves: never "export"
     stale.mkdir()
     (stale / "config.json").write_text("{}")
+    (stale / ".packtrain-export-partial").write_text(f"{dead}\n")
     live = tmp_path / f"export.tmp-{os.getpid()}x"  # not ours to judge: left alone
     live.mkdir()
     export_checkpoint(out / "z0", tmp_path / "export")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", live.name])
+
+
+def test_user_folders_named_like_leftovers_survive(ckpts, tmp_path):
+    """Only directories carrying the export's own marker (with the PID in their name) are
+    removed; a user's sib/hf.old-2024 or a dead-PID-named folder of theirs is never touched."""
+    from train.export import export_checkpoint
+
+    out, _ = ckpts
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    users = ["hf.old-2024", f"hf.tmp-{dead}", f"hf.old-{dead}"]
+    for name in users:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("mine")
+    wrong_pid = tmp_path / "hf.old-1"  # a marker naming another PID than the folder's name
+    wrong_pid.mkdir()
+    (wrong_pid / ".packtrain-export-partial").write_text(f"{dead}\n")
+    export_checkpoint(out / "z0", tmp_path / "hf")
+    export_checkpoint(out / "z0", tmp_path / "hf")  # a re-export goes through hf.old-PID too
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", "hf.old-1", *users])
+    for name in users:
+        assert (tmp_path / name / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "hf" / ".packtrain-export-partial").exists()
 
 
 def test_failed_reexport_keeps_previous(ckpts, tmp_path, monkeypatch):

@@ -417,3 +417,65 @@ def test_bad_faultpoint_setting_is_a_clear_error(monkeypatch):
         _faultpoints()
     monkeypatch.setenv("PACKTRAIN_FAULTPOINT", "kill-in-ckpt:4, step-sleep:0.5")
     assert _faultpoints() == [("kill-in-ckpt", 4.0, None), ("step-sleep", 0.5, None)]
+
+
+# ---------------------------------------------------------------- resume never mixes runs
+
+def _run_files(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_resume_into_another_run_is_refused(inproc, dataset, model_dir, tokenizer_dir, tmp_path):
+    """--output A --resume B (B another run) used to delete A's checkpoints, move A's `latest`
+    back and mix both runs' metrics, with exit 0. Now: refused in one line, A untouched; resuming
+    B into a new, empty directory works; a checkpoint of another model, LoRA setting or dataset
+    is refused (a dataset change only with --allow-dataset-change)."""
+    from pack.format import PacktrainError
+    from train.cli import parse_run_args
+    from train.loop import train
+    from train.tiny import make_tiny_model
+
+    from test_data import make_packed_dataset
+
+    def argv(out, *extra):
+        return ["--shards", str(dataset), "--model", str(model_dir), "--output", str(out),
+                "--dtype", "fp32", "--zero", "0", "--no-export", *extra]
+
+    run_a, run_b = tmp_path / "runA", tmp_path / "runB"
+    train(parse_run_args(argv(run_a, "--max-steps", "3", "--save-every", "1", "--seed", "1")))
+    train(parse_run_args(argv(run_b, "--max-steps", "1", "--seed", "2")))
+    before = _run_files(run_a)
+    assert (run_a / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    with pytest.raises(PacktrainError, match=r"holds another run.*new, empty --output"):
+        train(parse_run_args(argv(run_a, "--max-steps", "2", "--resume", str(run_b),
+                                  "--seed", "2")))
+    assert _run_files(run_a) == before, "the refused resume changed the other run"
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PacktrainError, match="not a directory"):
+        train(parse_run_args(argv(tmp_path / "file", "--max-steps", "2", "--resume",
+                                  str(run_b))))
+
+    run_c = tmp_path / "runC"  # a new, empty output: allowed
+    run_c.mkdir()
+    train(parse_run_args(argv(run_c, "--max-steps", "2", "--resume", str(run_b), "--seed", "2")))
+    assert (run_c / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert (run_b / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+
+    other_model = make_tiny_model("llama", tokenizer_dir, tmp_path / "model2", hidden=48,
+                                  layers=2, heads=4, kv_heads=2, seed=0)
+    with pytest.raises(PacktrainError, match="another model"):
+        train(parse_run_args(argv(tmp_path / "runD", "--max-steps", "2", "--resume", str(run_b),
+                                  "--model", str(other_model))))
+    with pytest.raises(PacktrainError, match="other LoRA settings"):
+        train(parse_run_args(argv(tmp_path / "runE", "--max-steps", "2", "--resume", str(run_b),
+                                  "--lora")))
+
+    data2 = make_packed_dataset(tokenizer_dir, tmp_path / "data2", max_length=128, records=60)
+    other = ["--shards", str(data2), "--model", str(model_dir), "--dtype", "fp32", "--zero", "0",
+             "--no-export", "--max-steps", "2", "--resume", str(run_b)]
+    with pytest.raises(PacktrainError, match="another dataset.*--allow-dataset-change"):
+        train(parse_run_args([*other, "--output", str(tmp_path / "runF")]))
+    summary = train(parse_run_args([*other, "--output", str(tmp_path / "runG"),
+                                    "--allow-dataset-change"]))
+    assert summary["steps"] == 2

@@ -96,6 +96,9 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="auto|PATH",
                    help="auto: continue from OUTPUT/checkpoints/latest if it exists; PATH: a "
                         "checkpoint step directory or run directory")
+    g.add_argument("--allow-dataset-change", action="store_true",
+                   help="--resume a checkpoint trained on another dataset (same tokenizer): "
+                        "weights and optimizer continue, the data stream starts at its beginning")
     g.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write a Hugging Face model to OUTPUT/export at the end")
     g.add_argument("--log-every", type=int, default=1,

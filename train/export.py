@@ -344,16 +344,36 @@ def _prepare_out(out_dir: Path) -> Path:
     _remove_stale(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
+        if not _ours(tmp):
+            raise PacktrainError(f"{tmp}: exists and was not made by train-export; move it away "
+                                 f"and export again")
         shutil.rmtree(tmp)
     tmp.mkdir()
+    _mark(tmp)
     return tmp
 
 
+# A directory this program made and may delete holds this file naming the PID that made it.
+# Names alone prove nothing: a user's OUT.old-2024 must survive every export.
+PARTIAL_MARKER = ".packtrain-export-partial"
+
+
+def _mark(d: Path) -> None:
+    (d / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
+
+
+def _ours(d: Path) -> bool:
+    return (d / PARTIAL_MARKER).is_file() and not (d / PARTIAL_MARKER).is_symlink()
+
+
 def _remove_stale(out_dir: Path) -> None:
-    """Remove OUT.tmp-PID / OUT.old-PID left by an export that was killed (its PID is gone)."""
+    """Remove OUT.tmp-PID / OUT.old-PID left by an export that was killed (its PID is gone): only
+    directories that carry this program's marker with that same PID."""
     for p in out_dir.parent.glob(f"{out_dir.name}.*-*"):
         kind, _, pid = p.name[len(out_dir.name) + 1:].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or not p.is_dir():
+        if kind not in ("tmp", "old") or not pid.isdigit() or p.is_symlink() or not p.is_dir():
+            continue
+        if not _ours(p) or (p / PARTIAL_MARKER).read_text().strip() != pid:
             continue
         try:
             os.kill(int(pid), 0)
@@ -370,7 +390,9 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        _mark(out_dir)  # if we die between the renames, the next export may remove `old`
         os.replace(out_dir, old)
+    (tmp / PARTIAL_MARKER).unlink()
     os.replace(tmp, out_dir)
     fsync_dir(out_dir.parent)
     if old is not None:

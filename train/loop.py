@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -499,6 +500,7 @@ class Run:
     keep_alive: Any = None
     model_path: str = ""
     debug_packs: Path | None = None
+    manifest_sha256: str = ""
 
 
 def planned_steps(args, stream: PackStream) -> int:
@@ -554,7 +556,8 @@ def build(args, dist: Dist) -> Run:
     return Run(args=args, dist=dist, engine=engine, model=engine.module, stream=stream,
                manifest=manifest, out=out, total_steps=total, backend=backend, dtype=dtype,
                ds_config=ds_config, keep_alive=keep_alive, model_path=str(model_path),
-               debug_packs=Path(debug) if debug else None)
+               debug_packs=Path(debug) if debug else None,
+               manifest_sha256=file_sha256(Path(args.shards) / "manifest.json"))
 
 
 def seed_everything(seed: int) -> None:
@@ -579,7 +582,7 @@ def write_run_files(run: Run) -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
         "model_path": str(Path(run.model_path).resolve()),
         "shards": str(Path(run.args.shards).resolve()),
-        "manifest_sha256": file_sha256(Path(run.args.shards) / "manifest.json"),
+        "manifest_sha256": run.manifest_sha256,
         "tokenizer_fingerprint": run.manifest["tokenizer"].get("fingerprint"),
         "world_size": run.dist.world_size,
         "dtype": run.dtype,
@@ -805,7 +808,7 @@ def save_checkpoint(run: Run, data_state: DataState, epoch: int, elapsed: float)
              "world_size": run.dist.world_size, "seed": run.args.seed,
              "micro_batch": run.args.micro_batch, "grad_accum": run.args.grad_accum,
              "tokens_seen": run.tokens_seen, "label_tokens_seen": run.label_tokens_seen,
-             "elapsed_s": elapsed, "total_steps": run.total_steps}
+             "elapsed_s": elapsed, "total_steps": run.total_steps, "identity": run_identity(run)}
     run.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"packtrain": state},
                                save_latest=False)
     faultpoint("kill-in-ckpt", run.step, run.dist.rank)
@@ -839,12 +842,77 @@ def find_resume(arg: str | None, out: Path) -> Path | None:
                          f"with {STATE_FILE}, or a directory with a '{LATEST}' file)")
 
 
+# Model config keys that say nothing about the weights' shapes or meaning.
+_VOLATILE_CONFIG = {"_attn_implementation", "_attn_implementation_internal", "_name_or_path",
+                    "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash"}
+
+
+def run_identity(run: Run) -> dict:
+    """What a checkpoint must share with the run that resumes it: the model (its config), the
+    dataset (manifest hash, tokenizer fingerprint) and the arguments that shape the weights and
+    optimizer state (LoRA, ZeRO stage)."""
+    from train.attention import unwrap_model
+
+    cfg = {k: v for k, v in unwrap_model(run.model).config.to_dict().items()
+           if k not in _VOLATILE_CONFIG}
+    a = run.args
+    return {
+        "model_config_sha256": hashlib.sha256(
+            json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+        "manifest_sha256": run.manifest_sha256,
+        "tokenizer_fingerprint": run.manifest["tokenizer"].get("fingerprint"),
+        "lora": ({"r": a.lora_r, "alpha": a.lora_alpha, "targets": a.lora_targets}
+                 if a.lora else None),
+        "zero": a.zero,
+    }
+
+
+def check_resume_target(resume_from: Path, out: Path) -> None:
+    """A resume writes only into the run it resumes, or into a new, empty --output: never into
+    another run, whose checkpoints and metrics it would overwrite and mix."""
+    if out.exists() and not out.is_dir():
+        raise PacktrainError(f"--output {out}: exists and is not a directory; choose another path")
+    same_run = resume_from.resolve().parent == (out / "checkpoints").resolve()
+    if same_run or not out.exists() or not any(out.iterdir()):
+        return
+    raise PacktrainError(f"--output {out} holds another run, and --resume {resume_from} belongs to "
+                         f"a different one; resume it into its own run directory or into a new, "
+                         f"empty --output")
+
+
+def check_identity(run: Run, path: Path, saved: dict | None) -> bool:
+    """Refuse a checkpoint of another model or of other LoRA/ZeRO settings in one line; a
+    different dataset only with --allow-dataset-change. Returns True when the dataset changed
+    (its data position then means nothing here). Checkpoints older than this check carry no
+    identity and are taken as they are."""
+    if not saved:
+        return False
+    now = run_identity(run)
+    what = {"model_config_sha256": "another model (its config differs)",
+            "lora": "other LoRA settings", "zero": "another ZeRO stage"}
+    for key, text in what.items():
+        if key in saved and saved[key] != now[key]:
+            raise PacktrainError(f"--resume {path}: the checkpoint is of {text} than this run "
+                                 f"({saved[key]} vs {now[key]}); resume with the arguments and "
+                                 f"model it was trained with")
+    if saved.get("tokenizer_fingerprint") != now["tokenizer_fingerprint"]:
+        raise PacktrainError(f"--resume {path}: the checkpoint was trained on a dataset of another "
+                             f"tokenizer; its token ids mean something else here")
+    changed = saved.get("manifest_sha256") != now["manifest_sha256"]
+    if changed and not run.args.allow_dataset_change:
+        raise PacktrainError(f"--resume {path}: the checkpoint was trained on another dataset "
+                             f"(manifest sha256 differs); pass --allow-dataset-change to continue "
+                             f"on this one from its start")
+    return changed
+
+
 def restore_checkpoint(run: Run, path: Path) -> DataState:
     """Model, optimizer and scheduler via DeepSpeed; data position, counters and RNG states."""
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise PacktrainError(f"{path}: incomplete checkpoint ({STATE_FILE} missing)")
     state = json.loads(state_file.read_text())
+    new_data = check_identity(run, path, state.get("identity"))
     load_path, _ = run.engine.load_checkpoint(str(path.parent), tag=path.name,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -869,6 +937,10 @@ def restore_checkpoint(run: Run, path: Path) -> DataState:
              f"RNG states re-seeded")
     else:
         log0("warning: world size changed since the checkpoint; RNG states re-seeded")
+    if new_data:
+        log0("note: another dataset than the checkpoint's (--allow-dataset-change): the data "
+             "stream starts at its beginning")
+        return DataState()
     return DataState.from_dict(state["data"])
 
 
@@ -897,6 +969,8 @@ def train(args) -> dict:
     _faultpoints()  # a malformed test setting fails here, before any work
     out = Path(args.output)
     resume_from = find_resume(args.resume, out)
+    if resume_from is not None:
+        check_resume_target(resume_from, out)
     if resume_from is None and (out / "checkpoints" / LATEST).is_file():
         raise PacktrainError(f"{out} already holds a run with checkpoints; pass --resume auto to "
                              f"continue it, or choose another --output")
