@@ -203,7 +203,7 @@ def render_texts(src: Path, tok_dir: Path, fmt: str, texts_out: Path,
     """Render every record (one core) as pack-build does; save the full texts for the bare
     tokenizer (and, with ``segments_out``, every segment, for the tokenize-only pipeline).
     Returns chars/s of the rendering stage."""
-    from pack.format import load_tokenizer
+    from pack.tokenize.loading import load_tokenizer
     from pack.templates import Renderer
 
     tok = load_tokenizer(tok_dir)
@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     repeat = args.repeat or (1 if args.quick else 5)
     scale = args.scale or (1 if args.quick else 2)
 
-    from pack.allocator import find, name_in
+    from pack.tokenize.allocator import find, name_in
     from pack.offline import llama3_tokenizer_dir
 
     # pack-build runs on jemalloc/mimalloc where installed (pack/allocator.py); the bare

@@ -302,7 +302,7 @@ def run_trainer(kind: str, model_dir: Path, tok_dir: Path, work: Path, samples, 
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from pack.format import load_tokenizer
+    from pack.tokenize.loading import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     if tok.pad_token is None:

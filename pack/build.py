@@ -59,7 +59,10 @@ import pyarrow as pa
 
 from . import __version__
 from . import format as fmt_mod
-from .format import IGNORE_INDEX, MANIFEST, PacktrainError
+from .files import file_sha256, fsync_dir, write_atomic
+from .tokenize.loading import load_tokenizer, tokenizer_record
+from .errors import PacktrainError
+from .format import IGNORE_INDEX, MANIFEST
 
 CHUNK = 128            # records per task handed to a worker (small: little idle tail)
 # JSON Lines tasks end at this many bytes of lines (or RAW_CHUNK_RECORDS records): 128 short
@@ -158,13 +161,13 @@ _TOKENIZER_CACHE: dict[tuple, Any] = {}
 
 
 def load_tokenizer_cached(path: str, lite: bool = False):
-    """:func:`pack.format.load_tokenizer` (or, with ``lite``, :func:`pack.fast_tokenizer.load_lite`,
+    """:func:`pack.tokenize.loading.load_tokenizer` (or, with ``lite``, :func:`pack.fast_tokenizer.load_lite`,
     which may give None), remembered per process for an unchanged path (loading a
     128k-vocabulary tokenizer takes seconds; tests and library callers build many times).
     Nothing in the pipeline modifies a tokenizer, so sharing it is safe."""
     from .fast_tokenizer import load_lite
 
-    load = load_lite if lite else fmt_mod.load_tokenizer
+    load = load_lite if lite else load_tokenizer
     p = Path(path)
     try:
         files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file())
@@ -267,7 +270,7 @@ def _start_check(check: _LiteCheck, tokenizer, tok_path: str, spec: "EncodeSpec"
 def _tokenizer_entry(check: _LiteCheck | None, tokenizer, tok_path: str) -> dict:
     """The manifest's tokenizer entry; for a lite view, once its check has passed."""
     if check is None:
-        return fmt_mod.tokenizer_record(tokenizer, tok_path)
+        return tokenizer_record(tokenizer, tok_path)
     if check.record is not None:
         return check.record
     from .fast_tokenizer import remember
@@ -330,7 +333,7 @@ def _hash_sources(paths: list[Path], sources: list[dict], load_validator: bool =
             for path, info in zip(paths, sources):
                 if info.get("sha256", "") is None:
                     try:
-                        info["sha256"] = fmt_mod.file_sha256(path)
+                        info["sha256"] = file_sha256(path)
                     except OSError as e:
                         raise _cannot_read(path, e) from None
             if load_validator:
@@ -422,7 +425,7 @@ def _renderer_from_spec(spec: EncodeSpec, tokenizer=None):
     from .templates import Renderer
 
     if tokenizer is None:
-        tokenizer = fmt_mod.load_tokenizer(spec.tokenizer)
+        tokenizer = load_tokenizer(spec.tokenizer)
     return Renderer(tokenizer, spec.fmt, spec.template, train_on_prompt=spec.train_on_prompt,
                     chat_template=spec.chat_template)
 
@@ -668,7 +671,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         manifest = out / MANIFEST
         if manifest.exists():
             manifest.unlink()
-            fmt_mod.fsync_dir(out)
+            fsync_dir(out)
         for p in out.iterdir():
             if _is_ours(p.name):
                 p.unlink()
@@ -1265,7 +1268,7 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
         fmt_mod.validate_manifest(manifest)
         from .card import dataset_card
 
-        fmt_mod.write_atomic(out / CARD, dataset_card(manifest).encode())
+        write_atomic(out / CARD, dataset_card(manifest).encode())
         fmt_mod.write_manifest(out, manifest)
     except BaseException:
         ui.close_all()
@@ -1276,7 +1279,7 @@ def _build(cfg: BuildConfig, allow_lite: bool = True) -> dict:
         _cleanup(out, writer, remove_shards=True, remove_dir=created_out)
         raise
     if not cfg.quiet:
-        from .allocator import describe
+        from .tokenize.allocator import describe
 
         print(summary(manifest), file=sys.stderr)
         print(f"allocator       {describe()}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """Command lines: ``pack-build``, ``pack-info``, ``pack-verify``, ``pack-merge``.
 
 Every command prints ``error: <one line>`` on stderr and exits 2 for a user error
-(:class:`pack.format.PacktrainError`), exits 130 on Ctrl-C after cleaning up, and never shows a
+(:class:`pack.errors.PacktrainError`), exits 130 on Ctrl-C after cleaning up, and never shows a
 traceback for either. ``python -m pack.cli {build,info,verify,merge} ...`` runs the same commands.
 """
 
@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
-from .format import PacktrainError
+from .errors import PacktrainError
 
 EXIT_PROBLEMS = 1
 EXIT_USER_ERROR = 2
@@ -136,7 +136,7 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 def _faster_allocator() -> None:
     """Re-execute on jemalloc/mimalloc where installed (pack/allocator.py): the tokenizer's
     malloc traffic is about half its time on glibc's allocator."""
-    from .allocator import reexec
+    from .tokenize.allocator import reexec
 
     try:
         reexec()

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import format as fmt_mod
-from .format import PacktrainError
+from .tokenize.loading import tokenizer_record
+from .errors import PacktrainError
 
 SAMPLE = 512  # records rendered and tokenized for the estimate
 
@@ -126,7 +126,7 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
         "template": template,
         "chat_template": cfg.chat_template or ("tokenizer's" if resolved_ct else None),
         "train_on_prompt": bool(cfg.train_on_prompt),
-        "tokenizer": fmt_mod.tokenizer_record(tokenizer, tok_path),
+        "tokenizer": tokenizer_record(tokenizer, tok_path),
         "max_length": max_len,
         "strategy": cfg.strategy,
         "overlong": cfg.overlong,

@@ -101,7 +101,7 @@ class LiteTokenizer:
     # ---- everything else: transformers' own object
     def full(self):
         if self._full is None:
-            from .format import load_tokenizer
+            from .tokenize.loading import load_tokenizer
 
             self._full = load_tokenizer(self.path)
         return self._full
@@ -130,7 +130,7 @@ def _read_json(path: Path) -> Any:
 def load_lite(path: str | os.PathLike) -> LiteTokenizer | None:
     """The lite view of a tokenizer directory (generic fast class) or a bare tokenizer.json, or
     None when this module does not model it (transformers then loads it)."""
-    from .format import _GENERIC_TOKENIZER_CLASSES
+    from .tokenize.loading import _GENERIC_TOKENIZER_CLASSES
 
     if not enabled():
         return None
@@ -257,7 +257,8 @@ def compare(lite: LiteTokenizer, path: str, renderer_args: dict[str, Any],
     ``records`` a few of its records: both renderers must give them the same ids and labels."""
     import numpy as np
 
-    from .format import PacktrainError, load_tokenizer, tokenizer_record
+    from .errors import PacktrainError
+    from .tokenize.loading import load_tokenizer, tokenizer_record
     from .templates import Renderer
 
     try:

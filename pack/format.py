@@ -1,7 +1,8 @@
 """The packed-dataset format: the one contract between `pack` and `train`.
 
 A packed dataset is a directory holding ``manifest.json`` and ``shard-NNNNN.arrow`` files
-(Arrow IPC *file* format, uncompressed, so readers memory-map them). One row is one pack:
+(Arrow IPC *stream* format since 2.0, uncompressed, so readers memory-map them; 1.x
+used the IPC file format and is still read). One row is one pack:
 
     input_ids    list<int32>  the tokens of all samples in the pack, back to back (T <= max_length)
     labels       list<int32>  token id where loss is taken, -100 elsewhere; unshifted (HF style)
@@ -20,14 +21,13 @@ Worked example: two samples, A = [a0 a1 a2] (prompt a0, response a1 a2) and B = 
 
 The manifest (validated against ``schemas/manifest.schema.json``) is written last and atomically:
 a directory without it is not a dataset. This module holds the schema, the shard writer, the
-memory-mapped reader, manifest read/validate, invariant checks and the tokenizer fingerprint.
+memory-mapped reader, manifest read/validate, invariant checks and verify.
 It imports no torch: `train` reads shards through it, `pack` writes through it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -37,6 +37,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+
+from .errors import FormatError
+from .files import HashingSink, file_sha256, fsync_dir, write_atomic
 
 FORMAT_NAME = "packtrain-packed"
 FORMAT_VERSION = "2.0"  # major.minor: readers refuse a newer major, accept any minor
@@ -60,115 +63,6 @@ SHARD_SCHEMA = pa.schema(
     metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION},
 )
 COLUMNS = tuple(SHARD_SCHEMA.names)
-
-
-class PacktrainError(Exception):
-    """An error the user can cause and fix: the message is one line naming the file, line or
-    field and what to do. CLIs print it and exit non-zero; they never show a traceback."""
-
-
-class FormatError(PacktrainError):
-    """A packed dataset that breaks the contract (missing, corrupt, edited or incompatible)."""
-
-    def __init__(self, message: str, shard: str | None = None, row: int | None = None,
-                 rule: str | None = None):
-        where = ""
-        if shard is not None:
-            where = shard + (f" row {row}" if row is not None else "") + ": "
-        super().__init__(where + message + (f" [rule: {rule}]" if rule else ""))
-        self.shard, self.row, self.rule = shard, row, rule
-
-
-# ---------------------------------------------------------------- hashing
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-class HashingSink:
-    """A write-only file that hashes what it writes on a thread of its own (hashlib lets go of
-    the GIL), so a shard's SHA-256 costs no second read and overlaps the gathering of the next
-    packs. :meth:`hexdigest` after :meth:`close` is ``file_sha256`` of the file."""
-
-    def __init__(self, path: str | os.PathLike, backlog: int = 16):
-        import queue
-        import threading
-
-        self._f = open(path, "wb")
-        self._h = hashlib.sha256()
-        # bounded (Arrow writes a batch's buffers, ~4 MB at most each): if hashing lags, writing
-        # waits instead of memory growing
-        self._q: Any = queue.Queue(maxsize=backlog)
-        self._pos = 0
-        self._t = threading.Thread(target=self._hash, name="shard-sha256", daemon=True)
-        self._t.start()
-
-    def _hash(self) -> None:
-        while (block := self._q.get()) is not None:
-            self._h.update(block)
-
-    def write(self, data) -> int:
-        n = self._f.write(data)
-        self._q.put(bytes(data))  # a copy: the caller may reuse its buffer
-        self._pos += len(data)
-        return n
-
-    def tell(self) -> int:
-        return self._pos
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def fileno(self) -> int:
-        return self._f.fileno()
-
-    @property
-    def closed(self) -> bool:
-        return self._f.closed
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if not self._f.closed:
-            try:
-                self._f.close()
-            finally:
-                self._q.put(None)
-                self._t.join()
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename durable; ignored where directories cannot be opened (some platforms)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------- writing shards
@@ -663,79 +557,3 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
                     f"the manifest was edited — rebuild the dataset", shard=MANIFEST,
                     rule=f"stats-{key.replace('_', '-')}")))
     return problems
-
-
-# ---------------------------------------------------------------- tokenizer identity
-
-# tokenizer_config.json classes that are the generic fast tokenizer itself: loaded directly,
-# without AutoTokenizer (whose import pulls in torch through transformers' config machinery).
-_GENERIC_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
-
-
-def _generic_tokenizer_dir(p: Path) -> bool:
-    try:
-        cfg = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (isinstance(cfg, dict) and cfg.get("tokenizer_class") in _GENERIC_TOKENIZER_CLASSES
-            and not cfg.get("auto_map") and (p / "tokenizer.json").is_file())
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """Load a local tokenizer: a Hugging Face tokenizer/model directory or a tokenizer.json.
-    Never downloads (local_files_only); errors name the path. A directory whose
-    tokenizer_config.json names the generic fast tokenizer class is loaded with that class
-    directly (the same object AutoTokenizer returns, without importing torch)."""
-    from transformers import PreTrainedTokenizerFast
-
-    p = Path(path)
-    try:
-        if p.is_file() and p.suffix == ".json":
-            return PreTrainedTokenizerFast(tokenizer_file=str(p))
-        if p.is_dir():
-            if _generic_tokenizer_dir(p):
-                return PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(p), local_files_only=True,
-                                                 trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for unreadable files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PacktrainError(f"{p}: cannot load the tokenizer ({msg}); pass a Hugging Face "
-                             f"tokenizer directory or a tokenizer.json") from None
-    raise PacktrainError(f"{p}: no such tokenizer directory or tokenizer.json; pass --tokenizer "
-                         f"PATH to a local tokenizer")
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over what decides the token ids a dataset holds: the token-to-id mapping (added
-    tokens included), the special tokens and the chat template. Class names do not count."""
-    h = hashlib.sha256()
-    vocab = tokenizer.get_vocab()
-    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]),
-                        ensure_ascii=False).encode())
-    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    h.update(json.dumps(special, sort_keys=True).encode())
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = json.dumps(template, sort_keys=True)
-    h.update((template or "").encode())
-    return "sha256:" + h.hexdigest()
-
-
-def tokenizer_record(tokenizer, path: str) -> dict[str, Any]:
-    """The manifest's `tokenizer` entry."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = json.dumps(template, sort_keys=True)
-    return {
-        "path": str(path),
-        "name": getattr(tokenizer, "name_or_path", "") or str(path),
-        "vocab_size": len(tokenizer),
-        "fingerprint": tokenizer_fingerprint(tokenizer),
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-    }

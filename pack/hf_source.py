@@ -28,7 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from .format import PacktrainError, file_sha256
+from .errors import PacktrainError
+from .files import file_sha256
 
 HUB_PREFIX = "hf://datasets/"
 BATCH_ROWS = 1024

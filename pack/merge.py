@@ -33,7 +33,9 @@ from typing import Any, Sequence
 
 from . import __version__
 from . import format as fmt_mod
-from .format import MANIFEST, PacktrainError
+from .files import fsync_dir, write_atomic
+from .errors import PacktrainError
+from .format import MANIFEST
 
 # Arguments that may differ between the partitions of one build: where the output went, which
 # partition it was, and options that do not change a byte of the output.
@@ -244,7 +246,7 @@ def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = 
                               "shards": [first, len(shards)], "packs": st["packs"],
                               "samples_packed": st["samples_packed"],
                               "seconds": st.get("seconds")})
-        fmt_mod.fsync_dir(out_p)
+        fsync_dir(out_p)
         files = ("hard-linked" if not how["copied"] else "copied" if not how["linked"]
                  else f"hard-linked {how['linked']}, copied {how['copied']}")
         manifest = {k: v for k, v in m0.items() if k != "partition"}
@@ -256,7 +258,7 @@ def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = 
                               "rule": m0["partition"]["rule"], "shard_files": files,
                               "packtrain": __version__, "parts": part_info}
         fmt_mod.validate_manifest(manifest)
-        fmt_mod.write_atomic(out_p / CARD, dataset_card(manifest).encode())
+        write_atomic(out_p / CARD, dataset_card(manifest).encode())
         fmt_mod.write_manifest(out_p, manifest)
     except BaseException:
         _cleanup(out_p, None, remove_shards=True, remove_dir=created)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .format import PacktrainError
+from .errors import PacktrainError
 
 LLAMA3_SPECIAL = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                       pad_token="<|finetune_right_pad_id|>")

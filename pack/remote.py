@@ -46,7 +46,9 @@ from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from . import format as fmt
-from .format import MANIFEST, FormatError, PackedDataset, PacktrainError
+from .files import file_sha256, fsync_dir, write_atomic
+from .errors import FormatError, PacktrainError
+from .format import MANIFEST, PackedDataset
 
 CHUNK = 4 << 20                      # bytes per read/write call while streaming objects
 REMOTE_INFO = ".packtrain-remote.json"  # marks a cache view; records the (redacted) URL
@@ -343,10 +345,10 @@ def resolve(path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None 
     view = cache_root(cache_dir) / f"{key}-{m_sha[:16]}"
     try:
         view.mkdir(parents=True, exist_ok=True)
-        if not (view / MANIFEST).is_file() or fmt.file_sha256(view / MANIFEST) != m_sha:
-            fmt.write_atomic(view / REMOTE_INFO, json.dumps(
+        if not (view / MANIFEST).is_file() or file_sha256(view / MANIFEST) != m_sha:
+            write_atomic(view / REMOTE_INFO, json.dumps(
                 {"url": redact(url), "manifest_sha256": m_sha}, indent=2).encode())
-            fmt.write_atomic(view / MANIFEST, data)
+            write_atomic(view / MANIFEST, data)
     except OSError as e:
         raise PacktrainError(f"{view}: cannot write the cache ({e.strerror or e}); pass "
                              f"--cache-dir DIR or set PACKTRAIN_CACHE to a writable "
@@ -409,7 +411,7 @@ class Fetcher:
                     digest = self.store.download(name, tmp, int(info["bytes"]), stop)
                     self._check(name, tmp, digest, info)
                     os.replace(tmp, final)
-                    fmt.fsync_dir(self.view)
+                    fsync_dir(self.view)
                 finally:
                     tmp.unlink(missing_ok=True)
             finally:

@@ -35,7 +35,7 @@ import zlib
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
-from .format import PacktrainError
+from .errors import PacktrainError
 
 SKIP_HINT = "fix it or pass --skip-invalid to skip bad records"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")

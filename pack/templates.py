@@ -59,13 +59,13 @@ Tokenization: all segments of a batch go to the Rust tokenizer in one ``encode_b
 template text, become their single ids), and the ids of a record are its segments' ids back to
 back, so the label boundaries are exact. Fixed template text at a segment's ends (Alpaca's
 header, a chat template's text up to and from its special tokens) is tokenized once and its ids
-reused where that is exact (:mod:`pack.head_tokens`, :mod:`pack.fixed_pieces`). The Rust call
+reused where that is exact (:mod:`pack.tokenize.head_tokens`, :mod:`pack.tokenize.fixed_pieces`). The Rust call
 uses all cores unless ``TOKENIZERS_PARALLELISM=false``: set that in worker processes when
 running several.
 
 Workers: a Renderer pickles (its tokenizer pickles; caches are dropped) but a tokenizer is a
 ~7 MB pickle, so prefer ``Renderer.from_config(renderer.config(), tokenizer)`` in each worker,
-with the tokenizer loaded there by ``pack.format.load_tokenizer``. ``config()`` is a small
+with the tokenizer loaded there by ``pack.tokenize.loading.load_tokenizer``. ``config()`` is a small
 JSON-able dict holding the resolved chat template text.
 """
 
@@ -78,8 +78,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import encode_thread, fixed_pieces, head_tokens
-from .format import IGNORE_INDEX, PacktrainError
+from .tokenize import encode_thread, fixed_pieces, head_tokens
+from .errors import PacktrainError
+from .format import IGNORE_INDEX
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -798,7 +799,7 @@ class Renderer:
 
     def _head_tokens(self) -> list[head_tokens.Head]:
         """The Alpaca prompt headers whose tokens this renderer reuses (see
-        :mod:`pack.head_tokens`): with and without BOS, since a history turn's prompt starts a
+        :mod:`pack.tokenize.head_tokens`): with and without BOS, since a history turn's prompt starts a
         segment of its own."""
         if self._heads is None:
             self._heads = []
@@ -810,8 +811,8 @@ class Renderer:
 
     def _reuse_tables(self) -> tuple[list[head_tokens.Head], list[fixed_pieces.Tail]]:
         """The fixed leading and trailing texts whose ids are reused, longest first: Alpaca's
-        prompt headers (:mod:`pack.head_tokens`) and template text up to or from a special
-        token (:mod:`pack.fixed_pieces`)."""
+        prompt headers (:mod:`pack.tokenize.head_tokens`) and template text up to or from a special
+        token (:mod:`pack.tokenize.fixed_pieces`)."""
         if self._reuse is None:
             heads = list(self._head_tokens())
             tails: list[fixed_pieces.Tail] = []

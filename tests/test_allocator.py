@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pack import allocator
-from pack.format import PacktrainError
+from pack.tokenize import allocator
+from pack.errors import PacktrainError
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = allocator.find("auto")  # a jemalloc or mimalloc installed on this machine, if any
@@ -76,7 +76,7 @@ def test_plan(tmp_path):
     assert allocator.plan({}, "linux", [spaced]) is None
 
 
-PROBE = ("import json, os, sys; from pack import allocator; allocator.reexec(); "
+PROBE = ("import json, os, sys; from pack.tokenize import allocator; allocator.reexec(); "
          "print(json.dumps({'active': allocator.active(), 'preload': os.environ.get('LD_PRELOAD'),"
          " 'mark': os.environ.get(allocator._MARK), 'argv': sys.argv[1:],"
          " 'exe': sys.executable}))")

@@ -14,7 +14,7 @@ import pytest
 
 from pack import format as F
 from pack.build import TIMING_FIELDS, build
-from pack.format import PacktrainError
+from pack.errors import PacktrainError
 
 MAXLEN = 512
 

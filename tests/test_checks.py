@@ -9,9 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pack.format import (COLUMNS, IGNORE_INDEX, SHARD_SCHEMA, FormatError, PacktrainError,
-                         check_pack, file_sha256, load_tokenizer, open_shard, read_manifest,
-                         verify)
+from pack.errors import FormatError, PacktrainError
+from pack.files import file_sha256
+from pack.tokenize.loading import load_tokenizer
+from pack.format import (check_pack, COLUMNS, IGNORE_INDEX, open_shard, read_manifest, SHARD_SCHEMA, verify)
 from train import checks
 from train.checks import (check_dataset, check_token_range, check_tokenizer, embedding_rows,
                           preflight, scan_invariants)

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from pack.cli import verify_main
-from pack.format import IGNORE_INDEX, FormatError, PackedDataset, PacktrainError, read_manifest
+from pack.errors import FormatError, PacktrainError
+from pack.format import IGNORE_INDEX, PackedDataset, read_manifest
 from test_checks import rewrite_shard, rows_of
 from train.checks import preflight
 from train.data import PackStream, checked_pack

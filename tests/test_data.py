@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pack.format import (IGNORE_INDEX, FORMAT_NAME, FORMAT_VERSION, PackedDataset, ShardWriter,
-                         check_pack, verify, write_manifest)
+from pack.format import (check_pack, FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PackedDataset, ShardWriter, verify, write_manifest)
 from pack.offline import chitchat_conversations
 from train.data import DataState, PackStream, collate, count_label_tokens, epoch_order
 

@@ -1,4 +1,4 @@
-"""pack.encode_thread: tokenizer calls run on one other thread per process, forks included."""
+"""pack.tokenize.encode_thread: tokenizer calls run on one other thread per process, forks included."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pack import encode_thread
+from pack.tokenize import encode_thread
 
 
 def _thread_name() -> str:

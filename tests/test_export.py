@@ -364,7 +364,7 @@ def test_failed_reexport_keeps_previous(ckpts, tmp_path, monkeypatch):
 
 
 def test_errors_are_one_line(ckpts, tmp_path):
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
     from train.export import export_checkpoint
 
     out, _ = ckpts
@@ -407,7 +407,7 @@ def test_errors_are_one_line(ckpts, tmp_path):
 
 
 def test_mismatched_config_refused(ckpts, tmp_path):
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
     from train.export import export_checkpoint
 
     out, _ = ckpts
@@ -434,7 +434,7 @@ def test_mismatched_config_refused(ckpts, tmp_path):
 
 
 def test_truncated_checkpoint_refused(ckpts, tmp_path):
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
     from train.export import export_checkpoint
 
     out, _ = ckpts

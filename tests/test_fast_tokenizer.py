@@ -18,7 +18,8 @@ from pack import build as build_mod
 from pack import fast_tokenizer as ft
 from pack.build import build
 from pack.chat_env import compile_chat_template, template_variables
-from pack.format import file_sha256, load_tokenizer, tokenizer_record
+from pack.files import file_sha256
+from pack.tokenize.loading import load_tokenizer, tokenizer_record
 from pack.offline import package_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -332,7 +332,7 @@ def test_malicious_checkpoint_is_refused_on_resume_and_export(inproc, dataset, m
                                                              tmp_path):
     import torch
 
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
     from train.cli import parse_run_args
     from train.export import export_checkpoint
     from train.loop import train
@@ -409,7 +409,7 @@ def test_rng_state_json_round_trip():
 
 
 def test_bad_faultpoint_setting_is_a_clear_error(monkeypatch):
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
     from train.loop import _faultpoints
 
     monkeypatch.setenv("PACKTRAIN_FAULTPOINT", "kill-after-step:2@1,explode:3")
@@ -430,7 +430,7 @@ def test_resume_into_another_run_is_refused(inproc, dataset, model_dir, tokenize
     back and mix both runs' metrics, with exit 0. Now: refused in one line, A untouched; resuming
     B into a new, empty directory works; a checkpoint of another model, LoRA setting or dataset
     is refused (a dataset change only with --allow-dataset-change)."""
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
     from train.cli import parse_run_args
     from train.loop import train
     from train.tiny import make_tiny_model

@@ -1,4 +1,4 @@
-"""pack.fixed_pieces: a chat template's fixed text at segment ends is tokenized once, exactly."""
+"""pack.tokenize.fixed_pieces: a chat template's fixed text at segment ends is tokenized once, exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 
-from pack import fixed_pieces
+from pack.tokenize import fixed_pieces
 from pack.fast_tokenizer import load_lite
 from pack.templates import Renderer
 from test_head_tokens import _variants

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from pack import fixed_pieces, head_tokens
+from pack.tokenize import fixed_pieces, head_tokens
 from pack.build import build
-from pack.format import file_sha256
+from pack.files import file_sha256
 from pack.fast_tokenizer import load_lite
 from pack.templates import PROMPT_INPUT, PROMPT_NO_INPUT, Renderer
 

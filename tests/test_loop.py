@@ -178,7 +178,7 @@ def test_distributed_env_defaults_and_slurm(monkeypatch):
 
 
 def test_deepspeed_config_from_args(tmp_path):
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
     from train.cli import parse_run_args
     from train.config import build_ds_config
 
@@ -231,7 +231,7 @@ def test_resume_one_rank_is_exact(inproc, dataset, model_dir, tmp_path):
         assert (out / "model_config" / "tokenizer.json").is_file()
         assert (out / "checkpoints" / "step-00000003" / "packtrain_state.json").is_file()
     # a fresh run into an output that has checkpoints is refused (no silent mixing)
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
 
     with pytest.raises(PacktrainError, match="--resume auto"):
         train(train_args(dataset, model_dir, part, *base, "--max-steps", "6"))
@@ -252,7 +252,7 @@ def test_missing_manifest_is_one_line_error(tmp_path):
 
 
 def test_bad_model_path_is_clean_error(inproc, dataset, tmp_path):
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
     from train.loop import train
 
     with pytest.raises(PacktrainError, match="no such model directory"):

@@ -22,7 +22,7 @@ import pytest
 from pack import format as F
 from pack.build import PARTITION_BLOCK, TIMING_FIELDS, build, check_partition
 from pack.cli import build_main, merge_main
-from pack.format import PacktrainError
+from pack.errors import PacktrainError
 from pack.merge import combine_stats, merge
 from pack.offline import chitchat_conversations
 

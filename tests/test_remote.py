@@ -200,7 +200,7 @@ def test_concurrent_readers_fetch_each_shard_once(s3, local_ds, tmp_path, monkey
 
 def test_tampered_or_missing_shard_is_refused(s3, local_ds, tmp_path, capsys):
     from pack.cli import verify_main
-    from pack.format import FormatError
+    from pack.errors import FormatError
     from pack.remote import RemotePackedDataset, resolve, scan_ready
 
     url = publish_copy(local_ds, "tampered")
@@ -259,7 +259,7 @@ def test_url_errors_are_one_line(s3, capsys):
 def test_overwrite_semantics(s3, tokenizer_dir, corpus, local_ds, monkeypatch, capsys):
     from pack import remote
     from pack.cli import build_main, info_main
-    from pack.format import PacktrainError
+    from pack.errors import PacktrainError
 
     url = publish_copy(local_ds, "ow")
     argv = ["--tokenizer", str(tokenizer_dir), *BUILD, str(corpus), url]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pack.format import PacktrainError
+from pack.errors import PacktrainError
 from pack.sources import detect_format, expand_inputs, iter_records
 from pack.templates import NothingToTrain, Renderer
 
@@ -209,7 +209,7 @@ def test_skip_invalid_counts(tmp_path):
 
 def test_field_errors_with_where(tmp_path, tokenizer_dir):
     """Wrong types and missing fields: the Renderer names the field, the caller the line."""
-    from pack.format import load_tokenizer
+    from pack.tokenize.loading import load_tokenizer
 
     p = tmp_path / "a.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [

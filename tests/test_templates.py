@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pack.format import PacktrainError, load_tokenizer
+from pack.errors import PacktrainError
+from pack.tokenize.loading import load_tokenizer
 from pack.offline import chat_template, chitchat_conversations
 from pack.templates import NothingToTrain, Renderer
 

@@ -40,8 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pack.format import (COLUMNS, IGNORE_INDEX, FormatError, PacktrainError, check_pack,
-                         load_tokenizer, open_shard, tokenizer_fingerprint, verify)
+from pack.errors import FormatError, PacktrainError
+from pack.tokenize.loading import load_tokenizer, tokenizer_fingerprint
+from pack.format import check_pack, COLUMNS, IGNORE_INDEX, open_shard, verify
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 CHUNK_TOKENS = 1 << 22  # tokens per vectorised block: bounds temporary memory to ~100 MB

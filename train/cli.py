@@ -24,7 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pack.format import PacktrainError
+from pack.errors import PacktrainError
 
 
 def run_parser() -> argparse.ArgumentParser:

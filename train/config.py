@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pack.format import PacktrainError
+from pack.errors import PacktrainError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -49,7 +49,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pack.format import IGNORE_INDEX, FormatError, PackedDataset, PacktrainError, check_pack
+from pack.errors import FormatError, PacktrainError
+from pack.format import check_pack, IGNORE_INDEX, PackedDataset
 
 
 @dataclass

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pack.format import PacktrainError
+from pack.errors import PacktrainError
 
 
 @dataclass

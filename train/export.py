@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pack.format import PacktrainError, write_atomic
+from pack.errors import PacktrainError
+from pack.files import write_atomic
 
 EXPORT_INFO = "packtrain_export.json"
 MODEL_STATE_STAGE0 = "mp_rank_00_model_states.pt"
@@ -385,7 +386,7 @@ def _remove_stale(out_dir: Path) -> None:
 
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Rename the finished directory into place; a previous export is replaced only now."""
-    from pack.format import fsync_dir
+    from pack.files import fsync_dir
 
     old = None
     if out_dir.exists():

@@ -94,7 +94,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pack.format import PacktrainError, file_sha256, read_manifest, write_atomic
+from pack.errors import PacktrainError
+from pack.files import file_sha256, write_atomic
+from pack.format import read_manifest
 from train.data import DataState, MicroBatch, PackStream
 
 IGNORE_INDEX = -100

@@ -52,7 +52,7 @@ def make_tiny_model(arch: str, tokenizer_dir: str | Path | None, out_dir: str | 
 
     bos = eos = None
     if tokenizer_dir is not None:
-        from pack.format import load_tokenizer
+        from pack.tokenize.loading import load_tokenizer
 
         tok = load_tokenizer(tokenizer_dir)
         vocab_size = vocab_size or len(tok)

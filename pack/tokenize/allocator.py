@@ -59,8 +59,8 @@ def find(choice: str, dirs: Sequence[Path] | None = None) -> str | None:
     """The library file for ``choice`` (``auto``, ``jemalloc``, ``mimalloc`` or a path), or
     None where it names the system allocator or ``auto`` finds nothing.
 
-    Raises :class:`pack.format.PacktrainError` for a named allocator that is not installed."""
-    from .format import PacktrainError
+    Raises :class:`pack.errors.PacktrainError` for a named allocator that is not installed."""
+    from ..errors import PacktrainError
 
     choice = (choice or "auto").strip()
     key = choice.lower()

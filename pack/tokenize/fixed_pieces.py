@@ -22,7 +22,7 @@ produced it.
 Why it is exact, and when it is used:
 
 * the tokenizer treats each piece between added tokens alike wherever it lies: the pipelines of
-  :func:`pack.head_tokens.splits_locally` (one of three regular expressions, then byte-level
+  :func:`pack.tokenize.head_tokens.splits_locally` (one of three regular expressions, then byte-level
   without a prefix space; no normalizer or NFC; BPE without dropout). A SentencePiece
   ``Metaspace`` with ``prepend_scheme="first"`` treats the first piece differently: no reuse;
 * every added token matches exactly its text: none strips whitespace beside it (``lstrip``,
@@ -36,7 +36,7 @@ Why it is exact, and when it is used:
 * tokenized alone, ``K`` ends and ``Q`` starts with an added token exactly at the cut (checked
   with the tokenizer's offsets).
 
-``PACKTRAIN_HEAD_TOKENS=0`` turns this off together with :mod:`pack.head_tokens`; the first build
+``PACKTRAIN_HEAD_TOKENS=0`` turns this off together with :mod:`pack.tokenize.head_tokens`; the first build
 with a tokenizer compares its first records against a renderer without reuse.
 """
 
@@ -75,7 +75,7 @@ def _crosses_start(q: str, contents: list[str]) -> bool:
 
 def prepare(backend, texts: list[str], encode: Callable[[list[str]], list[list[int]]]
             ) -> tuple[list[head_tokens.Head], list[Tail]]:
-    """From fixed template texts, the leading parts ``K`` (as :data:`pack.head_tokens.Head`,
+    """From fixed template texts, the leading parts ``K`` (as :data:`pack.tokenize.head_tokens.Head`,
     cut at their end) and trailing parts ``Q`` whose ids can be reused, longest first."""
     added = backend.get_added_tokens_decoder()
     contents = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
