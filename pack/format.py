@@ -50,7 +50,9 @@ FORMAT_MAJOR = 2
 ARROW_FILE_MAGIC = b"ARROW1"
 MANIFEST = "manifest.json"
 IGNORE_INDEX = -100
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# schemas/ at the repository's top level ships inside the package as `pack.schemas`
+# (pyproject.toml maps it), so an installed wheel validates with the same files.
+SCHEMA_PACKAGE = "pack.schemas"
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -269,11 +271,18 @@ def positions_from_cu(cu_seqlens: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- manifest
 
 @functools.lru_cache(maxsize=1)
+def read_schema(name: str) -> str:
+    """The text of one of the JSON schemas that describe the format (``schemas/NAME``)."""
+    from importlib.resources import files
+
+    return files(SCHEMA_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+
+
 def manifest_validator():
     """The JSON Schema validator of schemas/manifest.schema.json (made once per process)."""
     import jsonschema
 
-    schema = json.loads((SCHEMA_DIR / "manifest.schema.json").read_text())
+    schema = json.loads(read_schema("manifest.schema.json"))
     return jsonschema.Draft202012Validator(schema)
 
 

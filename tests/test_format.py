@@ -15,7 +15,6 @@ from hypothesis import given, settings, strategies as st
 from pack import format as F
 from pack.build import build
 
-ROOT = F.SCHEMA_DIR.parent
 ARROW_TYPES = {"int32": pa.int32(), "int64": pa.int64()}
 
 
@@ -184,7 +183,7 @@ def test_positions_from_cu_property(lens):
 # ---------------------------------------------------------------- schemas
 
 def test_shard_schema_matches_json_description():
-    desc = json.loads((ROOT / "schemas" / "shard.schema.json").read_text())
+    desc = json.loads(F.read_schema("shard.schema.json"))
     assert desc["format"] == F.FORMAT_NAME and desc["format_version"] == F.FORMAT_VERSION
     cols = desc["columns"]
     assert [c["name"] for c in cols] == F.SHARD_SCHEMA.names == list(F.COLUMNS)
@@ -221,7 +220,7 @@ def test_real_shards_have_exactly_the_schema(small_build):
 
 def test_real_manifest_validates_with_jsonschema(small_build):
     out, _ = small_build
-    schema = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())
+    schema = json.loads(F.read_schema("manifest.schema.json"))
     manifest = json.loads((out / F.MANIFEST).read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(manifest, schema, cls=jsonschema.Draft202012Validator)
