@@ -64,12 +64,30 @@ def is_url(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and _URL_RE.match(path) is not None
 
 
-def redact(url: str) -> str:
-    """The URL without user:password, for messages, manifests and cache keys."""
+_USERINFO_RE = re.compile(r"(?<=://)[^/@\s'\"]+@")
+_QUERY_VALUE_RE = re.compile(r"(?<=[?&])([^=&\s#'\"/]+)=[^&\s#'\"]*")
+
+
+def redact(text: str) -> str:
+    """A URL, or any message that quotes one, without its secrets: user:password become
+    ``***@`` and every query value ``***`` (``?access_token=...`` is as secret as a password).
+    For every message, log, manifest and card; storage libraries quote the URL they were given,
+    so their error texts go through here too."""
+    text = _USERINFO_RE.sub("***@", text)
+    return _QUERY_VALUE_RE.sub(lambda m: f"{m.group(1)}=***", text)
+
+
+_SECRET_KEY_RE = re.compile(r"token|secret|key|passw|sig|credential|auth", re.I)
+
+
+def reopenable(url: str) -> str:
+    """The URL as a cache view records it, for other processes (ranks) to open the store again:
+    no user:password and no secret-looking query option, but options such as
+    ``endpoint_override`` kept (credentials come from the environment there)."""
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    query = "&".join(kv for kv in parts.query.split("&")
+                     if kv and not _SECRET_KEY_RE.search(kv.split("=", 1)[0]))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query=query))
 
 
 def dataset_name(url: str) -> str:
@@ -81,8 +99,8 @@ def dataset_name(url: str) -> str:
 # ---------------------------------------------------------------- filesystem access
 
 def _explain(e: BaseException) -> str:
-    """What to do about a storage error, in one line."""
-    text = " ".join(str(e).split()) or type(e).__name__
+    """What to do about a storage error, in one line (secrets redacted)."""
+    text = redact(" ".join(str(e).split()) or type(e).__name__)
     low = text.lower()
     if any(k in low for k in ("access_denied", "accessdenied", "invalidaccesskeyid", "forbidden",
                               "signaturedoesnotmatch", "403", "credentials", "unauthorized")):
@@ -113,7 +131,9 @@ class Store:
     @property
     def where(self) -> str:
         """For messages and manifests: no credentials, no query options, no trailing slash."""
-        return urlunsplit(urlsplit(redact(self.url))._replace(query="", fragment="")).rstrip("/")
+        parts = urlsplit(self.url)
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit(parts._replace(netloc=netloc, query="", fragment="")).rstrip("/")
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}" if self.root else name
@@ -189,6 +209,17 @@ class Store:
         return h.hexdigest()
 
 
+# fsspec's own names for the packages its protocols need (its registry's error texts say the
+# same, but not in a form a user can paste).
+_FSSPEC_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp",
+                    "https": "aiohttp", "abfs": "adlfs", "az": "adlfs", "hf": "huggingface_hub",
+                    "sftp": "paramiko", "ssh": "paramiko", "hdfs": "pyarrow"}
+
+
+def _backend_hint(scheme: str, missing: str) -> str:
+    return _FSSPEC_BACKENDS.get(scheme.lower(), missing.split()[0] if missing else "fsspec")
+
+
 def open_store(url: str) -> Store:
     """A URL as a Store: pyarrow's own filesystems first, then fsspec's."""
     import pyarrow as pa
@@ -201,16 +232,21 @@ def open_store(url: str) -> Store:
         fs, root = pafs.FileSystem.from_uri(url)
         return Store(url, fs, root)
     except pa.ArrowInvalid as e:
-        pa_error = str(e)
+        pa_error = redact(str(e))
     except (OSError, pa.ArrowException) as e:
         raise PacktrainError(f"{shown}: {_explain(e)}") from None
     try:
         import fsspec
-
-        fs, root = fsspec.core.url_to_fs(url)
     except ImportError:
         raise PacktrainError(f"{shown}: pyarrow cannot open this URL ({pa_error}) and fsspec "
                              f"is not installed; pip install fsspec") from None
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except ImportError as e:  # fsspec knows the protocol; its back-end package is missing
+        missing = getattr(e, "name", None) or redact(" ".join(str(e).split()))
+        raise PacktrainError(f"{shown}: fsspec needs a package that is not installed for "
+                             f"{urlsplit(url).scheme}:// ({missing}); pip install "
+                             f"{_backend_hint(urlsplit(url).scheme, missing)}") from None
     except (ValueError, KeyError) as e:  # unknown protocol
         raise PacktrainError(f"{shown}: unsupported storage URL ({pa_error}; fsspec: {e}); use "
                              f"s3://, gs://, file:// or an fsspec protocol") from None
@@ -347,7 +383,7 @@ def resolve(path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None 
         view.mkdir(parents=True, exist_ok=True)
         if not (view / MANIFEST).is_file() or file_sha256(view / MANIFEST) != m_sha:
             write_atomic(view / REMOTE_INFO, json.dumps(
-                {"url": redact(url), "manifest_sha256": m_sha}, indent=2).encode())
+                {"url": reopenable(url), "manifest_sha256": m_sha}, indent=2).encode())
             write_atomic(view / MANIFEST, data)
     except OSError as e:
         raise PacktrainError(f"{view}: cannot write the cache ({e.strerror or e}); pass "
@@ -360,6 +396,11 @@ def resolve(path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None 
 def is_remote(data_dir: str | os.PathLike) -> bool:
     """Whether a directory is a cache view of a remote dataset (made by :func:`resolve`)."""
     return (Path(data_dir) / REMOTE_INFO).is_file()
+
+
+def _stamp(p: Path) -> dict[str, int]:
+    st = p.stat()
+    return {"ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
 
 
 class Fetcher:
@@ -379,9 +420,40 @@ class Fetcher:
         self._thread: threading.Thread | None = None
 
     def present(self, i: int) -> bool:
+        """Shard `i` is in the cache and vouched for. A file is trusted while its verified
+        marker (sha256 checked, then inode, mtime and size recorded) still matches it; one that
+        changed in place, or has no marker, is hashed again, and deleted if it fails (the
+        caller then fetches it anew)."""
         info = self.manifest["shards"][i]
         p = self.view / info["path"]
-        return p.is_file() and p.stat().st_size == info["bytes"]
+        if not p.is_file() or p.stat().st_size != info["bytes"]:
+            return False
+        marker = self.view / f".{info['path']}.verified"
+        try:
+            seen = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            seen = None
+        want = {**_stamp(p), "sha256": info["sha256"]}
+        if isinstance(seen, dict) and {k: seen.get(k) for k in want} == want \
+                and (seen.get("packs_checked") or not self.check_packs):
+            return True
+        if file_sha256(p) != info["sha256"]:
+            marker.unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
+            return False
+        if self.check_packs:
+            try:
+                self._check_packs(info["path"], p, info)
+            except FormatError:
+                marker.unlink(missing_ok=True)
+                p.unlink(missing_ok=True)
+                raise
+        self._mark_verified(p, info)
+        return True
+
+    def _mark_verified(self, p: Path, info: dict) -> None:
+        write_atomic(self.view / f".{info['path']}.verified", json.dumps(
+            {**_stamp(p), "sha256": info["sha256"], "packs_checked": self.check_packs}).encode())
 
     def missing(self) -> list[int]:
         return [i for i in range(len(self.manifest["shards"])) if not self.present(i)]
@@ -412,6 +484,7 @@ class Fetcher:
                     self._check(name, tmp, digest, info)
                     os.replace(tmp, final)
                     fsync_dir(self.view)
+                    self._mark_verified(final, info)
                 finally:
                     tmp.unlink(missing_ok=True)
             finally:
@@ -429,9 +502,13 @@ class Fetcher:
                               f"the manifest was read — republish the dataset (pack-build ... "
                               f"--overwrite) or retry if it is being republished",
                               rule="checksum")
-        if not self.check_packs:
-            return
-        table = fmt.open_shard(tmp.parent, {**info, "path": tmp.name})
+        if self.check_packs:
+            self._check_packs(name, tmp, info)
+
+    def _check_packs(self, name: str, path: Path, info: dict) -> None:
+        """Every pack's invariants, and the token count the manifest gives the shard."""
+        where = f"{self.store.where}/{name}"
+        table = fmt.open_shard(path.parent, {**info, "path": path.name})
         vocab = self.manifest["tokenizer"].get("vocab_size")
         cols = fmt.table_columns(table)
         bad = next(fmt.pack_problems(cols, int(self.manifest["max_length"]), vocab), None)

@@ -360,3 +360,79 @@ def test_train_one_step_from_s3_equals_local(s3, published, local_ds, tokenizer_
     # the stream fetched what it read (and the prefetch the rest); all of it checked
     assert len(list(Path(run["shards"]).glob("shard-*.arrow"))) == 4
     shutil.rmtree(cache)
+
+
+# ---------------------------------------------------------------- the cache is checked on reuse
+
+def test_cached_shard_changed_in_place_is_fetched_again(s3, local_ds, tmp_path, capsys):
+    """A cached shard edited in place (same size) used to be trained on, and pack-verify URL
+    reported it but left it there. Now a shard whose verified marker no longer matches is hashed
+    again before use; a bad one is deleted and fetched anew."""
+    import numpy as np
+    from pack.cli import verify_main
+    from pack.files import file_sha256
+    from pack.format import PackedDataset
+    from pack.remote import Fetcher, RemotePackedDataset, resolve
+
+    url = publish_copy(local_ds, "cached")
+    cache = tmp_path / "cache"
+    view = Path(resolve(url, cache))
+    assert Fetcher(view).fetch_all() == []
+    manifest = json.loads((view / "manifest.json").read_text())
+    shard = view / manifest["shards"][1]["path"]
+    assert (view / f".{shard.name}.verified").is_file()
+
+    def tamper() -> None:
+        body = bytearray(shard.read_bytes())
+        body[len(body) // 2] ^= 0xFF
+        with open(shard, "r+b") as f:  # in place: same inode, same size
+            f.write(body)
+
+    tamper()
+    ref = PackedDataset(local_ds)
+    ds = RemotePackedDataset(view, prefetch=False)
+    i = int(ds.offsets[1])
+    assert all(np.array_equal(ds[i][c], ref[i][c]) for c in ref[i])
+    assert file_sha256(shard) == manifest["shards"][1]["sha256"]
+
+    tamper()
+    capsys.readouterr()
+    assert verify_main([url, "--quiet", "--cache-dir", str(cache)]) == 0
+    assert file_sha256(shard) == manifest["shards"][1]["sha256"]
+
+    # a shard fetched before markers existed (or whose marker is lost) is hashed once, then
+    # trusted again without a second download
+    (view / f".{shard.name}.verified").unlink()
+    before = shard.stat().st_ino
+    assert Fetcher(view).missing() == []
+    assert shard.stat().st_ino == before and (view / f".{shard.name}.verified").is_file()
+
+
+def test_secrets_never_in_messages(capsys):
+    """user:password and query values are redacted from every message, pyarrow's and fsspec's
+    texts included; a missing fsspec back-end is named (not 'fsspec is not installed')."""
+    from pack.cli import info_main, verify_main
+    from pack.remote import reopenable
+
+    secret = "SuperSecret123"
+    cases = [f"http://user:{secret}@127.0.0.1:1/ds/", f"gs://b/ds/?access_token={secret}",
+             f"s3://b/ds/?endpoint_override=127.0.0.1:1&scheme=http&secret_key={secret}",
+             f"foo://u:{secret}@x/ds?token={secret}"]
+    for url in cases:
+        for main in (info_main, verify_main):
+            capsys.readouterr()
+            rc = main([url])
+            out = capsys.readouterr()
+            text = out.out + out.err
+            assert rc in (1, 2), (url, rc)
+            assert secret not in text, text
+            assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+            assert "fsspec is not installed" not in text, text
+    import importlib.util
+
+    if importlib.util.find_spec("aiohttp") is None:  # the test extra does not install it
+        capsys.readouterr()
+        assert info_main([cases[0]]) == 2
+        assert "pip install aiohttp" in capsys.readouterr().err
+    assert reopenable(f"s3://u:{secret}@b/ds/?endpoint_override=h:1&access_token={secret}") \
+        == "s3://b/ds/?endpoint_override=h:1"
