@@ -295,8 +295,44 @@ def validate_manifest(manifest: dict, where: str = MANIFEST) -> None:
         raise FormatError(f"{where}: field {field}: {e.message}; the manifest does not follow "
                           f"schemas/manifest.schema.json — rebuild the dataset with pack-build",
                           rule="manifest-schema")
+    seen: set[str] = set()
     for s in manifest["shards"]:
         check_relative_path(s["path"], where)
+        key = os.path.normpath(s["path"])
+        if key in seen:  # its packs would be read, and trained on, twice
+            raise FormatError(f"{where}: shard {s['path']!r} is listed twice; the manifest was "
+                              f"edited — rebuild the dataset", rule="shard-duplicate")
+        seen.add(key)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+        raise ValueError(f"key {dup!r} appears twice")
+    return d
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """manifest.json's bytes -> a checked manifest. Duplicate keys (where the last one would
+    silently win) and absurd nesting are refused like any other malformed manifest."""
+    try:
+        manifest = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{where}: not valid JSON ({e}); rebuild the dataset with pack-build",
+                          rule="manifest-json") from None
+    except RecursionError:
+        raise FormatError(f"{where}: not valid JSON (nested too deeply); rebuild the dataset "
+                          f"with pack-build", rule="manifest-json") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{where}: expected a JSON object", rule="manifest-json")
+    try:
+        check_version(manifest, where)
+        validate_manifest(manifest, where)
+    except RecursionError:
+        raise FormatError(f"{where}: a field is nested too deeply; the manifest does not follow "
+                          f"schemas/manifest.schema.json", rule="manifest-schema") from None
+    return manifest
 
 
 def check_relative_path(p: str, where: str = MANIFEST) -> None:
@@ -339,16 +375,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FormatError(f"{path}: missing; {data_dir} is not a complete packed dataset "
                           f"(an interrupted pack-build?) — rerun pack-build", rule="manifest-missing")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e}); rebuild the dataset with pack-build",
-                          rule="manifest-json") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{path}: expected a JSON object", rule="manifest-json")
-    check_version(manifest, str(path))
-    validate_manifest(manifest, str(path))
-    return manifest
+    return parse_manifest(path.read_bytes(), str(path))
 
 
 # ---------------------------------------------------------------- reading
@@ -446,6 +473,12 @@ def open_shard(data_dir: Path, info: dict) -> pa.Table:
     name = info["path"]
     check_relative_path(name)
     path = Path(data_dir) / name
+    if path.is_symlink() or (path.exists() and not path.resolve().is_relative_to(
+            Path(data_dir).resolve())):
+        # the manifest vouches for files inside the dataset; a link could point anywhere
+        raise FormatError("shard is a symbolic link (or inside a linked folder); a dataset holds "
+                          "its shards as plain files — copy the file in", shard=name,
+                          rule="shard-path")
     if not path.is_file():
         raise FormatError("shard file is missing; the dataset is incomplete — re-copy it or "
                           "rebuild with pack-build", shard=name, rule="shard-missing")

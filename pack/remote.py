@@ -342,15 +342,7 @@ def fetch_manifest(store: Store) -> tuple[dict, bytes]:
         raise FormatError(f"{where}: missing; {store.where} is not a complete packed dataset "
                           f"(an interrupted upload?) — rerun pack-build ... {store.where}/ "
                           f"--overwrite", rule="manifest-missing") from None
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{where}: not valid JSON ({e}); republish the dataset with pack-build",
-                          rule="manifest-json") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{where}: expected a JSON object", rule="manifest-json")
-    fmt.check_version(manifest, where)
-    fmt.validate_manifest(manifest, where)
+    manifest = fmt.parse_manifest(data, where)
     # Streaming readers never see all shards at once: the totals are checked here instead.
     for key in ("packs", "tokens"):
         got = sum(int(s[key]) for s in manifest["shards"])

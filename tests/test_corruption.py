@@ -357,3 +357,58 @@ def test_hf_trainer_dataset_stops_at_a_bad_pack(ds):
     with pytest.raises(FormatError) as e:
         tds[i]
     assert "shard-00001.arrow row 7" in str(e.value) and e.value.rule == "cu-seqlens"
+
+
+# ---------------------------------------------------------------- links, duplicates, odd JSON
+
+def _verify_lines(ds: Path, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = verify_main([str(ds), "--quiet"])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_symlinked_shard_is_refused(ds, tmp_path, capsys):
+    """A shard that is a symbolic link (to the same bytes elsewhere, or to /etc/passwd) is
+    refused by name: the manifest vouches only for files inside the dataset."""
+    name = read_manifest(ds)["shards"][1]["path"]
+    outside = tmp_path / "elsewhere.arrow"
+    shutil.move(ds / name, outside)
+    (ds / name).symlink_to(outside)  # the very bytes the manifest's sha256 names
+    rc, text = _verify_lines(ds, capsys)
+    assert rc == 1 and f"{name}: shard is a symbolic link" in text and "Traceback" not in text
+    with pytest.raises(FormatError, match="symbolic link"):
+        [PackedDataset(ds)[i] for i in range(len(PackedDataset(ds)))]
+    (ds / name).unlink()
+    (ds / name).symlink_to("/etc/passwd")
+    rc, text = _verify_lines(ds, capsys)
+    assert rc == 1 and "symbolic link" in text
+
+
+def test_shard_listed_twice_is_refused(ds, capsys):
+    m = json.loads((ds / "manifest.json").read_text())
+    m["shards"].append(dict(m["shards"][0]))
+    m["shards"][-1]["path"] = "./" + m["shards"][0]["path"]  # the same file, spelt otherwise
+    for key in ("packs", "tokens"):
+        m["stats"][key] += m["shards"][0][key]
+    (ds / "manifest.json").write_text(json.dumps(m))
+    rc, text = _verify_lines(ds, capsys)
+    assert rc == 1 and "listed twice" in text
+    with pytest.raises(FormatError, match="listed twice"):
+        read_manifest(ds)
+
+
+def test_duplicate_keys_and_deep_nesting_are_refused(ds, capsys):
+    raw = (ds / "manifest.json").read_text()
+    dup = raw.replace('"max_length":', '"max_length": 99999, "max_length":', 1)
+    assert dup != raw
+    (ds / "manifest.json").write_text(dup)
+    rc, text = _verify_lines(ds, capsys)
+    assert rc == 1 and "'max_length' appears twice" in text and "Traceback" not in text
+    (ds / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    rc, text = _verify_lines(ds, capsys)
+    assert rc == 1 and "nested too deeply" in text and "Traceback" not in text
+    deep = raw.rstrip()[:-1] + ', "extra": ' + '{"x": ' * 100_000 + "{}" + "}" * 100_000 + "}"
+    (ds / "manifest.json").write_text(deep)
+    rc, text = _verify_lines(ds, capsys)
+    assert rc == 1 and "nested too deeply" in text and "Traceback" not in text
