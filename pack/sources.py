@@ -1,6 +1,6 @@
 """Read training records from corpus files: JSON Lines, JSON arrays, Parquet, gzip/zstd JSONL.
 
-API (used by ``pack.build``):
+API (used by ``pack.tasks``):
 
 ``expand_inputs(inputs) -> list[Path]``
     Files and glob patterns, in the order given (each glob's matches sorted), duplicates removed.
