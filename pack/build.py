@@ -54,7 +54,7 @@ from .errors import PacktrainError
 from .files import write_atomic
 from .outdir import (CARD, TMP_SAMPLES, check_out_dir, cleanup, disk_full, prepare_out_dir,
                      unlock_out_dirs)
-from .stats import Counts, build_stats
+from .stats import Counts, build_stats, summary
 from .store import SampleStore
 from .tasks import PARTITION_BLOCK, Task, hash_sources, read_tasks, source_info
 from .tokenize.choose import load_tokenizer_cached
@@ -76,7 +76,7 @@ def build(args: Any) -> dict:
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        return _build(cfg)
+        return _build_local(cfg)
     except OSError as e:
         full = disk_full(e)
         if full is None:
@@ -92,8 +92,8 @@ def build(args: Any) -> dict:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def _build(cfg: BuildConfig) -> dict:
-    """The stages of a local build (see the module docstring)."""
+def _build_local(cfg: BuildConfig) -> dict:
+    """The stages of a build into a local directory (see the module docstring)."""
     t0 = time.perf_counter()
     ui = _Progress(cfg.quiet)
     job = _check(cfg)
@@ -119,7 +119,6 @@ def _build(cfg: BuildConfig) -> dict:
         cleanup(job.out, writer, remove_shards=True, remove_dir=created_out)
         raise
     if not cfg.quiet:
-        from .stats import summary
         from .tokenize.allocator import describe
 
         print(summary(manifest), file=sys.stderr)
@@ -205,7 +204,7 @@ def _read(job: _Job) -> _Reading:
     cfg, s = job.cfg, job.settings
     skipped: Counter = Counter()
     fmt, stream = read_tasks(job.paths, job.sources, cfg.format, cfg.skip_invalid, skipped,
-                             cfg.split, (s.n_parts, s.part))
+                             cfg.split, n_parts=s.n_parts, part=s.part)
     template = TEMPLATE_FOR_FORMAT[fmt] if cfg.template == "auto" else cfg.template
     spec = EncodeSpec(s.tok_path, fmt, template, bool(cfg.train_on_prompt), s.chat_template_text,
                       int(cfg.max_length), cfg.overlong)

@@ -120,10 +120,10 @@ def hash_sources(paths: list[Path], sources: list[dict],
 # ---------------------------------------------------------------- tasks
 
 def read_tasks(paths: list[Path], sources: list[dict], fmt: str, skip_invalid: bool,
-               skipped: Counter, split: str | None, partition: tuple[int, int | None]
+               skipped: Counter, split: str | None, n_parts: int = 1, part: int | None = None
                ) -> tuple[str, Iterator[Task]]:
-    """The (detected) format and the tasks of a build, or of partition ``I`` of ``(N, I)``."""
-    n_parts, part = partition
+    """The (detected) format and the tasks of a build, or of its partition ``part`` of
+    ``n_parts`` (see :func:`read_sources`)."""
     if part is None:
         chunking: dict[str, Any] = dict(chunk=CHUNK, chunk_bytes=RAW_CHUNK_BYTES)
     else:  # partitions are exact blocks of records: part of their contract
