@@ -4,9 +4,9 @@ this order (each with a progress bar on stderr unless ``quiet``):
 
 0. check: the arguments (:mod:`pack.config`), the output directory (:mod:`pack.outdir`), the
    inputs (files, globs, Hugging Face datasets) and the tokenizer, before anything is written;
-1. read: the records in order, in tasks of a few hundred records or KB of one file
-   (:mod:`pack.tasks`: record ``k`` of the build is ``sample_index`` ``k``; with
-   ``--num-partitions N --partition I`` only partition I's blocks are encoded);
+1. read: the records in order, in tasks of consecutive records of one file (:mod:`pack.tasks`:
+   record ``k`` of the build is ``sample_index`` ``k``; with ``--num-partitions N --partition
+   I`` only partition I's blocks are encoded, the others only counted);
 2. encode: ``workers`` processes render and tokenize the tasks (:mod:`pack.encode`;
    ``workers == 1`` runs in-process), truncate (keep the first ``max_length`` tokens) or drop
    overlong samples and set the label at every sample start to -100. Results come back in

@@ -36,6 +36,7 @@ from . import format as fmt_mod
 from .files import fsync_dir, write_atomic
 from .errors import PacktrainError
 from .format import MANIFEST
+from .outdir import CARD, check_out_dir, cleanup, prepare_out_dir, unlock_out_dirs
 
 # Arguments that may differ between the partitions of one build: where the output went, which
 # partition it was, and options that do not change a byte of the output.
@@ -206,7 +207,6 @@ def _place(src: Path, dst: Path, copy: bool) -> str:
 def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = False) -> dict:
     """Join partition builds ``parts`` into ``out``; return the manifest written."""
     from .card import dataset_card
-    from .outdir import CARD, check_out_dir, cleanup, prepare_out_dir, unlock_out_dirs
 
     if not parts:
         raise PacktrainError("no parts: pass the output directories of the partition builds, "

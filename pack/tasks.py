@@ -238,7 +238,7 @@ def _parsed_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool,
     local: Counter = Counter()
     it = iter_records(path, skip_invalid=skip_invalid, skipped=local, split=split)
     if formats.auto:
-        head, it = peek(it, DETECT_RECORDS)
+        head, it = _peek(it, DETECT_RECORDS)
         if head:
             formats.detect(path, [r for _, r in head])
     n = 0
@@ -246,7 +246,7 @@ def _parsed_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool,
     seen: Counter = Counter()
     # One task held back, so that invalid records after a file's last good one are
     # counted with its last task.
-    for block in chunked(it, chunk):
+    for block in _chunked(it, chunk):
         n += len(block)
         if prev is not None:
             yield prev
@@ -261,13 +261,13 @@ def _parsed_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool,
     sources[i]["records"] = n
 
 
-def peek(it: Iterator, n: int) -> tuple[list, Iterator]:
+def _peek(it: Iterator, n: int) -> tuple[list, Iterator]:
     """The first ``n`` items of ``it``, and an iterator over all of them."""
     head = list(itertools.islice(it, n))
     return head, itertools.chain(head, it)
 
 
-def chunked(it: Iterable, n: int) -> Iterator[list]:
+def _chunked(it: Iterable, n: int) -> Iterator[list]:
     """Lists of ``n`` consecutive items of ``it`` (the last one shorter)."""
     it = iter(it)
     while chunk := list(itertools.islice(it, n)):
