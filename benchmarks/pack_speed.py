@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_all:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    # pack-build's tokenizer-check cache (pack/fast_tokenizer.py): a fresh one per run
+    # packtrain's cache directory: a fresh one per run, never the user's
     os.environ["PACKTRAIN_CACHE"] = str(work / "packtrain-cache")
     try:
         tok = llama3_tokenizer_dir(work / "tok")
@@ -453,9 +453,8 @@ def main(argv=None) -> int:
             r["render"] = render_texts(src, tok, fmt, texts, segments)
             log(f"{name}: render {r['render']['chars_per_s'] / 1e6:.2f} M chars/s")
             if name == "chat":
-                # The first build with a tokenizer checks pack's transformers-free tokenizer
-                # view against transformers (pack/fast_tokenizer.py) and remembers the answer;
-                # measured once on its own, the pairs below are later builds.
+                # The first build with this tokenizer is measured once on its own (what only
+                # a first run pays shows there); the pairs below are later builds.
                 r["pack_build_cold"] = pack_build(src, work / f"{name}.out", tok, n, L)
                 log(f"{name}: first build with this tokenizer "
                     f"{r['pack_build_cold']['tokens_per_s_build']:,.0f} tok/s (build)")
@@ -630,8 +629,7 @@ def print_table(res: dict) -> None:
             c = r["pack_build_cold"]
             row(name, f"pack-build ({n} workers), first build", c["tokens_per_s_build"],
                 c["tokens_per_cpu_s"], b,
-                "the first build with this tokenizer: its lite view is checked against "
-                "transformers beside the workers (pack/fast_tokenizer.py)")
+                "the first build with this tokenizer, measured on its own")
         if "pack_build_x4" in r:
             x4 = r["pack_build_x4"]
             row(name, f"pack-build ({n} workers), 4x corpus, in build",

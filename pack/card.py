@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
+    """A byte count for people: ``1536`` -> ``"1.5 KB"`` (units of 1024)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
@@ -75,7 +76,7 @@ def info_text(manifest: dict[str, Any]) -> str:
         f"{100 * s['label_tokens'] / max(1, s['tokens']):.1f}%)",
         f"packs            {s['packs']:,} (lower bound {s['lower_bound']:,}, "
         f"+{s['packs'] - s['lower_bound']:,}); fill {100 * s['fill']:.2f}%",
-        f"shards           {len(shards)} ({_fmt_bytes(size)})",
+        f"shards           {len(shards)} ({fmt_bytes(size)})",
     ]
     if partition_note(manifest):
         lines.append(f"partitions       {partition_note(manifest)}")
@@ -125,7 +126,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         f"| tokens | {s['tokens']:,} ({s['label_tokens']:,} with labels) |",
         f"| packs | {s['packs']:,} (lower bound {s['lower_bound']:,}), fill "
         f"{100 * s['fill']:.2f}% |",
-        f"| shards | {len(shards)} ({_fmt_bytes(size)}) |",
+        f"| shards | {len(shards)} ({fmt_bytes(size)}) |",
         *([f"| partitions | {partition_note(manifest)} |"] if partition_note(manifest) else []),
         "",
         "## Sources",

@@ -53,7 +53,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .binpack import STRATEGIES
-    from .build import FORMATS, OVERLONG, TEMPLATES
+    from .config import FORMATS, OVERLONG, TEMPLATES
 
     p = argparse.ArgumentParser(
         prog="pack-build",
@@ -277,8 +277,8 @@ def merge_parser() -> argparse.ArgumentParser:
 
 def _merge(argv: Sequence[str] | None) -> int:
     ns = merge_parser().parse_args(argv)
-    from .build import summary
     from .merge import merge
+    from .stats import summary
 
     manifest = merge(ns.parts, ns.out, copy=ns.copy, overwrite=ns.overwrite)
     if not ns.quiet:

@@ -18,8 +18,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .tokenize.loading import tokenizer_record
+from .encode import Encoder, parse_raw
 from .errors import PacktrainError
+from .tokenize.loading import tokenizer_record
 
 SAMPLE = 512  # records rendered and tokenized for the estimate
 
@@ -45,34 +46,8 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
          stream: Iterator, spec: Any, renderer: Any, tokenizer: Any, tok_path: str,
          skipped: Counter, partition: tuple[int | None, int]) -> dict:
     """Read everything, estimate from a sample, return the plan (see :func:`plan_text`)."""
-    from .build import Encoder, _parse_raw
-
     part, n_parts = partition
-    sample = _Spread(SAMPLE)
-    records = own_records = 0
-    for task in stream:
-        own = task.kind in ("rec", "raw")
-        if task.kind in ("raw", "count"):
-            parsed, pos, errors = _parse_raw(task.payload)
-            if errors and not cfg.skip_invalid:
-                j, message, _ = errors[0]
-                raise PacktrainError(f"{task.where(j)}: {message}")
-            n = len(parsed)
-            if own:
-                skipped.update(reason for _, _, reason in errors)
-                for k, (j, rec) in enumerate(zip(pos, parsed)):
-                    sample.offer(own_records + k, lambda: (task.where(j), rec))
-            sources[task.file]["records"] += n
-        elif task.kind == "skip":
-            n = task.payload[0]
-        else:
-            n = len(task.payload)
-            for j, rec in enumerate(task.payload):
-                sample.offer(own_records + j, lambda: (task.where(j), rec))
-            if task.skipped:
-                skipped.update(task.skipped)
-        records += n
-        own_records += n if own else 0
+    records, own_records, items = _read_all(stream, sources, skipped, bool(cfg.skip_invalid))
     if records == 0:
         raise PacktrainError(f"{', '.join(str(p) for p in paths)}: no records found in the "
                              f"inputs")
@@ -80,7 +55,7 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
         raise PacktrainError(f"--partition {part}: this partition got no records (the inputs "
                              f"hold {records} records); use fewer partitions")
 
-    items = sample.items  # between SAMPLE and 2 * SAMPLE spread items, or all records
+    # between SAMPLE and 2 * SAMPLE spread items, or all records
     picked = [items[k] for k in
               np.unique(np.linspace(0, len(items) - 1, min(SAMPLE, len(items))).round()
                         .astype(np.int64))]
@@ -89,26 +64,7 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
         j, msg, _ = res.errors[0]
         raise PacktrainError(f"{picked[j][0]}: {msg} (pass --skip-invalid to skip invalid "
                              f"records and count them)")
-    n = len(picked)
-    per_record = np.zeros(n, dtype=np.float64)  # tokens each sampled record would add
-    per_record[res.keep] = res.lengths
-    scale = own_records / n
-    tokens = float(per_record.sum()) * scale
-    # 95% interval of the total from the sample's spread (normal approximation)
-    half = 1.96 * own_records * float(per_record.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
     max_len = int(cfg.max_length)
-    estimate = {
-        "sampled_records": n,
-        "samples": round(len(res.keep) * scale),
-        "tokens": round(tokens),
-        "tokens_95pct": [max(0, round(tokens - half)), round(tokens + half)],
-        "label_tokens": round(res.label_tokens * scale),
-        "truncated": round(res.truncated * scale),
-        "dropped": {k: round(v * scale) for k, v in sorted(res.dropped.items())},
-        "mean_sample_length": (round(float(res.lengths.mean()), 1) if len(res.lengths)
-                               else 0.0),
-        "packs_lower_bound": math.ceil(tokens / max_len),
-    }
     out = Path(cfg.out)
     if not out.exists():
         out_state = "would be created"
@@ -136,7 +92,62 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
         "records": own_records,
         "records_total": records,
         "skipped_invalid": dict(sorted(skipped.items())),
-        "estimate": estimate,
+        "estimate": _estimate(res, len(picked), own_records, max_len),
+    }
+
+
+def _read_all(stream: Iterator, sources: list[dict], skipped: Counter, skip_invalid: bool
+              ) -> tuple[int, int, list]:
+    """Read every task: the number of records of the build and of this partition, and an
+    evenly spread sample of the partition's ``(where, record)``."""
+    sample = _Spread(SAMPLE)
+    records = own_records = 0
+    for task in stream:
+        own = task.kind in ("rec", "raw")
+        if task.kind in ("raw", "count"):
+            parsed, pos, errors = parse_raw(task.payload)
+            if errors and not skip_invalid:
+                j, message, _ = errors[0]
+                raise PacktrainError(f"{task.where(j)}: {message}")
+            n = len(parsed)
+            if own:
+                skipped.update(reason for _, _, reason in errors)
+                for k, (j, rec) in enumerate(zip(pos, parsed)):
+                    sample.offer(own_records + k, lambda: (task.where(j), rec))
+            sources[task.file]["records"] += n
+        elif task.kind == "skip":
+            n = task.payload[0]
+        else:
+            n = len(task.payload)
+            for j, rec in enumerate(task.payload):
+                sample.offer(own_records + j, lambda: (task.where(j), rec))
+            if task.skipped:
+                skipped.update(task.skipped)
+        records += n
+        own_records += n if own else 0
+    return records, own_records, sample.items
+
+
+def _estimate(res: Any, n: int, own_records: int, max_len: int) -> dict:
+    """Extrapolate the :class:`pack.encode.ChunkResult` of ``n`` sampled records to all
+    ``own_records``."""
+    per_record = np.zeros(n, dtype=np.float64)  # tokens each sampled record would add
+    per_record[res.keep] = res.lengths
+    scale = own_records / n
+    tokens = float(per_record.sum()) * scale
+    # 95% interval of the total from the sample's spread (normal approximation)
+    half = 1.96 * own_records * float(per_record.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    return {
+        "sampled_records": n,
+        "samples": round(len(res.keep) * scale),
+        "tokens": round(tokens),
+        "tokens_95pct": [max(0, round(tokens - half)), round(tokens + half)],
+        "label_tokens": round(res.label_tokens * scale),
+        "truncated": round(res.truncated * scale),
+        "dropped": {k: round(v * scale) for k, v in sorted(res.dropped.items())},
+        "mean_sample_length": (round(float(res.lengths.mean()), 1) if len(res.lengths)
+                               else 0.0),
+        "packs_lower_bound": math.ceil(tokens / max_len),
     }
 
 

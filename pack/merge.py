@@ -1,7 +1,7 @@
 """``pack-merge``: join the partitions of one partitioned pack-build into one packed dataset.
 
 ``pack-build --num-partitions N --partition I`` packs partition I of the inputs (blocks of
-:data:`pack.build.PARTITION_BLOCK` records, block b to partition b mod N; ``sample_index`` keeps
+:data:`pack.tasks.PARTITION_BLOCK` records, block b to partition b mod N; ``sample_index`` keeps
 the global record number). :func:`merge` takes the N output directories, in any order, and:
 
 1. checks that they are the N partitions of one build: each has a ``partition`` record with
@@ -36,6 +36,7 @@ from . import format as fmt_mod
 from .files import fsync_dir, write_atomic
 from .errors import PacktrainError
 from .format import MANIFEST
+from .outdir import CARD, check_out_dir, cleanup, prepare_out_dir, unlock_out_dirs
 
 # Arguments that may differ between the partitions of one build: where the output went, which
 # partition it was, and options that do not change a byte of the output.
@@ -205,7 +206,6 @@ def _place(src: Path, dst: Path, copy: bool) -> str:
 
 def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = False) -> dict:
     """Join partition builds ``parts`` into ``out``; return the manifest written."""
-    from .build import CARD, _check_out_dir, _cleanup, _prepare_out_dir, _unlock_out_dirs
     from .card import dataset_card
 
     if not parts:
@@ -221,13 +221,13 @@ def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = 
         if out_p.resolve() == p.resolve():
             raise PacktrainError(f"{out}: is also one of the parts; choose another output "
                                  f"directory")
-    _check_out_dir(out_p, overwrite)
+    check_out_dir(out_p, overwrite)
     _check_shards(loaded)
 
     m0 = loaded[0][1]
     max_length = int(m0["max_length"])
     created = not out_p.exists()
-    _prepare_out_dir(out_p, overwrite)
+    prepare_out_dir(out_p, overwrite)
     try:
         shards: list[dict] = []
         how: dict[str, int] = {"linked": 0, "copied": 0}
@@ -261,9 +261,9 @@ def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = 
         write_atomic(out_p / CARD, dataset_card(manifest).encode())
         fmt_mod.write_manifest(out_p, manifest)
     except BaseException:
-        _cleanup(out_p, None, remove_shards=True, remove_dir=created)
+        cleanup(out_p, None, remove_shards=True, remove_dir=created)
         raise
     finally:
-        _unlock_out_dirs()
+        unlock_out_dirs()
     return manifest
 

@@ -1,6 +1,6 @@
 """Read training records from corpus files: JSON Lines, JSON arrays, Parquet, gzip/zstd JSONL.
 
-API (used by ``pack.build``):
+API (used by ``pack.tasks``):
 
 ``expand_inputs(inputs) -> list[Path]``
     Files and glob patterns, in the order given (each glob's matches sorted), duplicates removed.
@@ -125,33 +125,36 @@ def _json_type(value) -> str:
     return type(value).__name__
 
 
-class _Skip(Exception):
+class LineError(Exception):
+    """A JSON Lines line that is not a record: ``reason`` (``"invalid-json"``, ...) and
+    ``message`` (naming no place: the caller knows the file and line)."""
+
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason, self.message = reason, message
 
 
-def _parse_line(raw: bytes) -> dict:
-    """One JSON Lines line (bytes, stripped of nothing) -> object, or raise _Skip."""
+def parse_line(raw: bytes) -> dict:
+    """One JSON Lines line (bytes, stripped of nothing) -> object, or raise :class:`LineError`."""
     if b"\x00" in raw:
         col = raw.index(b"\x00") + 1
-        raise _Skip("nul-byte", f"NUL byte at column {col}; the file looks binary or corrupt "
+        raise LineError("nul-byte", f"NUL byte at column {col}; the file looks binary or corrupt "
                                 f"(it is not UTF-8 JSON Lines); {SKIP_HINT}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = raw[e.start:e.start + 4]
-        raise _Skip("invalid-utf8", f"invalid UTF-8 at byte {e.start + 1} of the line ({bad!r}); "
+        raise LineError("invalid-utf8", f"invalid UTF-8 at byte {e.start + 1} of the line ({bad!r}); "
                                     f"re-encode the file as UTF-8 or {SKIP_HINT}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _Skip("invalid-json", f"invalid JSON: {e.msg} at column {e.colno}; "
+        raise LineError("invalid-json", f"invalid JSON: {e.msg} at column {e.colno}; "
                                     f"{SKIP_HINT}") from None
     except RecursionError:
-        raise _Skip("invalid-json", f"invalid JSON: nested too deeply; {SKIP_HINT}") from None
+        raise LineError("invalid-json", f"invalid JSON: nested too deeply; {SKIP_HINT}") from None
     if not isinstance(value, dict):
-        raise _Skip("not-an-object", f"expected a JSON object per line, got {_json_type(value)}; "
+        raise LineError("not-an-object", f"expected a JSON object per line, got {_json_type(value)}; "
                                      f"{SKIP_HINT}")
     return value
 
@@ -279,8 +282,8 @@ def _iter_json(path: Path, container: str, compression: str | None, skip_invalid
         first = True
         for lineno, raw in _nonblank_lines(path, stream, errors, what):
             try:
-                record = _parse_line(raw)
-            except _Skip as s:
+                record = parse_line(raw)
+            except LineError as s:
                 if skip_invalid:
                     if skipped is not None:
                         skipped[s.reason] += 1
@@ -352,10 +355,6 @@ def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     what = f"{compression} " if compression else ""
     with _open_checked(path, compression, errors, what) as stream:
         yield from _nonblank_lines(path, stream, errors, what)
-
-
-LineError = _Skip            # .reason ("invalid-json", ...) and .message (no place)
-parse_line = _parse_line     # raw JSON Lines line -> record, or raise LineError
 
 
 def _whole_json_object_hint(path: Path, stream: IO[bytes], first: bytes, errors) -> None:

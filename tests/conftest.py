@@ -13,7 +13,7 @@ from pack.offline import chitchat_conversations, llama3_tokenizer_dir
 
 @pytest.fixture(scope="session", autouse=True)
 def _packtrain_cache(tmp_path_factory):
-    """pack-build remembers passed tokenizer checks (pack/fast_tokenizer.py) in a cache: one per
+    """packtrain's cache directory (Hugging Face hub datasets, remote dataset views): one per
     test session, never the user's ~/.cache."""
     os.environ["PACKTRAIN_CACHE"] = str(tmp_path_factory.mktemp("packtrain-cache"))
 

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pack import format as F
-from pack.build import TIMING_FIELDS, build
+from pack.build import build
 from pack.errors import PacktrainError
+from pack.stats import TIMING_FIELDS
+from pack.tokenize.loading import load_tokenizer
 
 MAXLEN = 512
 
@@ -74,7 +76,7 @@ def label_runs(ids, labels) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir):
-    return F.load_tokenizer(tokenizer_dir)
+    return load_tokenizer(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +191,11 @@ def test_task_size_does_not_change_the_dataset(alpaca_build, tokenizer_dir, alpa
                                                tmp_path, monkeypatch):
     """JSON Lines tasks are cut by bytes; however they are cut (one record per task, or the
     whole file in one), the shards and the manifest are the same."""
-    from pack import build as B
+    from pack import tasks as T
 
     out, m1 = alpaca_build
     for size in (1, 1 << 30):
-        monkeypatch.setattr(B, "RAW_CHUNK_BYTES", size)
+        monkeypatch.setattr(T, "RAW_CHUNK_BYTES", size)
         o = tmp_path / f"bytes{size}"
         m = run([alpaca_jsonl], o, tokenizer_dir, workers=2)
         assert shard_digests(o) == shard_digests(out)
@@ -204,13 +206,13 @@ def test_task_size_does_not_change_the_dataset(alpaca_build, tokenizer_dir, alpa
 def test_jsonl_tasks_end_at_the_byte_budget(tmp_path, monkeypatch):
     from collections import Counter
 
-    from pack import build as B
+    from pack import tasks as T
 
     lines = [json.dumps({"text": "x" * n}) for n in (10, 500, 3, 3, 3, 900, 1, 1)]
     src = tmp_path / "t.jsonl"
     src.write_text("\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]) + "\n")
-    monkeypatch.setattr(B, "RAW_CHUNK_RECORDS", 3)
-    _, tasks = B._read_sources([src], "text", False, Counter(), [{}], chunk_bytes=520)
+    monkeypatch.setattr(T, "RAW_CHUNK_RECORDS", 3)
+    _, tasks = T.read_sources([src], "text", False, Counter(), [{}], chunk_bytes=520)
     tasks = list(tasks)
     # 10+500 (+ quotes and keys) passes 520 at the second line; a run of short lines stops at
     # RAW_CHUNK_RECORDS; the blank line 5 is not a record
@@ -326,19 +328,19 @@ def test_sources_are_hashed_beside_the_workers(tmp_path, alpaca_jsonl, tokenizer
 def test_sample_store_gathers_a_batch_releasing_pages_as_it_goes(tmp_path, monkeypatch):
     """A record batch gathers thousands of samples from the spill file; mapped pages are
     released every RELEASE_EVERY samples within it, so resident memory stays bounded."""
-    from pack.build import _SampleStore
+    from pack.store import SampleStore
 
     rng = np.random.default_rng(5)
     lens = rng.integers(1, 40, size=50)
     samples = [rng.integers(0, 1000, size=n).astype(np.int32) for n in lens]
-    store = _SampleStore(tmp_path / "spill.arrow")
+    store = SampleStore(tmp_path / "spill.arrow")
     for s in range(0, 50, 20):  # appended in chunks, as results come back
         part = samples[s:s + 20]
         store.append(lens[s:s + 20], np.concatenate(part), np.concatenate(part) + 1)
     store.finish_writing()
     store.open(50)
     released = []
-    monkeypatch.setattr(_SampleStore, "RELEASE_EVERY", 7)
+    monkeypatch.setattr(SampleStore, "RELEASE_EVERY", 7)
     monkeypatch.setattr(store, "release", lambda: released.append(store._since_release)
                         or setattr(store, "_since_release", 0))
     idx = rng.permutation(50)[:45]

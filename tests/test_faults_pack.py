@@ -27,13 +27,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pack import build as B
+from pack import outdir as O
 from pack.cli import build_main, verify_main
 from pack.format import MANIFEST
+from pack.stats import TIMING_FIELDS
 
-TIMING = B.TIMING_FIELDS
+TIMING = TIMING_FIELDS
 PHASE_ORDER = ("absent", "empty", "tokenize", "write", "card", "finished")
-TRIGGER_PREFIXES = {"shard": (".shard-", "shard-"), "card": (B.CARD, f".{B.CARD}.tmp-")}
+TRIGGER_PREFIXES = {"shard": (".shard-", "shard-"), "card": (O.CARD, f".{O.CARD}.tmp-")}
 RESULTS: dict[str, list] = collections.defaultdict(list)  # workers -> [(trigger, phase)]
 
 
@@ -67,7 +68,7 @@ def phase_of(out: Path) -> str:
         return "empty"
     if MANIFEST in names:
         return "finished"
-    if B.CARD in names or any(n.startswith(f".{B.CARD}.tmp-") for n in names):
+    if O.CARD in names or any(n.startswith(f".{O.CARD}.tmp-") for n in names):
         return "card"
     if any(n.startswith(("shard-", ".shard-")) for n in names):
         return "write"
@@ -170,7 +171,7 @@ def assert_not_a_dataset(out: Path, capsys) -> None:
     if out.exists():
         names = os.listdir(out)
         assert MANIFEST not in names
-        assert all(B._is_ours(n) for n in names), names
+        assert all(O.is_ours(n) for n in names), names
         for n in names:
             if n.startswith("shard-"):  # renamed only when complete, so it must read whole
                 with pa.memory_map(str(out / n)) as src:
@@ -181,7 +182,7 @@ def assert_not_a_dataset(out: Path, capsys) -> None:
                         src.seek(0)
                         pa.ipc.open_stream(src).read_all()
             else:  # anything else is visibly temporary
-                assert ".tmp" in n or n == B.CARD, n
+                assert ".tmp" in n or n == O.CARD, n
     capsys.readouterr()
     assert verify_main([str(out), "--quiet"]) == 1
     cap = capsys.readouterr()
@@ -329,7 +330,7 @@ def _leftovers(out: Path) -> None:
     out.mkdir()
     (out / "shard-00000.arrow").write_bytes(b"partial")
     (out / ".shard-00001.arrow.tmp").write_bytes(b"partial")
-    (out / B.TMP_SAMPLES).write_bytes(b"partial")
+    (out / O.TMP_SAMPLES).write_bytes(b"partial")
 
 
 def _build(out: Path, corpus: Path, tok: Path, *extra: str) -> int:
@@ -340,7 +341,7 @@ def _build(out: Path, corpus: Path, tok: Path, *extra: str) -> int:
 def test_leftovers_are_cleaned_without_overwrite(tmp_path, chat_jsonl, tokenizer_dir, capsys):
     out = tmp_path / "out"
     _leftovers(out)
-    (out / f".{B.CARD}.tmp-123").write_bytes(b"half a card")
+    (out / f".{O.CARD}.tmp-123").write_bytes(b"half a card")
     assert _build(out, chat_jsonl, tokenizer_dir) == 0
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "interrupted pack-build" in line]
@@ -356,7 +357,7 @@ def test_foreign_file_is_never_deleted(tmp_path, chat_jsonl, tokenizer_dir, caps
     assert _build(out, chat_jsonl, tokenizer_dir) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not empty" in err and "\n" not in err
-    assert sorted(os.listdir(out)) == sorted([".shard-00001.arrow.tmp", B.TMP_SAMPLES,
+    assert sorted(os.listdir(out)) == sorted([".shard-00001.arrow.tmp", O.TMP_SAMPLES,
                                               "notes.txt", "shard-00000.arrow"])
 
 
@@ -399,7 +400,7 @@ def test_live_build_is_not_taken_for_leftovers(tmp_path, chat_jsonl, tokenizer_d
 def test_lock_is_released_after_each_build(tmp_path, chat_jsonl, tokenizer_dir):
     out = tmp_path / "out"
     assert _build(out, chat_jsonl, tokenizer_dir) == 0
-    assert B._OUT_LOCKS == {}
+    assert O._OUT_LOCKS == {}
     assert _build(out / "missing-input-dir", tmp_path / "nope.jsonl", tokenizer_dir) == 2
-    assert B._OUT_LOCKS == {}
+    assert O._OUT_LOCKS == {}
     assert _build(out, chat_jsonl, tokenizer_dir, "--overwrite") == 0

@@ -20,11 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pack import format as F
-from pack.build import PARTITION_BLOCK, TIMING_FIELDS, build, check_partition
+from pack.build import PARTITION_BLOCK, build
 from pack.cli import build_main, merge_main
 from pack.errors import PacktrainError
 from pack.merge import combine_stats, merge
 from pack.offline import chitchat_conversations
+from pack.stats import TIMING_FIELDS
+from pack.tasks import check_partition
 
 MAXLEN = 256
 N = 3

@@ -1,0 +1,124 @@
+"""pack-build's arguments (:class:`BuildConfig`, the same names as the command line's options)
+and their checks, run before any slow work: cheap ones first, so a bad call is rejected
+without loading a tokenizer. Each failure is a one-line :class:`PacktrainError`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import PacktrainError
+from .tasks import check_partition
+from .tokenize.choose import resolve_tokenizer
+
+TEMPLATE_FOR_FORMAT = {"alpaca": "alpaca", "messages": "chat", "text": "none"}
+FORMATS = ("auto", "alpaca", "messages", "text")
+TEMPLATES = ("auto", "alpaca", "chat", "none")
+OVERLONG = ("truncate", "drop")
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """Every pack-build argument, with its default. ``tokenizer=None`` means the environment
+    variable ``PACKTRAIN_TOKENIZER``; ``workers=None`` means all usable cores."""
+
+    inputs: list[str]
+    out: str
+    tokenizer: str | None = None
+    max_length: int = 4096
+    format: str = "auto"
+    template: str = "auto"
+    chat_template: str | None = None
+    train_on_prompt: bool = False
+    overlong: str = "truncate"
+    strategy: str = "bfd"
+    seed: int = 0
+    workers: int | None = None
+    shard_size: str = "256MB"
+    overwrite: bool = False
+    skip_invalid: bool = False
+    quiet: bool = False
+    dry_run: bool = False
+    split: str | None = None          # of a Hugging Face DatasetDict input (default: train)
+    num_partitions: int = 1
+    partition: int | None = None      # 0 .. num_partitions - 1 (with num_partitions > 1)
+
+    @classmethod
+    def from_args(cls, args: Any) -> "BuildConfig":
+        if isinstance(args, cls):
+            return args
+        d = dict(args) if isinstance(args, dict) else dict(vars(args))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the arguments resolve to once checked."""
+
+    workers: int
+    max_packs: int | None
+    max_bytes: int | None
+    tok_path: str
+    chat_template_text: str | None  # the --chat-template file's text
+    n_parts: int
+    part: int | None
+
+
+def check_arguments(cfg: BuildConfig) -> Settings:
+    """Check ``cfg`` (no tokenizer needed to reject a bad call) and resolve its defaults."""
+    from .binpack import STRATEGIES
+
+    if not cfg.inputs:
+        raise PacktrainError("no inputs: pass one or more .jsonl/.json/.parquet files or globs "
+                             "before the output directory")
+    if cfg.max_length < 1:
+        raise PacktrainError(f"--max-length {cfg.max_length}: must be a positive number of "
+                             f"tokens")
+    for name, value, allowed in (("--format", cfg.format, FORMATS),
+                                 ("--template", cfg.template, TEMPLATES),
+                                 ("--overlong", cfg.overlong, OVERLONG),
+                                 ("--strategy", cfg.strategy, STRATEGIES)):
+        if value not in allowed:
+            raise PacktrainError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
+    max_packs, max_bytes = parse_shard_size(cfg.shard_size)
+    workers = cfg.workers if cfg.workers else default_workers()
+    if workers < 1:
+        raise PacktrainError(f"--workers {cfg.workers}: must be at least 1")
+    tok_path = resolve_tokenizer(cfg.tokenizer)
+    chat_template_text = None
+    if cfg.chat_template:
+        try:
+            chat_template_text = Path(cfg.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PacktrainError(f"{cfg.chat_template}: cannot read the chat template "
+                                 f"({getattr(e, 'strerror', None) or e})") from None
+    n_parts, part = check_partition(cfg.num_partitions, cfg.partition)
+    return Settings(workers, max_packs, max_bytes, tok_path, chat_template_text, n_parts, part)
+
+
+def parse_shard_size(text: str | int) -> tuple[int | None, int | None]:
+    """``"1000"`` -> (1000 packs, no byte limit); ``"256MB"``/``"1GB"``/``"512KiB"`` -> bytes."""
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?", s, flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise PacktrainError(f"--shard-size {text!r}: expected a number of packs (e.g. 1000) or a "
+                             f"size such as 256MB or 1GB")
+    if not m.group(2):
+        if "." in m.group(1):
+            raise PacktrainError(f"--shard-size {text!r}: a pack count must be a whole number")
+        return int(m.group(1)), None
+    unit = m.group(2).upper().replace("I", "")
+    mult = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}[unit]
+    return None, max(1, int(float(m.group(1)) * mult))
+
+
+def default_workers() -> int:
+    """All usable cores (those this process may run on)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
