@@ -51,8 +51,7 @@ from .config import TEMPLATE_FOR_FORMAT, BuildConfig, Settings, check_arguments
 from .encode import (IN_FLIGHT_PER_WORKER, ChunkResult, EncodeSpec, Encoder, ordered_map,
                      renderer_from_spec, worker_pool)
 from .errors import PacktrainError
-from .files import write_atomic
-from .outdir import (CARD, TMP_SAMPLES, check_out_dir, cleanup, disk_full, prepare_out_dir,
+from .outdir import (TMP_SAMPLES, check_out_dir, cleanup, disk_full, prepare_out_dir, publish,
                      unlock_out_dirs)
 from .stats import Counts, build_stats, summary
 from .store import SampleStore
@@ -407,8 +406,7 @@ def _manifest(job: _Job, reading: _Reading, encoded: _Encoded, pack_tokens: np.n
         manifest["partition"] = {"index": s.part, "count": s.n_parts,
                                  "block_records": PARTITION_BLOCK, "rule": "round-robin"}
     fmt_mod.validate_manifest(manifest)
-    write_atomic(job.out / CARD, dataset_card(manifest).encode())
-    fmt_mod.write_manifest(job.out, manifest)
+    publish(job.out, manifest, dataset_card(manifest))
     return manifest
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
@@ -159,6 +160,8 @@ def info_parser() -> argparse.ArgumentParser:
 
 def _info(argv: Sequence[str] | None) -> int:
     ns = info_parser().parse_args(argv)
+    if ns.plot:
+        check_plot_path(ns.plot)
     from .card import info_text
     from .remote import read_manifest  # a directory or a URL
 
@@ -174,8 +177,20 @@ def _info(argv: Sequence[str] | None) -> int:
     return 0
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+
+
+def check_plot_path(path: str) -> None:
+    # matplotlib would add .png to a name without a suffix (so the file written is not the one
+    # reported) and fails with a traceback on one it does not know
+    if Path(path).is_dir() or Path(path).suffix.lower() not in PLOT_SUFFIXES:
+        raise PacktrainError(f"--plot {path}: name an image file ending in "
+                             f"{', '.join(PLOT_SUFFIXES)}")
+
+
 def plot(manifest: dict, path: str) -> None:
     """Two bar charts: sample lengths (tokens) and pack fill."""
+    check_plot_path(path)
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -68,6 +68,12 @@ class Settings:
     part: int | None
 
 
+# cu_seqlens and position_ids are int32 columns: a pack can hold no more tokens than that.
+MAX_LENGTH_LIMIT = 2 ** 31 - 1
+# More tokenizer processes than this per core only add memory (each loads its own tokenizer).
+WORKERS_PER_CORE = 4
+
+
 def check_arguments(cfg: BuildConfig) -> Settings:
     """Check ``cfg`` (no tokenizer needed to reject a bad call) and resolve its defaults."""
     from .binpack import STRATEGIES
@@ -75,9 +81,11 @@ def check_arguments(cfg: BuildConfig) -> Settings:
     if not cfg.inputs:
         raise PacktrainError("no inputs: pass one or more .jsonl/.json/.parquet files or globs "
                              "before the output directory")
-    if cfg.max_length < 1:
-        raise PacktrainError(f"--max-length {cfg.max_length}: must be a positive number of "
-                             f"tokens")
+    if not 1 <= cfg.max_length <= MAX_LENGTH_LIMIT:
+        raise PacktrainError(f"--max-length {cfg.max_length}: must be a number of tokens from 1 "
+                             f"to {MAX_LENGTH_LIMIT:,} (the format stores offsets as int32)")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise PacktrainError(f"--seed {cfg.seed}: must be a whole number from 0 to 2**63 - 1")
     for name, value, allowed in (("--format", cfg.format, FORMATS),
                                  ("--template", cfg.template, TEMPLATES),
                                  ("--overlong", cfg.overlong, OVERLONG),
@@ -86,8 +94,9 @@ def check_arguments(cfg: BuildConfig) -> Settings:
             raise PacktrainError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
     max_packs, max_bytes = parse_shard_size(cfg.shard_size)
     workers = cfg.workers if cfg.workers else default_workers()
-    if workers < 1:
-        raise PacktrainError(f"--workers {cfg.workers}: must be at least 1")
+    if not 1 <= workers <= WORKERS_PER_CORE * default_workers():
+        raise PacktrainError(f"--workers {cfg.workers}: must be from 1 to {WORKERS_PER_CORE}x the "
+                             f"{default_workers()} usable cores (each worker holds a tokenizer)")
     tok_path = resolve_tokenizer(cfg.tokenizer)
     chat_template_text = None
     if cfg.chat_template:

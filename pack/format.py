@@ -468,17 +468,24 @@ def read_arrow(path: str | os.PathLike) -> pa.Table:
     return pa.ipc.open_stream(source).read_all()
 
 
-def open_shard(data_dir: Path, info: dict) -> pa.Table:
-    """Memory-map one shard and check its size, schema and row count against the manifest."""
-    name = info["path"]
+def shard_path(data_dir: str | os.PathLike, name: str) -> Path:
+    """Where a shard the manifest names lives: inside the dataset directory, and not through a
+    symbolic link (the manifest vouches for files inside the dataset; a link could point
+    anywhere, and a copy or hard link of the dataset would still depend on its target)."""
     check_relative_path(name)
     path = Path(data_dir) / name
     if path.is_symlink() or (path.exists() and not path.resolve().is_relative_to(
             Path(data_dir).resolve())):
-        # the manifest vouches for files inside the dataset; a link could point anywhere
         raise FormatError("shard is a symbolic link (or inside a linked folder); a dataset holds "
                           "its shards as plain files — copy the file in", shard=name,
                           rule="shard-path")
+    return path
+
+
+def open_shard(data_dir: Path, info: dict) -> pa.Table:
+    """Memory-map one shard and check its size, schema and row count against the manifest."""
+    name = info["path"]
+    path = shard_path(data_dir, name)
     if not path.is_file():
         raise FormatError("shard file is missing; the dataset is incomplete — re-copy it or "
                           "rebuild with pack-build", shard=name, rule="shard-missing")

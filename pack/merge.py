@@ -33,10 +33,10 @@ from typing import Any, Sequence
 
 from . import __version__
 from . import format as fmt_mod
-from .files import fsync_dir, write_atomic
+from .files import fsync_dir
 from .errors import PacktrainError
 from .format import MANIFEST
-from .outdir import CARD, check_out_dir, cleanup, prepare_out_dir, unlock_out_dirs
+from .outdir import check_out_dir, cleanup, prepare_out_dir, publish, unlock_out_dirs
 
 # Arguments that may differ between the partitions of one build: where the output went, which
 # partition it was, and options that do not change a byte of the output.
@@ -139,7 +139,11 @@ def _check_shards(parts: list[tuple[Path, dict]]) -> None:
     for p, m in parts:
         for s in m["shards"]:
             fmt_mod.check_relative_path(s["path"], str(p / MANIFEST))
-            f = p / s["path"]
+            try:
+                f = fmt_mod.shard_path(p, s["path"])
+            except PacktrainError as e:
+                raise PacktrainError(f"{p}: {e}; a merged dataset must not depend on files "
+                                     f"outside its parts") from None
             try:
                 size = f.stat().st_size
             except OSError as e:
@@ -258,8 +262,7 @@ def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = 
                               "rule": m0["partition"]["rule"], "shard_files": files,
                               "packtrain": __version__, "parts": part_info}
         fmt_mod.validate_manifest(manifest)
-        write_atomic(out_p / CARD, dataset_card(manifest).encode())
-        fmt_mod.write_manifest(out_p, manifest)
+        publish(out_p, manifest, dataset_card(manifest))
     except BaseException:
         cleanup(out_p, None, remove_shards=True, remove_dir=created)
         raise

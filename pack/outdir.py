@@ -2,9 +2,12 @@
 lock it while a build writes, clear what an earlier or interrupted build left, and after a
 failure remove exactly the files this build wrote.
 
-Only files a build writes (:func:`is_ours`) are ever deleted; anything else in the directory
-stays. A directory without ``manifest.json`` is not a dataset, so the manifest is always the
-first file removed and the last one written.
+Only files a build wrote are ever deleted: those a previous manifest lists (with
+--overwrite), or, where a build was killed, the files named like a build's beside the marker
+``.packtrain-building`` that every build writes before anything else and removes after its
+manifest. Anything else in the directory stays, a user's README.md or stray shard file too. A
+directory without ``manifest.json`` is not a dataset, so the manifest is always the first file
+removed and the last one written.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PacktrainError
-from .files import fsync_dir
+from .files import fsync_dir, write_atomic
 from .format import MANIFEST
 
 CARD = "README.md"
 TMP_SAMPLES = ".packtrain-samples.tmp.arrow"
+BUILDING = ".packtrain-building"  # written first and removed last by every build and merge
 
 _OUT_LOCKS: dict[str, int] = {}  # resolved directory -> file descriptor holding its flock
 
@@ -36,15 +40,14 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def interrupted_build(out: Path) -> bool:
-    """Whether ``out`` holds only what a killed pack-build leaves: no manifest, nothing but
-    plain files a build writes, and at least one that is not the card (a lone README.md may
-    be the user's own). Such leftovers are removed without --overwrite."""
+    """Whether ``out`` holds only what a killed pack-build leaves: its marker, no manifest, and
+    nothing but plain files a build writes. Such leftovers are removed without --overwrite."""
     try:
         entries = list(out.iterdir())
     except OSError:
         return False
     names = [p.name for p in entries]
-    return (bool(names) and MANIFEST not in names and any(n != CARD for n in names)
+    return (BUILDING in names and MANIFEST not in names
             and all(is_ours(p.name) and p.is_file() and not p.is_symlink() for p in entries))
 
 
@@ -83,19 +86,45 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         if not overwrite:  # check_out_dir let it through: leftovers of a killed build
             print(f"note: {out}: removing the leftovers of an interrupted pack-build (no "
                   f"{MANIFEST}) and building again", file=sys.stderr, flush=True)
-        # The manifest goes first: an interrupted rebuild must never look complete.
-        manifest = out / MANIFEST
-        if manifest.exists():
-            manifest.unlink()
-            fsync_dir(out)
-        for p in out.iterdir():
-            if is_ours(p.name):
-                p.unlink()
+        for p in _written_by_a_build(out):
+            p.unlink(missing_ok=True)
+            if p.name == MANIFEST:  # first: an interrupted rebuild must never look complete
+                fsync_dir(out)
+    (out / BUILDING).write_text(f"{os.getpid()}\n")
+    fsync_dir(out)
+
+
+def _written_by_a_build(out: Path) -> list[Path]:
+    """What an earlier build or merge provably wrote, manifest first: the files its manifest
+    lists (and the card), or, after a killed build (its marker is there), every file named like
+    a build's."""
+    if (out / BUILDING).is_file():
+        found = sorted((p for p in out.iterdir() if is_ours(p.name)),
+                       key=lambda p: p.name != MANIFEST)
+        return found
+    try:
+        from .format import read_manifest
+
+        listed = [s["path"] for s in read_manifest(out)["shards"]]
+    except PacktrainError:  # no readable manifest: nothing here is provably a build's
+        return []
+    return [out / MANIFEST, out / CARD, *(out / name for name in listed)]
+
+
+def publish(out: Path, manifest: dict, card: str) -> None:
+    """The last step of a build or merge: the card, then the manifest (the dataset is complete
+    from here on), then the marker goes."""
+    from .format import write_manifest
+
+    write_atomic(out / CARD, card.encode())
+    write_manifest(out, manifest)
+    (out / BUILDING).unlink(missing_ok=True)
+    fsync_dir(out)
 
 
 def is_ours(name: str) -> bool:
     """Files a build writes (and --overwrite removes); anything else in the directory stays."""
-    return (name in (MANIFEST, CARD, TMP_SAMPLES)
+    return (name in (MANIFEST, CARD, TMP_SAMPLES, BUILDING)
             or re.fullmatch(r"shard-\d{5,}\.arrow", name) is not None
             or re.fullmatch(r"\.shard-\d{5,}\.arrow\.tmp", name) is not None
             or name.startswith((f".{MANIFEST}.tmp-", f".{CARD}.tmp-")))

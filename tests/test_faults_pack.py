@@ -181,8 +181,8 @@ def assert_not_a_dataset(out: Path, capsys) -> None:
                     else:
                         src.seek(0)
                         pa.ipc.open_stream(src).read_all()
-            else:  # anything else is visibly temporary
-                assert ".tmp" in n or n == O.CARD, n
+            else:  # anything else is visibly temporary, or the marker of a build under way
+                assert ".tmp" in n or n in (O.CARD, O.BUILDING), n
     capsys.readouterr()
     assert verify_main([str(out), "--quiet"]) == 1
     cap = capsys.readouterr()
@@ -327,7 +327,9 @@ def test_sigkill_real_cli_process(reference, corpus, tokenizer_dir):
 # ---------------------------------------------------------------- what is never deleted
 
 def _leftovers(out: Path) -> None:
+    """What a killed build leaves: its marker (written before anything else) and partial files."""
     out.mkdir()
+    (out / O.BUILDING).write_text("12345\n")
     (out / "shard-00000.arrow").write_bytes(b"partial")
     (out / ".shard-00001.arrow.tmp").write_bytes(b"partial")
     (out / O.TMP_SAMPLES).write_bytes(b"partial")
@@ -358,7 +360,7 @@ def test_foreign_file_is_never_deleted(tmp_path, chat_jsonl, tokenizer_dir, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not empty" in err and "\n" not in err
     assert sorted(os.listdir(out)) == sorted([".shard-00001.arrow.tmp", O.TMP_SAMPLES,
-                                              "notes.txt", "shard-00000.arrow"])
+                                              "notes.txt", "shard-00000.arrow", O.BUILDING])
 
 
 def test_lone_readme_is_not_taken_for_leftovers(tmp_path, chat_jsonl, tokenizer_dir, capsys):
@@ -368,6 +370,29 @@ def test_lone_readme_is_not_taken_for_leftovers(tmp_path, chat_jsonl, tokenizer_
     assert _build(out, chat_jsonl, tokenizer_dir) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "README.md").read_text() == "my project"
+
+
+def test_user_files_named_like_a_builds_are_never_deleted(tmp_path, chat_jsonl, tokenizer_dir,
+                                                         capsys):
+    """A user's README.md beside a stray shard-00007.arrow used to be taken for a killed
+    build's leftovers and deleted without --overwrite. Only what a build provably wrote goes:
+    the leftovers beside its marker, or with --overwrite the files its manifest lists."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my project")
+    (out / "shard-00007.arrow").write_bytes(b"mine")
+    assert _build(out, chat_jsonl, tokenizer_dir) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "my project"
+    assert (out / "shard-00007.arrow").read_bytes() == b"mine"
+
+    ds = tmp_path / "ds"
+    assert _build(ds, chat_jsonl, tokenizer_dir) == 0
+    (ds / "shard-00007.arrow").write_bytes(b"mine")  # not in the manifest: not the build's
+    assert _build(ds, chat_jsonl, tokenizer_dir, "--overwrite") == 0
+    assert (ds / "shard-00007.arrow").read_bytes() == b"mine"
+    assert not (ds / O.BUILDING).exists()
+    assert verify_main([str(ds), "--quiet"]) == 0
 
 
 def test_finished_dataset_still_needs_overwrite(tmp_path, chat_jsonl, tokenizer_dir, capsys):
@@ -391,7 +416,7 @@ def test_live_build_is_not_taken_for_leftovers(tmp_path, chat_jsonl, tokenizer_d
         assert _build(out, chat_jsonl, tokenizer_dir) == 2
         err = capsys.readouterr().err.strip()
         assert "another pack-build is writing" in err and str(out) in err and "\n" not in err
-        assert len(os.listdir(out)) == 3
+        assert len(os.listdir(out)) == 4
     finally:
         os.close(fd)
     assert _build(out, chat_jsonl, tokenizer_dir) == 0  # lock gone: leftovers cleaned

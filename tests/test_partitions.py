@@ -263,6 +263,12 @@ def test_bad_merges_refused(parts, single, tmp_path, capsys):
     with open(shard, "ab") as f:
         f.write(b"x")
     _refused(capsys, [p[0], str(damaged), p[2], str(out)], "rebuild it")
+    linked = _copy_part(parts[1], tmp_path / "linked")
+    shard = linked / json.loads((linked / F.MANIFEST).read_text())["shards"][0]["path"]
+    outside = tmp_path / "outside.arrow"
+    shard.rename(outside)
+    shard.symlink_to(outside)  # same bytes, but a merge would depend on a file outside
+    _refused(capsys, [p[0], str(linked), p[2], str(out)], "symbolic link")
     _refused(capsys, [*p, p[0]], "is also one of the parts")
     _refused(capsys, [*p, "s3://bucket/merged"], "writes a local directory")
     assert not out.exists()  # nothing was left behind by any refusal
