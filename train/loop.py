@@ -61,6 +61,8 @@ from train.dist import (DEFAULT_DIST_TIMEOUT, PREEMPTED_EXIT, PREEMPTED_FILE, Di
 from train.hooks import Hooks
 from train.setup import Run, build
 
+METRICS_FILE = "metrics.jsonl"  # OUTPUT/metrics.jsonl: one JSON line per step (rank 0)
+
 
 def train(args: Namespace) -> dict:
     """Run training as configured by train-run's arguments; returns the closing summary."""
@@ -87,7 +89,7 @@ def start_run(args: Namespace, dist: Dist, hooks: Hooks) -> tuple[Run, bool]:
     run = build(args, dist, hooks)
     safe_deepspeed_loads(run.engine)  # before any resume: DeepSpeed's own loads unpickle
     on_rank0(dist, lambda: write_run_files(run))
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / METRICS_FILE
     if resume_from is not None:
         run.stream.state = restore_checkpoint(run, resume_from)
         log0(f"resumed from {resume_from} at step {run.step}")
@@ -258,7 +260,7 @@ class Progress:
                         disable=not (run.dist.is_main and self.interactive),
                         desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         self.steps_at_start = run.step
-        self.metrics = open(run.out / "metrics.jsonl", "a") if run.dist.is_main else None
+        self.metrics = open(run.out / METRICS_FILE, "a") if run.dist.is_main else None
 
     def log(self, m: dict, t_start: float) -> None:
         """Record step metrics `m`; `t_start`: perf_counter() at this process's first step."""
