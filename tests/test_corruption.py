@@ -333,7 +333,7 @@ def flip_prompt_token(ds: Path) -> None:
 def test_changed_prompt_token_passes_invariants_but_not_checksums(packed, model, tokenizer_dir,
                                                                   tmp_path):
     from train.cli import parse_run_args
-    from train.loop import checksums_wanted
+    from train.setup import checksums_wanted
 
     ds = Path(shutil.copytree(packed, tmp_path / "ds"))
     flip_prompt_token(ds)

@@ -269,7 +269,7 @@ def test_kills_and_preemptions_resume_to_identical_losses(dataset, model_dir, wo
 def test_hung_rank_without_launcher_times_out(dataset, model_dir, work):
     """No agent watches a raw launch (RANK/WORLD_SIZE set by hand, as under some schedulers):
     a rank that stops (SIGSTOP: hung, not dead) makes the other fail after --dist-timeout."""
-    from train.loop import _free_port
+    from train.dist import free_port as _free_port
 
     out = work / "raw"
     port = str(_free_port())
@@ -314,7 +314,7 @@ class Evil:
 
 @pytest.fixture
 def inproc():
-    from train.loop import distributed_env, setup_distributed
+    from train.dist import distributed_env, setup_distributed
 
     saved = {k: os.environ.get(k) for k in DIST_VARS}
     for k in DIST_VARS:
@@ -397,7 +397,7 @@ def test_rng_state_json_round_trip():
     import numpy as np
     import torch
 
-    from train.loop import rng_state_json, set_rng_state_json
+    from train.checkpoint import rng_state_json, set_rng_state_json
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state
@@ -410,7 +410,7 @@ def test_rng_state_json_round_trip():
 
 def test_bad_faultpoint_setting_is_a_clear_error(monkeypatch):
     from pack.errors import PacktrainError
-    from train.loop import _faultpoints
+    from train.hooks import parse_faultpoints as _faultpoints
 
     monkeypatch.setenv("PACKTRAIN_FAULTPOINT", "kill-after-step:2@1,explode:3")
     with pytest.raises(PacktrainError, match=r"PACKTRAIN_FAULTPOINT=.*'explode:3'"):

@@ -35,7 +35,7 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 @pytest.fixture(scope="module")
 def inproc():
     """Single-process distributed environment for in-process runs (restored afterwards)."""
-    from train.loop import distributed_env, setup_distributed
+    from train.dist import distributed_env, setup_distributed
 
     saved = {k: os.environ.get(k) for k in DIST_VARS}
     for k in DIST_VARS:
@@ -112,7 +112,8 @@ def test_packed_step_equals_unpacked_training(inproc, dataset, model_dir, tmp_pa
     (ZeRO 0, fp32) has the loss and the gradients of unpacked training of the same samples,
     with and without gradient checkpointing."""
     from deepspeed.utils import safe_get_full_grad
-    from train.loop import build, train_step
+    from train.loop import train_step
+    from train.setup import build
 
     args = train_args(dataset, model_dir, tmp_path / "eq", "--zero", "0", "--grad-accum", "2",
                       "--micro-batch", "2", "--grad-clip", "0", *extra)
@@ -141,7 +142,7 @@ def test_packed_step_equals_unpacked_training(inproc, dataset, model_dir, tmp_pa
 
 
 def test_lr_schedule_shapes():
-    from train.loop import lr_factor
+    from train.setup import lr_factor
 
     kw = dict(lr=1e-3, min_lr=1e-4, warmup=2, total=10)
     cos = [lr_factor(s, schedule="cosine", **kw) for s in range(10)]
@@ -154,7 +155,7 @@ def test_lr_schedule_shapes():
 
 
 def test_distributed_env_defaults_and_slurm(monkeypatch):
-    from train.loop import distributed_env
+    from train.dist import distributed_env
 
     for k in (*DIST_VARS, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST",
               "SLURM_JOB_ID"):
@@ -262,7 +263,7 @@ def test_bad_model_path_is_clean_error(inproc, dataset, tmp_path):
 CLOSE_AT_EXIT = r"""
 import atexit, os
 import torch.distributed as tdist
-from train.loop import close_distributed_at_exit, distributed_env, setup_distributed
+from train.dist import close_distributed_at_exit, distributed_env, setup_distributed
 os.environ.update(distributed_env())
 setup_distributed()
 # atexit runs last-registered first: this check runs after the group was destroyed

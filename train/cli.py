@@ -162,7 +162,8 @@ def run_main(argv: list[str] | None = None) -> int:
         import torch.distributed as tdist
 
         from train.attention import AttentionBackendError
-        from train.loop import PREEMPTED_EXIT, Preempted, close_distributed_at_exit, train
+        from train.dist import PREEMPTED_EXIT, Preempted, close_distributed_at_exit
+        from train.loop import train
 
         try:
             train(args)

@@ -126,7 +126,7 @@ def _allowed_globals() -> list:
 
 def safe_load(path: str | os.PathLike, mmap: bool = False, map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True, accepting only tensors, containers and DeepSpeed's
-    allowlisted bookkeeping classes. Errors name the file. train.loop also loads DeepSpeed
+    allowlisted bookkeeping classes. Errors name the file. train.checkpoint also loads DeepSpeed
     checkpoints for --resume through it."""
     import torch
 

@@ -8,12 +8,12 @@ the others; the launcher then exits with that rank's exit code (non-zero).
 
 SIGTERM/SIGINT to the launcher: the agent forwards the signal to every rank and waits up to
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 300, torchrun's own default is 30) before
-SIGKILL; the ranks checkpoint at the end of their step and exit 75 (train.loop). The launcher then
+SIGKILL; the ranks checkpoint at the end of their step and exit 75 (train.dist). The launcher then
 exits 75 if rank 0 recorded the checkpoint (OUTPUT/preempted.json naming this launch), 143
 otherwise. If the launcher itself is SIGKILLed, each rank notices within a second and exits.
 
 Under an external launcher (torchrun, the deepspeed launcher, SLURM srun) do not pass --nproc:
-each process is one rank and reads RANK/WORLD_SIZE/LOCAL_RANK (or SLURM_*) itself (train.loop).
+each process is one rank and reads RANK/WORLD_SIZE/LOCAL_RANK (or SLURM_*) itself (train.dist).
 """
 
 from __future__ import annotations
@@ -59,10 +59,12 @@ def strip_nproc(argv: list[str]) -> list[str]:
 
 def _preempt_recorded(output: str | None, launch_id: str) -> bool:
     """True when rank 0 wrote OUTPUT/preempted.json during this launch."""
+    from train.dist import PREEMPTED_FILE
+
     if not output:
         return False
     try:
-        info = json.loads((Path(output) / "preempted.json").read_text())
+        info = json.loads((Path(output) / PREEMPTED_FILE).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(info, dict) and info.get("launch_id") == launch_id
@@ -91,7 +93,7 @@ def launch_local(nproc: int, argv: list[str], output: str | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from train.loop import PREEMPTED_EXIT
+    from train.dist import PREEMPTED_EXIT
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))
     launch_id = uuid.uuid4().hex
