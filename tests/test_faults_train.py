@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -479,3 +480,89 @@ def test_resume_into_another_run_is_refused(inproc, dataset, model_dir, tokenize
     summary = train(parse_run_args([*other, "--output", str(tmp_path / "runG"),
                                     "--allow-dataset-change"]))
     assert summary["steps"] == 2
+
+
+# ---------------------------------------------------------------- bad numbers, bad models
+
+def test_non_finite_loss_stops_the_run_before_it_is_saved(inproc, dataset, model_dir, tmp_path,
+                                                          monkeypatch):
+    """A NaN loss used to be trained on and logged (NaN in metrics.jsonl, not JSON), and the run
+    "succeeded" into non-finite weights. Now the step stops before its update, in one line
+    naming the last good checkpoint; every metrics line stays valid JSON."""
+    import math
+
+    import train.loop as L
+    from pack.errors import PacktrainError
+    from train.cli import parse_run_args
+
+    real, calls = L.micro_loss, []
+
+    def poisoned(engine, mb, chunk):
+        loss, n = real(engine, mb, chunk)
+        calls.append(1)
+        return (loss * float("nan"), n) if len(calls) == 3 else (loss, n)
+
+    monkeypatch.setattr(L, "micro_loss", poisoned)
+    out = tmp_path / "run"
+    argv = ["--shards", str(dataset), "--model", str(model_dir), "--output", str(out),
+            "--dtype", "fp32", "--zero", "0", "--no-export", "--max-steps", "4", "--save-every",
+            "1"]
+    with pytest.raises(PacktrainError, match=r"step 3: the loss is nan.*step-00000002"):
+        L.train(parse_run_args(argv))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    assert all(math.isfinite(json.loads(x)["loss"]) for x in lines)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert not (out / "checkpoints" / "step-00000003").exists()
+
+
+def test_resume_past_the_end_into_a_new_run_writes_its_checkpoint(inproc, dataset, model_dir,
+                                                                  tmp_path):
+    """Resuming at (or past) the planned steps into a new, empty --output used to report a
+    checkpoint there that was never written."""
+    from train.cli import parse_run_args
+    from train.loop import train
+
+    def argv(out, *extra):
+        return ["--shards", str(dataset), "--model", str(model_dir), "--output", str(out),
+                "--dtype", "fp32", "--zero", "0", "--no-export", *extra]
+
+    train(parse_run_args(argv(tmp_path / "a", "--max-steps", "2")))
+    summary = train(parse_run_args(argv(tmp_path / "b", "--max-steps", "2", "--resume",
+                                        str(tmp_path / "a"))))
+    assert Path(summary["checkpoint"]).is_dir()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+
+
+def test_broken_models_and_lora_targets_are_one_line(inproc, dataset, model_dir, tmp_path):
+    """A truncated model.safetensors, a model lacking a tensor (which would train from random
+    values after transformers' MISSING report) and unknown --lora-targets: one line each."""
+    from safetensors.torch import load_file, save_file
+
+    from pack.errors import PacktrainError
+    from train.cli import parse_run_args
+    from train.loop import train
+
+    def run(model, *extra):
+        return train(parse_run_args(["--shards", str(dataset), "--model", str(model),
+                                     "--output", str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"),
+                                     "--dtype", "fp32", "--zero", "0", "--no-export",
+                                     "--max-steps", "1", *extra]))
+
+    truncated = Path(shutil.copytree(model_dir, tmp_path / "truncated"))
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PacktrainError, match="cannot load a causal LM"):
+        run(truncated)
+
+    lacking = Path(shutil.copytree(model_dir, tmp_path / "lacking"))
+    tensors = load_file(lacking / "model.safetensors")
+    gone = sorted(k for k in tensors if "layers.1.mlp" in k)[0]
+    del tensors[gone]
+    save_file(tensors, lacking / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PacktrainError, match=r"lacks 1 weight.*--allow-new-weights"):
+        run(lacking)
+    assert run(lacking, "--allow-new-weights")["steps"] == 1
+
+    with pytest.raises(PacktrainError, match=r"--lora-targets nosuch_proj"):
+        run(model_dir, "--lora", "--lora-targets", "nosuch_proj")

@@ -181,6 +181,12 @@ def find_resume(arg: str | None, out: Path) -> Path | None:
 def resume_point(arg: str | None, out: Path) -> Path | None:
     """The checkpoint --resume `arg` names for a run into `out` (None: a fresh start), refusing to
     resume into another run's directory or to start afresh over a run with checkpoints."""
+    for where in (out, *out.parents):  # the nearest existing one must be a directory
+        if where.exists() or where.is_symlink():
+            if not where.is_dir():
+                raise PacktrainError(f"--output {out}: {where} exists and is not a directory; "
+                                     f"choose another path")
+            break
     resume_from = find_resume(arg, out)
     if resume_from is not None:
         check_resume_target(resume_from, out)
@@ -218,8 +224,12 @@ def run_identity(run: Run) -> dict:
 def check_resume_target(resume_from: Path, out: Path) -> None:
     """A resume writes only into the run it resumes, or into a new, empty --output: never into
     another run, whose checkpoints and metrics it would overwrite and mix."""
-    if out.exists() and not out.is_dir():
-        raise PacktrainError(f"--output {out}: exists and is not a directory; choose another path")
+    for where in (out, *out.parents):  # the nearest existing one must be a directory
+        if where.exists() or where.is_symlink():
+            if not where.is_dir():
+                raise PacktrainError(f"--output {out}: {where} exists and is not a directory; "
+                                     f"choose another path")
+            break
     same_run = resume_from.resolve().parent == (out / "checkpoints").resolve()
     if same_run or not out.exists() or not any(out.iterdir()):
         return
@@ -261,9 +271,14 @@ def restore_checkpoint(run: Run, path: Path) -> DataState:
         raise PacktrainError(f"{path}: incomplete checkpoint ({STATE_FILE} missing)")
     state = json.loads(state_file.read_text())
     new_data = check_identity(run, path, state.get("identity"))
-    load_path, _ = run.engine.load_checkpoint(str(path.parent), tag=path.name,
-                                              load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+    try:
+        load_path, _ = run.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                  load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+    except (RuntimeError, KeyError, ValueError) as e:  # a checkpoint older than its identity
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise PacktrainError(f"--resume {path}: the checkpoint does not fit this model ({msg}); "
+                             f"resume with the model and arguments it was trained with") from None
     if load_path is None:
         raise PacktrainError(f"{path}: DeepSpeed could not load this checkpoint")
     run.step = int(state["step"])

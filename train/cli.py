@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -48,6 +49,9 @@ def run_parser() -> argparse.ArgumentParser:
                         "always checked")
     g.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="train even if the model's tokenizer differs from the dataset's")
+    g.add_argument("--allow-new-weights", action="store_true",
+                   help="train even if the model directory lacks some weights (they start "
+                        "from random values)")
     g = ap.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--max-steps", type=int, default=None,
@@ -107,6 +111,40 @@ def run_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# (flag, lowest, highest, whether the lowest is allowed): every number train-run takes. NaN and
+# infinities fail every range; a bad value would otherwise train into non-finite weights or fail
+# deep inside DeepSpeed or peft with a traceback.
+INT_LIMIT = 2 ** 63 - 1
+NUMBERS = (
+    ("epochs", 1, INT_LIMIT, True), ("micro_batch", 1, INT_LIMIT, True),
+    ("grad_accum", 1, INT_LIMIT, True), ("nproc", 1, 4096, True),
+    ("log_every", 1, INT_LIMIT, True), ("loss_chunk", 1, INT_LIMIT, True),
+    ("save_every", 0, INT_LIMIT, True), ("warmup_steps", 0, INT_LIMIT, True),
+    ("max_steps", 0, INT_LIMIT, True), ("seed", 0, 2 ** 32 - 1, True),
+    ("lr", 0.0, 1e3, True), ("min_lr", 0.0, 1e3, True), ("weight_decay", 0.0, 1e3, True),
+    ("grad_clip", 0.0, 1e9, True), ("dist_timeout", 0.0, 1e7, False),
+    ("lora_r", 1, 1 << 16, True), ("lora_alpha", 0.0, 1e9, False),
+    ("lora_dropout", 0.0, 1.0, True),
+)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, in one line naming it."""
+    for name, lo, hi, lo_ok in NUMBERS:
+        v = getattr(args, name)
+        if v is None:
+            continue
+        ok = (lo <= v if lo_ok else lo < v) and v <= hi and math.isfinite(v)
+        if not ok:
+            low = f">= {lo}" if lo_ok else f"> {lo}"
+            raise PacktrainError(f"--{name.replace('_', '-')} {v}: must be a finite number {low} "
+                                 f"and <= {hi:g}")
+    if args.lora_dropout >= 1:
+        raise PacktrainError(f"--lora-dropout {args.lora_dropout}: must be below 1")
+    if args.min_lr > args.lr:
+        raise PacktrainError(f"--min-lr {args.min_lr}: must not exceed --lr {args.lr}")
+
+
 def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = run_parser().parse_args(argv)
     from pack.remote import dataset_name, is_url, redact, resolve
@@ -116,13 +154,7 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output = str(Path("runs") / dataset_name(url))
     if args.output is None:
         args.output = str(Path("runs") / Path(os.path.abspath(args.shards)).name)
-    for name in ("epochs", "micro_batch", "grad_accum", "nproc", "log_every", "loss_chunk"):
-        if getattr(args, name) < 1:
-            raise PacktrainError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.save_every < 0 or args.warmup_steps < 0:
-        raise PacktrainError("--save-every and --warmup-steps must be >= 0")
-    if not args.dist_timeout > 0:
-        raise PacktrainError("--dist-timeout must be > 0 seconds")
+    check_numbers(args)
     if url:  # from here on a local cache view of the URL; shards arrive on first use
         args.shards_url, args.shards = redact(url), resolve(url, args.cache_dir)
     return args

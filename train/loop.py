@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from pack.errors import PacktrainError
 from pack.files import write_atomic
 from train.checkpoint import (resume_point, restore_checkpoint, safe_deepspeed_loads,
                               save_checkpoint, tag_for, trim_metrics, write_run_files)
@@ -69,12 +71,12 @@ def train(args: Namespace) -> dict:
     dist = setup_distributed(float(getattr(args, "dist_timeout", DEFAULT_DIST_TIMEOUT)))
     watch_launcher()
     hooks = Hooks.from_env()  # a malformed test setting fails here, before any work
-    run, resumed = start_run(args, dist, hooks)
+    run, checkpointed = start_run(args, dist, hooks)
     log0(f"training {run.total_steps} steps: {len(run.stream.ds)} packs, "
          f"{run.stream.global_batch_packs} packs/step ({dist.world_size} rank(s) x "
          f"{args.grad_accum} accumulation x {args.micro_batch} packs/micro-batch), "
          f"{run.stream.steps_per_epoch} steps/epoch, ZeRO {args.zero}, {run.dtype}")
-    last, elapsed = run_steps(run, resumed)
+    last, elapsed = run_steps(run, checkpointed)
     return finish(run, last, elapsed)
 
 
@@ -83,7 +85,7 @@ def train(args: Namespace) -> dict:
 def start_run(args: Namespace, dist: Dist, hooks: Hooks) -> tuple[Run, bool]:
     """Build the run and bring OUTPUT to its start: run files written, then the checkpoint
     restored (metrics.jsonl cut back to its step) or a fresh metrics.jsonl. Returns (run,
-    resumed)."""
+    whether OUTPUT already holds the checkpoint of the step it starts at)."""
     out = Path(args.output)
     resume_from = resume_point(args.resume, out)
     run = build(args, dist, hooks)
@@ -98,7 +100,10 @@ def start_run(args: Namespace, dist: Dist, hooks: Hooks) -> tuple[Run, bool]:
         on_rank0(dist, lambda: metrics_path.unlink(missing_ok=True))
     on_rank0(dist, lambda: (out / PREEMPTED_FILE).unlink(missing_ok=True))
     hooks.start_pack_log()
-    return run, resume_from is not None
+    # a checkpoint resumed from another run's directory is not this run's: it saves its own
+    here = resume_from is not None and \
+        resume_from.resolve().parent == (out / "checkpoints").resolve()
+    return run, here
 
 
 # ---------------------------------------------------------------- the step
@@ -183,18 +188,35 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
                 before_update(engine)
             if zero0_fp32:
                 grad_norm = _local_grad_norm(engine)
+            # summed before the update, so that a non-finite loss never reaches the weights
+            loss_sum_total = all_reduce_sum([float(loss_sum_local)], dist.device)[0]
+            check_finite(run, "loss", loss_sum_total)
         engine.step()
-    loss_sum_total = all_reduce_sum([float(loss_sum_local)], dist.device)[0]
     if not zero0_fp32:
         gn = engine.get_global_grad_norm()
         grad_norm = None if gn is None else float(gn)
+        # global, so every rank takes the same branch (ZeRO 0 fp32's norm is per rank)
+        check_finite(run, "gradient norm", grad_norm)
     return StepResult(loss=loss_sum_total / max(n_total, 1), label_tokens=n_total,
                       tokens=tokens_total, grad_norm=grad_norm, lr=lr)
 
 
+def check_finite(run: Run, what: str, value: float | None) -> None:
+    """Stop the run, in one line and without a checkpoint of this step, when the loss or the
+    gradient norm is NaN or infinite: training on would only write non-finite weights."""
+    if value is None or math.isfinite(value):
+        return
+    latest = run.out / "checkpoints" / "latest"
+    last = f"; the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() \
+        else "; no checkpoint was written"
+    raise PacktrainError(f"step {run.step + 1}: the {what} is {value} (not finite); stopped "
+                         f"before saving this step{last}. Lower --lr, check --grad-clip and "
+                         f"--weight-decay, or try --dtype fp32")
+
+
 # ---------------------------------------------------------------- the loop
 
-def run_steps(run: Run, resumed: bool) -> tuple[dict | None, float]:
+def run_steps(run: Run, checkpointed: bool) -> tuple[dict | None, float]:
     """Train from run.step to run.total_steps; returns the last step's metrics and the elapsed
     seconds (including those before a resume). Saves every --save-every steps and at the end;
     on SIGTERM (any rank) saves and raises Preempted."""
@@ -203,7 +225,7 @@ def run_steps(run: Run, resumed: bool) -> tuple[dict | None, float]:
     t_start = time.perf_counter()
     last = None
     epoch = run.stream.state.epoch
-    saved_at = run.step if resumed else -1
+    saved_at = run.step if checkpointed else -1
     stop = StopRequest().__enter__()
     sleep_s = run.hooks.step_sleep
     try:

@@ -66,13 +66,22 @@ def load_model(args: Namespace, model_path: str, dtype: str,
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)
+    from safetensors import SafetensorError
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=False,
+            output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PacktrainError(f"{model_path}: cannot load a causal LM ({msg}); pass --model PATH "
                              f"to a local Hugging Face model directory") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing and not args.allow_new_weights:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise PacktrainError(f"{model_path}: the checkpoint lacks {len(missing)} weight(s) "
+                             f"({', '.join(missing[:3])}{more}), which would start from random "
+                             f"values; pass --allow-new-weights if that is meant")
     model.config.use_cache = False
     if args.gradient_checkpointing:
         kw = {"use_reentrant": False}
@@ -88,7 +97,12 @@ def load_model(args: Namespace, model_path: str, dtype: str,
             t.strip() for t in targets.split(",") if t.strip()]
         cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                          target_modules=targets, task_type="CAUSAL_LM", bias="none")
-        model = get_peft_model(model, cfg)
+        try:
+            model = get_peft_model(model, cfg)
+        except ValueError as e:  # target modules not found in the model
+            msg = " ".join(str(e).split())[:200]
+            raise PacktrainError(f"--lora-targets {args.lora_targets}: {msg}; name modules of "
+                                 f"this model (e.g. q_proj,v_proj) or all-linear") from None
     return model, keep_alive
 
 
