@@ -420,7 +420,7 @@ class Fetcher:
         p = self.view / info["path"]
         if not p.is_file() or p.stat().st_size != info["bytes"]:
             return False
-        marker = self.view / f".{info['path']}.verified"
+        marker = self._side(info["path"], ".verified")
         try:
             seen = json.loads(marker.read_text())
         except (OSError, ValueError):
@@ -443,8 +443,14 @@ class Fetcher:
         self._mark_verified(p, info)
         return True
 
+    def _side(self, name: str, suffix: str) -> Path:
+        """A hidden file beside shard `name` (lock, download, verified marker), in the folder
+        the shard itself lives in."""
+        final = self.view / name
+        return final.with_name(f".{final.name}{suffix}")
+
     def _mark_verified(self, p: Path, info: dict) -> None:
-        write_atomic(self.view / f".{info['path']}.verified", json.dumps(
+        write_atomic(self._side(info["path"], ".verified"), json.dumps(
             {**_stamp(p), "sha256": info["sha256"], "packs_checked": self.check_packs}).encode())
 
     def missing(self) -> list[int]:
@@ -462,7 +468,8 @@ class Fetcher:
             return final
         import fcntl  # POSIX only, and only needed here: is_url() etc. work everywhere
 
-        with open(self.view / f".{name}.lock", "a+") as lock:
+        final.parent.mkdir(parents=True, exist_ok=True)  # a shard path may name a subfolder
+        with open(self._side(name, ".lock"), "a+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -470,7 +477,7 @@ class Fetcher:
             try:
                 if self.present(i):  # fetched by someone else while we waited
                     return final
-                tmp = self.view / f".{name}.part-{os.getpid()}-{threading.get_ident()}"
+                tmp = self._side(name, f".part-{os.getpid()}-{threading.get_ident()}")
                 try:
                     digest = self.store.download(name, tmp, int(info["bytes"]), stop)
                     self._check(name, tmp, digest, info)

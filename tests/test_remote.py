@@ -436,3 +436,30 @@ def test_secrets_never_in_messages(capsys):
         assert "pip install aiohttp" in capsys.readouterr().err
     assert reopenable(f"s3://u:{secret}@b/ds/?endpoint_override=h:1&access_token={secret}") \
         == "s3://b/ds/?endpoint_override=h:1"
+
+
+def test_shard_in_a_subfolder_is_fetched(s3, local_ds, tmp_path):
+    """A manifest may name a shard in a subfolder (sub/x.arrow): it is fetched into the same
+    subfolder of the cache (its lock and download files beside it), not refused with a
+    confusing lock-file error."""
+    import numpy as np
+    from pack.cli import verify_main
+    from pack.format import PackedDataset, verify
+    from pack.remote import RemotePackedDataset, resolve
+
+    local = Path(shutil.copytree(local_ds, tmp_path / "nested"))
+    m = json.loads((local / "manifest.json").read_text())
+    (local / "sub").mkdir()
+    for s in m["shards"][1:]:
+        (local / s["path"]).rename(local / "sub" / s["path"])
+        s["path"] = f"sub/{s['path']}"
+    (local / "manifest.json").write_text(json.dumps(m))
+    assert verify(local) == []
+    url = f"s3://{BUCKET}/nested/"
+    for s in m["shards"]:
+        s3.upload_file(str(local / s["path"]), BUCKET, f"nested/{s['path']}")
+    s3.upload_file(str(local / "manifest.json"), BUCKET, "nested/manifest.json")
+    ref = PackedDataset(local_ds)
+    ds = RemotePackedDataset(Path(resolve(url, tmp_path / "cache")), prefetch=False)
+    assert all(np.array_equal(ds[i]["input_ids"], ref[i]["input_ids"]) for i in range(len(ds)))
+    assert verify_main([url, "--quiet", "--cache-dir", str(tmp_path / "cache2")]) == 0
