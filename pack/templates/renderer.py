@@ -3,7 +3,7 @@ tokenizing side (:class:`pack.tokenize.segments.SegmentEncoder`). See the packag
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,6 +19,16 @@ from .text import TextTemplate
 TEMPLATES = ("alpaca", "chat", "none")
 DEFAULT_TEMPLATE = {"alpaca": "alpaca", "messages": "chat", "text": "none"}
 ALLOWED = {"alpaca": ("alpaca", "chat"), "messages": ("chat", "alpaca"), "text": ("none",)}
+
+
+class TemplateKind(Protocol):
+    """What a renderer of one template kind does (:mod:`.alpaca`, :mod:`.chat`, :mod:`.text`)."""
+
+    def segments(self, record: dict) -> list[Segment]:
+        """The record's ``(text, trained)`` segments; PacktrainError / NothingToTrain."""
+
+    def head_texts(self) -> list[str]:
+        """Fixed texts every record starts with, whose ids may be reused."""
 
 
 def _check_choice(fmt: str, template: str | None) -> str:
@@ -65,9 +75,9 @@ class Renderer:
         self.chat_template: str | None = None
         if self.template == "chat":
             self.chat_template = resolve_source(tokenizer, chat_template)
-            self.kind: Any = ChatTemplate(tokenizer, fmt, self.chat_template,
-                                          verify_all=self.verify_all,
-                                          on_layout=self._offer_fixed_texts)
+            self.kind: TemplateKind = ChatTemplate(
+                tokenizer, fmt, self.chat_template, verify_all=self.verify_all,
+                on_layout=self._offer_fixed_texts)
         elif self.template == "alpaca":
             self.kind = AlpacaTemplate(fmt, self.bos, self.eos)
         else:
@@ -119,7 +129,9 @@ class Renderer:
 
     def render(self, msgs: list[Message] | list[dict], add_generation_prompt: bool = False
                ) -> str:
-        """The chat template's text for messages (pairs or dicts), as apply_chat_template."""
+        """The chat template's text for messages (pairs or dicts), as apply_chat_template
+        (``template="chat"`` only)."""
+        assert isinstance(self.kind, ChatTemplate), "render() needs the chat template"
         return self.kind.render(msgs, add_generation_prompt)
 
     def _segmented(self, recs: list[dict]) -> list[list[Segment] | Exception]:
