@@ -6,8 +6,8 @@ punctuation, inner whitespace and non-ASCII text (:data:`PROBE`); when every wra
 comes back untouched, the text between them is the layout. A template that changes them
 (``| upper``, ``replace``, escaping) is rendered again with bare placeholders and its layout is
 marked ``always_verify``; one that drops, repeats or reorders contents has no layout. Each
-assistant turn is trained with the template's end-of-turn text right after it (:meth:`Layouts.
-close_len`).
+assistant turn is trained with the template's end-of-turn text right after it
+(:meth:`Layouts.close_len`).
 """
 
 from __future__ import annotations
