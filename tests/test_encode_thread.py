@@ -65,13 +65,13 @@ def test_the_renderer_tokenizes_on_the_encode_thread(tokenizer_dir, monkeypatch)
     tok = load_lite(tokenizer_dir)
     r = Renderer(tok, "alpaca", None)
     seen = []
-    real = r._backend.encode_batch_fast
+    real = r.encoder.backend.encode_batch_fast
 
     def spy(*a, **kw):
         seen.append(threading.current_thread().name)
         return real(*a, **kw)
 
-    monkeypatch.setattr(r, "_backend", type("B", (), {"encode_batch_fast": staticmethod(spy)}))
+    monkeypatch.setattr(r.encoder, "backend", type("B", (), {"encode_batch_fast": staticmethod(spy)}))
     out = r.encode_batch([{"instruction": "Say hi.", "input": "", "output": "Hi!"}])
     assert seen and all(n.startswith("packtrain-encode") for n in seen)
     ids, labels = out[0]

@@ -140,9 +140,9 @@ def test_renderer_with_reuse_equals_renderer_without(tokenizer_dir, chat_jsonl,
     plain = Renderer(tok, "messages", "chat", train_on_prompt=train_on_prompt,
                      reuse_head_tokens=False)
     a, b = mine.encode_flat(records), plain.encode_flat(records)
-    fronts, backs = mine._reuse_tables()
+    fronts, backs = mine.encoder.reuse_tables()
     assert len(fronts) >= 3 and len(backs) >= 3  # the template's pieces were offered
-    assert plain._reuse_tables() == ([], [])
+    assert plain.encoder.reuse_tables() == ([], [])
     assert [type(x) for x in a[0]] == [type(x) for x in b[0]]
     for x, y in zip(a[1:], b[1:]):
         assert np.array_equal(x, y)

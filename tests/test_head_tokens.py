@@ -137,14 +137,14 @@ def test_renderer_with_reuse_equals_renderer_without(tokenizer_dir, alpaca_jsonl
                          alpaca_jsonl.read_text().splitlines()[:300]]
     mine = Renderer(tok, "alpaca", train_on_prompt=train_on_prompt)
     plain = Renderer(tok, "alpaca", train_on_prompt=train_on_prompt, reuse_head_tokens=False)
-    assert len(mine._head_tokens()) == 4 and plain._head_tokens() == []
+    assert len(mine.encoder.head_tokens()) == 4 and plain.encoder.head_tokens() == []
     a, b = mine.encode_flat(records), plain.encode_flat(records)
     assert [type(x) for x in a[0]] == [type(x) for x in b[0]]
     for x, y in zip(a[1:], b[1:]):
         assert np.array_equal(x, y)
     messages = Renderer(tok, "messages", "alpaca")
-    assert len(messages._head_tokens()) == 4
-    assert Renderer(tok, "messages", "chat")._head_tokens() == []
+    assert len(messages.encoder.head_tokens()) == 4
+    assert Renderer(tok, "messages", "chat").encoder.head_tokens() == []
 
 
 def test_check_catches_wrong_reused_ids(tokenizer_dir, monkeypatch):

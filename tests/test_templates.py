@@ -4,6 +4,7 @@ cached chat shortcut always equals the real template render."""
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import time
@@ -15,8 +16,9 @@ from hypothesis import strategies as st
 
 from pack.errors import PacktrainError
 from pack.tokenize.loading import load_tokenizer
-from pack.offline import chat_template, chitchat_conversations
+from pack.offline import chat_template, chitchat_conversations, package_file
 from pack.templates import NothingToTrain, Renderer
+from pack.templates.chat_render import compile_template, template_variables
 
 # Stanford Alpaca's PROMPT_DICT (train.py), written out here independently of pack.templates.
 STANFORD_INPUT = (
@@ -103,7 +105,7 @@ def test_backend_matches_tokenizer_call(tok, chats):
     r = Renderer(tok, "messages", "chat")
     texts = [t for rec in chats[:20] for t, _ in r.segments(rec)]
     want = tok(texts, add_special_tokens=False)["input_ids"]
-    assert r._encode_texts(texts) == want
+    assert r.encoder.encode_texts(texts) == want
 
 
 def test_segments_alternate_and_cover_text(tok, chats):
@@ -405,18 +407,95 @@ def test_direct_render_equals_apply_chat_template(tok, chats):
     """Renders skip apply_chat_template's per-call overhead but must give its exact text; a
     direct renderer that disagrees on its first render is dropped for good."""
     r = Renderer(tok, "messages", "chat")
-    assert r._jinja is not None
+    assert r.kind.render.direct is not None
     for rec in chats[:30]:
         for agp in (False, True):
             msgs = [(m["role"], m["content"]) for m in rec["messages"]]
             assert r.render(msgs, add_generation_prompt=agp) == tok.apply_chat_template(
                 rec["messages"], tokenize=False, add_generation_prompt=agp)
     broken = Renderer(tok, "messages", "chat")
-    broken._jinja = lambda conv, agp: "something else"
+    broken.kind.render.direct = lambda conv, agp: "something else"
     msgs = [("user", "Q"), ("assistant", "A")]
     assert broken.render(msgs) == tok.apply_chat_template(
         [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], tokenize=False)
-    assert broken._jinja is None
+    assert broken.kind.render.direct is None
+
+
+# The compiled template (pack/templates/chat_render.py) took over from pack/chat_env.py: these
+# checks of the environment and its short way through the sandbox came with it.
+TRL_TEMPLATES = sorted(p.stem for p in package_file("trl", "chat_templates").glob("*.jinja"))
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": " 4 \n"}, {"role": "user", "content": "caf\u00e9 \u4e2d"},
+     {"role": "assistant", "content": "<think>x</think>ok"}],
+    [{"role": "user", "content": "only a question"}],
+]
+
+
+@pytest.mark.parametrize("name", TRL_TEMPLATES)
+def test_compiled_template_renders_every_trl_template_like_transformers(name, tok):
+    source = package_file("trl", f"chat_templates/{name}.jinja").read_text()
+    compiled = compile_template(source)
+    variables = template_variables(dict(tok.special_tokens_map))
+    compared = 0
+    for conv in CONVERSATIONS:
+        for agp in (False, True):
+            try:
+                theirs = tok.apply_chat_template(conv, tokenize=False, chat_template=source,
+                                                 add_generation_prompt=agp)
+            except Exception as e:
+                with pytest.raises(type(e)):
+                    compiled.render(messages=conv, tools=None, documents=None,
+                                    add_generation_prompt=agp, **variables)
+                continue
+            mine = compiled.render(messages=conv, tools=None, documents=None,
+                                   add_generation_prompt=agp, **variables)
+            assert mine == theirs, (name, conv, agp)
+            compared += 1
+    assert compared >= 2  # every template renders a plain conversation
+
+
+def test_compiled_template_keeps_the_sandbox():
+    with pytest.raises(Exception, match="underscore|unsafe|access"):
+        compile_template("{% set ns = namespace(_x=1) %}{{ ns._x }}").render(messages=[])
+    with pytest.raises(Exception):
+        compile_template("{{ messages.__class__.__mro__ }}").render(messages=[])
+
+
+SNIPPETS = [
+    "{% for m in messages %}{{ loop.index0 }}{{ loop.last }}{{ loop.length }}{% endfor %}",
+    "{% for m in messages %}{{ m.role }}{{ m.content.strip() }}{{ m.missing }}{% endfor %}",
+    "{{ messages[0].items() | list }}{{ messages[0].keys is callable }}",  # dict methods stay
+    "{{ messages[1]['items'] }}{{ messages[1].items() | list }}",  # a key named like a method
+    "{{ 'a b'.split() }}{{ 'x'.upper() }}{{ 'x'.nope }}",
+    "{{ 'x'.__class__.__mro__ }}",
+    "{% for m in messages %}{{ loop.__class__.__mro__ }}{% endfor %}",
+    "{{ messages[0].__class__ }}{{ messages[0].__class__.__mro__ }}",
+    "{{ 'x'.format.__globals__ }}",
+    "{{ messages.append is callable }}{{ messages[0].update({'a': 1}) }}",
+    "{% generation %}{{ messages[0].content }}{% endgeneration %}",
+]
+
+
+@pytest.mark.parametrize("source", SNIPPETS)
+def test_quick_getattr_decides_like_the_sandbox(source):
+    """The compiled template's short way through attribute checks gives what transformers' own
+    compiled template gives: the same text, or the same kind of refusal."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    messages = [{"role": "user", "content": " hi "}, {"role": "a", "content": "b", "items": 5}]
+
+    def outcome(template):
+        try:
+            return "ok", template.render(messages=copy.deepcopy(messages))
+        except Exception as e:  # noqa: BLE001 - the kind of refusal is what is compared
+            return "error", type(e).__name__
+
+    mine = compile_template(source)
+    theirs = _compile_jinja_template(source)
+    assert mine.environment is not theirs.environment  # transformers' own stays untouched
+    assert outcome(mine) == outcome(theirs)
 
 
 # ---------------------------------------------------------------- workers

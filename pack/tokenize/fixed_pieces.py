@@ -15,9 +15,9 @@ with one::
 
 ``K`` and ``Q`` are tokenized once per process; each segment's tokenizer call sees only ``x``
 ("\\n\\nHi there"). On chitchat conversations with Llama 3 (short turns) that is 13% less
-tokenizer work. The texts come from the template's layouts (:mod:`pack.templates`) and the
-BOS/EOS tokens; any segment that starts with a ``K`` or ends with a ``Q`` gets the cut, whatever
-produced it.
+tokenizer work. The texts come from the template's layouts (:mod:`pack.templates.chat_layout`)
+and the BOS/EOS tokens; any segment that starts with a ``K`` or ends with a ``Q`` gets the cut,
+whatever produced it.
 
 Why it is exact, and when it is used:
 
