@@ -59,10 +59,10 @@ def test_a_forked_child_gets_its_own_thread():
 
 
 def test_the_renderer_tokenizes_on_the_encode_thread(tokenizer_dir, monkeypatch):
-    from pack.fast_tokenizer import load_lite
+    from pack.tokenize.loading import load_tokenizer
     from pack.templates import Renderer
 
-    tok = load_lite(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     r = Renderer(tok, "alpaca", None)
     seen = []
     real = r.encoder.backend.encode_batch_fast

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 
 from pack.tokenize import fixed_pieces
-from pack.fast_tokenizer import load_lite
+from pack.tokenize.loading import load_tokenizer
 from pack.templates import Renderer
 from test_head_tokens import _variants
 
@@ -133,7 +133,7 @@ CHATS = [
 @pytest.mark.parametrize("train_on_prompt", [False, True])
 def test_renderer_with_reuse_equals_renderer_without(tokenizer_dir, chat_jsonl,
                                                      train_on_prompt):
-    tok = load_lite(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     records = [{"messages": m} for m in CHATS] + [
         json.loads(line) for line in chat_jsonl.read_text().splitlines()]
     mine = Renderer(tok, "messages", "chat", train_on_prompt=train_on_prompt)

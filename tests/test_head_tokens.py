@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from pack.tokenize import fixed_pieces, head_tokens
+from pack.tokenize import head_tokens
 from pack.build import build
 from pack.files import file_sha256
-from pack.fast_tokenizer import load_lite
+from pack.tokenize.loading import load_tokenizer
 from pack.templates import PROMPT_INPUT, PROMPT_NO_INPUT, Renderer
 
 FIXED = [p[:p.index("{instruction}")] for p in (PROMPT_INPUT, PROMPT_NO_INPUT)]
@@ -132,7 +132,7 @@ RECORDS = [
 @pytest.mark.parametrize("train_on_prompt", [False, True])
 def test_renderer_with_reuse_equals_renderer_without(tokenizer_dir, alpaca_jsonl,
                                                      train_on_prompt):
-    tok = load_lite(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     records = RECORDS + [json.loads(line) for line in
                          alpaca_jsonl.read_text().splitlines()[:300]]
     mine = Renderer(tok, "alpaca", train_on_prompt=train_on_prompt)
@@ -145,26 +145,6 @@ def test_renderer_with_reuse_equals_renderer_without(tokenizer_dir, alpaca_jsonl
     messages = Renderer(tok, "messages", "alpaca")
     assert len(messages.encoder.head_tokens()) == 4
     assert Renderer(tok, "messages", "chat").encoder.head_tokens() == []
-
-
-def test_check_catches_wrong_reused_ids(tokenizer_dir, monkeypatch):
-    """The first build's check compares against a renderer without reuse, so reuse that went
-    wrong would send the build back to transformers."""
-    from pack.fast_tokenizer import compare
-
-    tok = load_lite(tokenizer_dir)
-    args = dict(fmt="alpaca", template="alpaca", train_on_prompt=False, chat_template=None)
-    why, record = compare(tok, str(tokenizer_dir), args, RECORDS[:3])
-    assert why is None and record is not None
-    real_cut = fixed_pieces.cut
-
-    def wrong(texts, heads, tails):
-        out, front, back = real_cut(texts, heads, tails)
-        return out, [f[:-1] for f in front], back
-
-    monkeypatch.setattr(fixed_pieces, "cut", wrong)
-    why, record = compare(load_lite(tokenizer_dir), str(tokenizer_dir), args, RECORDS[:3])
-    assert why == "token ids or labels of a record differ" and record is None
 
 
 @pytest.mark.parametrize("corpus", ["alpaca_jsonl", "chat_jsonl"])

@@ -36,8 +36,8 @@ Why it is exact, and when it is used:
 * tokenized alone, ``K`` ends and ``Q`` starts with an added token exactly at the cut (checked
   with the tokenizer's offsets).
 
-``PACKTRAIN_HEAD_TOKENS=0`` turns this off together with :mod:`pack.tokenize.head_tokens`; the first build
-with a tokenizer compares its first records against a renderer without reuse.
+``PACKTRAIN_HEAD_TOKENS=0`` turns this off together with :mod:`pack.tokenize.head_tokens`.
+Tests compare every pipeline with and without reuse, ids and labels alike.
 """
 
 from __future__ import annotations

@@ -34,9 +34,7 @@ cut ``j`` is placed where ``head[j-1]`` is an ASCII letter, ``head[j]`` a space 
 
 Anything else (SentencePiece-style Metaspace, other expressions, other normalizers) gets no
 reuse and every text is tokenized whole, as before. ``PACKTRAIN_HEAD_TOKENS=0`` turns reuse off
-(used by tests and by ``benchmarks/pack_speed.py`` to show both). The first build with a
-tokenizer also compares its first records against a renderer without reuse
-(:func:`pack.fast_tokenizer.compare`).
+(used by tests and by ``benchmarks/pack_speed.py`` to show both).
 """
 
 from __future__ import annotations
