@@ -203,7 +203,8 @@ def _read(job: _Job) -> _Reading:
     cfg, s = job.cfg, job.settings
     skipped: Counter = Counter()
     fmt, stream = read_tasks(job.paths, job.sources, cfg.format, cfg.skip_invalid, skipped,
-                             cfg.split, n_parts=s.n_parts, part=s.part)
+                             cfg.split, n_parts=s.n_parts, part=s.part,
+                             max_record_bytes=s.max_record_bytes)
     template = TEMPLATE_FOR_FORMAT[fmt] if cfg.template == "auto" else cfg.template
     spec = EncodeSpec(s.tok_path, fmt, template, bool(cfg.train_on_prompt), s.chat_template_text,
                       int(cfg.max_length), cfg.overlong)

@@ -54,7 +54,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .binpack import STRATEGIES
-    from .config import FORMATS, OVERLONG, TEMPLATES
+    from .config import FORMATS, MAX_RECORD_BYTES_DEFAULT, OVERLONG, TEMPLATES
 
     p = argparse.ArgumentParser(
         prog="pack-build",
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip invalid records (bad JSON, missing fields) and count them instead "
                         "of stopping at the first")
+    p.add_argument("--max-record-bytes", default=MAX_RECORD_BYTES_DEFAULT, metavar="SIZE",
+                   help="longest JSON Lines record (line) to read, e.g. 64MB or 1GB; a longer "
+                        "one is an error, or skipped and counted with --skip-invalid (default: "
+                        f"{MAX_RECORD_BYTES_DEFAULT})")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--dry-run", action="store_true",
                    help="check the inputs, tokenizer and arguments, count the records and "

@@ -18,6 +18,13 @@ TEMPLATE_FOR_FORMAT = {"alpaca": "alpaca", "messages": "chat", "text": "none"}
 FORMATS = ("auto", "alpaca", "messages", "text")
 TEMPLATES = ("auto", "alpaca", "chat", "none")
 OVERLONG = ("truncate", "drop")
+# --max-record-bytes: a JSON Lines line longer than this is refused (skipped and counted with
+# --skip-invalid) without being read whole. A record is tokenized whole before it is truncated to
+# --max-length, at some 80 to 150 bytes of memory per byte of text (a 50 MB record: 4.2 GB peak
+# RSS as words, 7.4 GB as "a a a ..."), so 16 MiB keeps one record under ~2.5 GB per worker, yet
+# it is some 4 million tokens, 1,000 times the default --max-length, and beyond any real
+# fine-tuning record (a whole book is 1 to 2 MB). Equal to pack.sources.MAX_RECORD_BYTES.
+MAX_RECORD_BYTES_DEFAULT = "16MB"
 
 
 @dataclasses.dataclass
@@ -45,6 +52,7 @@ class BuildConfig:
     split: str | None = None          # of a Hugging Face DatasetDict input (default: train)
     num_partitions: int = 1
     partition: int | None = None      # 0 .. num_partitions - 1 (with num_partitions > 1)
+    max_record_bytes: str | int = MAX_RECORD_BYTES_DEFAULT  # longest JSON Lines line read
 
     @classmethod
     def from_args(cls, args: Any) -> "BuildConfig":
@@ -66,6 +74,7 @@ class Settings:
     chat_template_text: str | None  # the --chat-template file's text
     n_parts: int
     part: int | None
+    max_record_bytes: int
 
 
 # cu_seqlens and position_ids are int32 columns: a pack can hold no more tokens than that.
@@ -93,6 +102,7 @@ def check_arguments(cfg: BuildConfig) -> Settings:
         if value not in allowed:
             raise PacktrainError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
     max_packs, max_bytes = parse_shard_size(cfg.shard_size)
+    max_record_bytes = parse_record_bytes(cfg.max_record_bytes)
     workers = cfg.workers if cfg.workers else default_workers()
     if not 1 <= workers <= WORKERS_PER_CORE * default_workers():
         raise PacktrainError(f"--workers {cfg.workers}: must be from 1 to {WORKERS_PER_CORE}x the "
@@ -106,23 +116,44 @@ def check_arguments(cfg: BuildConfig) -> Settings:
             raise PacktrainError(f"{cfg.chat_template}: cannot read the chat template "
                                  f"({getattr(e, 'strerror', None) or e})") from None
     n_parts, part = check_partition(cfg.num_partitions, cfg.partition)
-    return Settings(workers, max_packs, max_bytes, tok_path, chat_template_text, n_parts, part)
+    return Settings(workers, max_packs, max_bytes, tok_path, chat_template_text, n_parts, part,
+                    max_record_bytes)
+
+
+def _number_and_unit(text: str | int, flag: str, expected: str) -> tuple[str, str | None]:
+    """``"256MB"`` -> ``("256", "MB")``, ``"1000"`` -> ``("1000", None)``; a positive number or
+    a one-line error naming ``flag`` and what was ``expected``."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?", str(text).strip(), flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise PacktrainError(f"{flag} {text!r}: expected {expected}")
+    return m.group(1), m.group(2)
+
+
+def _bytes(number: str, unit: str) -> int:
+    """Binary units: ``KB`` and ``KiB`` are both 1024 bytes."""
+    mult = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+    return max(1, int(float(number) * mult[unit.upper().replace("I", "")]))
 
 
 def parse_shard_size(text: str | int) -> tuple[int | None, int | None]:
     """``"1000"`` -> (1000 packs, no byte limit); ``"256MB"``/``"1GB"``/``"512KiB"`` -> bytes."""
-    s = str(text).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?", s, flags=re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise PacktrainError(f"--shard-size {text!r}: expected a number of packs (e.g. 1000) or a "
-                             f"size such as 256MB or 1GB")
-    if not m.group(2):
-        if "." in m.group(1):
+    number, unit = _number_and_unit(text, "--shard-size", "a number of packs (e.g. 1000) or a "
+                                                          "size such as 256MB or 1GB")
+    if not unit:
+        if "." in number:
             raise PacktrainError(f"--shard-size {text!r}: a pack count must be a whole number")
-        return int(m.group(1)), None
-    unit = m.group(2).upper().replace("I", "")
-    mult = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}[unit]
-    return None, max(1, int(float(m.group(1)) * mult))
+        return int(number), None
+    return None, _bytes(number, unit)
+
+
+def parse_record_bytes(text: str | int) -> int:
+    """``--max-record-bytes``: ``"64MB"``/``"1GiB"``/``"500000"`` (bytes) -> bytes."""
+    number, unit = _number_and_unit(text, "--max-record-bytes", "a size such as 64MB or 1GB, "
+                                                               "or a number of bytes")
+    if not unit and "." in number:
+        raise PacktrainError(f"--max-record-bytes {text!r}: a number of bytes must be a whole "
+                             f"number")
+    return _bytes(number, unit or "B")
 
 
 def default_workers() -> int:

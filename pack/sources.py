@@ -4,21 +4,24 @@ API (used by ``pack.tasks``):
 
 ``expand_inputs(inputs) -> list[Path]``
     Files and glob patterns, in the order given (each glob's matches sorted), duplicates removed.
-``iter_records(path, skip_invalid=False, skipped=None) -> Iterator[(where, record)]``
+``iter_records(path, skip_invalid=False, skipped=None, split=None, max_record_bytes=16MiB)``
     Streams ``(where, record)`` pairs, ``where`` being ``"FILE:LINE"`` (JSON Lines, 1-based line) or
     ``"FILE:record N"`` (JSON array, Parquet; 1-based). Bad input raises a one-line
     :class:`PacktrainError` naming file and line; with ``skip_invalid=True`` a bad *record* is
     skipped and counted in ``skipped[reason]`` instead (reasons: ``invalid-json``,
-    ``not-an-object``, ``invalid-utf8``, ``nul-byte``). File-level problems (missing, empty,
-    corrupt compressed data, unsupported type) always raise.
+    ``not-an-object``, ``invalid-utf8``, ``nul-byte``, ``too-large``: a JSON Lines line longer
+    than ``max_record_bytes``, which is read no further than that). File-level problems
+    (missing, empty, corrupt compressed data, unsupported type) always raise.
 ``detect_format(records, where) -> "alpaca" | "messages" | "text"``
     From the first few records' keys.
 
 Supported files (by name, case-insensitive): ``.jsonl`` / ``.ndjson``; ``.json`` (a top-level
 array of objects, or JSON Lines); ``.parquet`` (read one row group batch at a time); and
 ``.jsonl`` / ``.ndjson`` / ``.json`` compressed as ``.gz`` or ``.zst`` / ``.zstd`` (streamed).
-JSON Lines are read line by line, never whole; a JSON *array* has to be parsed whole (use JSONL
-for big corpora). Blank lines are ignored; a UTF-8 byte-order mark at the start is accepted.
+JSON Lines are read line by line, never whole, and a line no further than the record size
+limit; a JSON *array* has to be parsed whole (use JSONL for big corpora; its elements, like
+Parquet rows, are not measured against the limit). Blank lines are ignored; a UTF-8 byte-order
+mark at the start is accepted.
 A directory written by Hugging Face ``save_to_disk`` is an input too (read by ``pack.hf_source``).
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import glob
 import gzip
 import io
@@ -45,6 +49,9 @@ PARQUET_BATCH_ROWS = 1024
 _GLOB_CHARS = set("*?[")
 _MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PAR1": "parquet"}
 SUPPORTED = (".jsonl, .ndjson, .json, .parquet, or .jsonl/.json compressed as .gz, .zst or .zstd")
+# pack-build --max-record-bytes: the default longest JSON Lines line (why: pack.config).
+MAX_RECORD_BYTES = 16 << 20
+PASS_OVER_PIECE = 1 << 20  # the rest of a longer line is read in pieces of this many bytes
 
 
 # ---------------------------------------------------------------- inputs
@@ -134,8 +141,43 @@ class LineError(Exception):
         self.reason, self.message = reason, message
 
 
-def parse_line(raw: bytes) -> dict:
+class LongLine:
+    """Stands for a JSON Lines line longer than the record size limit, which was not kept:
+    ``size`` (its bytes, line ending included) and ``limit``. It holds no bytes (``len`` 0);
+    :func:`parse_line` refuses it (reason ``too-large``)."""
+
+    __slots__ = ("size", "limit")
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+
+    def __len__(self) -> int:
+        return 0
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __reduce__(self):
+        return LongLine, (self.size, self.limit)
+
+    def message(self) -> str:
+        return (f"line of {self.size:,} bytes is longer than --max-record-bytes "
+                f"({format_bytes(self.limit)}) and was not read; raise --max-record-bytes or "
+                f"pass --skip-invalid to skip such records")
+
+
+def format_bytes(n: int) -> str:
+    """``67108864`` -> ``"64MiB"``; sizes that are no whole number of KiB stay in bytes."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n:,} bytes"
+
+
+def parse_line(raw: bytes | LongLine) -> dict:
     """One JSON Lines line (bytes, stripped of nothing) -> object, or raise :class:`LineError`."""
+    if type(raw) is LongLine:
+        raise LineError("too-large", raw.message())
     if b"\x00" in raw:
         col = raw.index(b"\x00") + 1
         raise LineError("nul-byte", f"NUL byte at column {col}; the file looks binary or corrupt "
@@ -187,46 +229,114 @@ def _open_stream(path: Path, compression: str | None) -> IO[bytes]:
 
 class _ZstdRaw(io.RawIOBase):
     """Streamed zstd decompression across concatenated frames that, unlike zstandard's
-    stream_reader, reports a truncated last frame as an error instead of a silent EOF."""
+    stream_reader alone, reports a truncated last frame as an error instead of a silent EOF.
 
-    def __init__(self, f: IO[bytes], chunk: int = 1 << 20):
+    zstandard's stream_reader decompresses straight into the caller's buffer, at most its size
+    per call, so time is linear in the output and memory bounded (by the frames' window) however
+    much a frame expands; the compressed bytes it reads pass through :class:`_FrameWalker`, which
+    tells at the end whether the input stopped inside a frame."""
+
+    def __init__(self, f: IO[bytes], chunk: int = 1 << 17):
         import zstandard
 
-        self._zstd, self._f, self._chunk = zstandard, f, chunk
-        self._dctx = zstandard.ZstdDecompressor()
-        self._dobj = self._dctx.decompressobj()
-        self._pending = b""
-        self._in_frame = False
+        self._zstd, self._f = zstandard, f
+        self._walker = _FrameWalker(f)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            self._walker, read_size=chunk, read_across_frames=True, closefd=False)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        while not self._pending:
-            data = self._f.read(self._chunk)
-            if not data:
-                if self._in_frame:
-                    raise self._zstd.ZstdError("truncated zstd frame (unexpected end of file)")
-                return 0
-            while data:
-                self._in_frame = True
-                out = self._dobj.decompress(data)
-                self._pending += out
-                if self._dobj.eof:
-                    data = self._dobj.unused_data
-                    self._dobj = self._dctx.decompressobj()
-                    self._in_frame = False
-                else:
-                    data = b""
-        n = min(len(b), len(self._pending))
-        b[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+        n = self._reader.readinto(b)
+        if not n and self._walker.inside:
+            raise self._zstd.ZstdError("truncated zstd frame (unexpected end of file)")
         return n
 
     def close(self) -> None:
         if not self.closed:
+            self._reader.close()
             self._f.close()
         super().close()
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE_MAGIC = 0x184D2A50  # the low 4 bits are free
+_FCS_BYTES = (0, 2, 4, 8)      # frame content size field by its flag (0: 1 byte if single segment)
+_DICT_ID_BYTES = (0, 1, 2, 4)
+
+
+class _FrameWalker:
+    """Follows the frame and block headers of a zstd stream fed in pieces, skipping the blocks'
+    contents, to tell whether the stream so far ends between frames (RFC 8878: a frame is a
+    magic number, a header, blocks of 3-byte headers the last of which is flagged, and an
+    optional 4-byte checksum; a skippable frame is a magic number, a 4-byte size and that many
+    bytes). Data that is not zstd stops the walk: the decompressor reports it. ``read`` reads
+    the file ``f`` and walks what it returns."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._head = bytearray()  # the header being read
+        self._need = 4            # its length
+        self._state = "magic"
+        self._skip = 0            # bytes of content to pass over first
+        self._checksum = False
+
+    @property
+    def inside(self) -> bool:
+        """Whether the bytes fed so far stop inside a frame (or in a magic number)."""
+        return self._state != "stop" and bool(self._skip or self._head or self._state != "magic")
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._feed(data)
+        return data
+
+    def _feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end and self._state != "stop":
+            if self._skip:
+                k = min(self._skip, end - pos)
+                self._skip -= k
+                pos += k
+                continue
+            k = min(self._need - len(self._head), end - pos)
+            self._head += data[pos:pos + k]
+            pos += k
+            if len(self._head) == self._need:
+                head = bytes(self._head)
+                self._head.clear()
+                self._header(head)
+
+    def _expect(self, state: str, need: int, skip: int = 0) -> None:
+        self._state, self._need, self._skip = state, need, skip
+
+    def _header(self, head: bytes) -> None:
+        state = self._state
+        if state == "magic":
+            magic = int.from_bytes(head, "little")
+            if magic == _ZSTD_MAGIC:
+                self._expect("frame", 1)
+            elif magic & ~0xF == _SKIPPABLE_MAGIC:
+                self._expect("skippable", 4)
+            else:
+                self._state = "stop"
+        elif state == "skippable":
+            self._expect("magic", 4, skip=int.from_bytes(head, "little"))
+        elif state == "frame":  # the frame header descriptor, then the rest of the header
+            d = head[0]
+            single = (d >> 5) & 1
+            self._checksum = bool((d >> 2) & 1)
+            fcs = _FCS_BYTES[d >> 6] or single
+            self._expect("block", 3, skip=(1 - single) + _DICT_ID_BYTES[d & 3] + fcs)
+        elif state == "block":
+            h = int.from_bytes(head, "little")
+            last, kind, size = h & 1, (h >> 1) & 3, h >> 3
+            content = 1 if kind == 1 else size  # an RLE block holds one byte
+            if not last:
+                self._expect("block", 3, skip=content)
+            else:  # the frame ends after its checksum, if any
+                self._expect("magic", 4, skip=content + 4 * self._checksum)
 
 
 def _decompress_errors() -> tuple[type[BaseException], ...]:
@@ -242,7 +352,8 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
 
 def iter_records(path: Path, skip_invalid: bool = False,
                  skipped: collections.Counter | None = None,
-                 split: str | None = None) -> Iterator[tuple[str, dict]]:
+                 split: str | None = None,
+                 max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[str, dict]]:
     """Yield ``(where, record)`` for every record of one file, streaming.
 
     ``where`` is ``"FILE:LINE"`` for JSON Lines (1-based, blank lines count) and
@@ -261,11 +372,12 @@ def iter_records(path: Path, skip_invalid: bool = False,
     if container == "parquet":
         yield from _iter_parquet(path)
         return
-    yield from _iter_json(path, container, compression, skip_invalid, skipped)
+    yield from _iter_json(path, container, compression, skip_invalid, skipped, max_record_bytes)
 
 
 def _iter_json(path: Path, container: str, compression: str | None, skip_invalid: bool,
-               skipped: collections.Counter | None) -> Iterator[tuple[str, dict]]:
+               skipped: collections.Counter | None, max_record_bytes: int
+               ) -> Iterator[tuple[str, dict]]:
     errors = _decompress_errors()
     what = f"{compression} " if compression else ""
     with _open_checked(path, compression, errors, what) as stream:
@@ -280,7 +392,7 @@ def _iter_json(path: Path, container: str, compression: str | None, skip_invalid
                 yield from _iter_json_array(path, stream, errors, what)
                 return
         first = True
-        for lineno, raw in _nonblank_lines(path, stream, errors, what):
+        for lineno, raw in _nonblank_lines(path, stream, errors, what, max_record_bytes):
             try:
                 record = parse_line(raw)
             except LineError as s:
@@ -315,14 +427,21 @@ def _open_checked(path: Path, compression: str | None, errors, what: str) -> Ite
         yield stream
 
 
-def _nonblank_lines(path: Path, stream: IO[bytes], errors, what: str
-                    ) -> Iterator[tuple[int, bytes]]:
+def _nonblank_lines(path: Path, stream: IO[bytes], errors, what: str,
+                    max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, bytes | LongLine]]:
     """(1-based line number, raw line) for every non-blank line, BOM stripped; a decompression
-    error names the line after the last good one; a file with no such line is an error."""
+    error names the line after the last good one; a file with no such line is an error. A line
+    longer than ``max_bytes`` (its line ending not counted) is read no further than that: the
+    rest is passed over in pieces and a :class:`LongLine` stands for it."""
     lineno = nonblank = 0
+    readline = functools.partial(stream.readline, max_bytes + 1)
     try:
-        for raw in stream:
+        for raw in iter(readline, b""):
             lineno += 1
+            if len(raw) > max_bytes and raw[-1] != 10:
+                nonblank += 1
+                yield lineno, _pass_over(stream, len(raw), max_bytes)
+                continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
@@ -336,17 +455,29 @@ def _nonblank_lines(path: Path, stream: IO[bytes], errors, what: str
         raise PacktrainError(f"{path}: no records (the file is empty); remove it from the inputs")
 
 
+def _pass_over(stream: IO[bytes], size: int, max_bytes: int) -> LongLine:
+    """Read the rest of a line too long to keep, ``size`` bytes of which were read, in pieces
+    of at most :data:`PASS_OVER_PIECE` bytes, keeping none."""
+    while True:
+        piece = stream.readline(PASS_OVER_PIECE)
+        size += len(piece)
+        if not piece or piece[-1] == 10:
+            return LongLine(size, max_bytes)
+
+
 def is_jsonl(path: Path) -> bool:
     """Whether ``path`` is a JSON Lines file by name (plain or compressed): its records can be
     read as raw lines by :func:`iter_raw_lines` and parsed elsewhere with :func:`parse_line`."""
     return not Path(path).is_dir() and _kind(Path(path))[0] == "jsonl"
 
 
-def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def iter_raw_lines(path: Path, max_record_bytes: int = MAX_RECORD_BYTES
+                   ) -> Iterator[tuple[int, bytes | LongLine]]:
     """``(line number, raw line)`` of every non-blank line of a JSON Lines file, unparsed (a
     UTF-8 byte-order mark at the start removed), with the same file-level checks and errors as
     :func:`iter_records`; :func:`parse_line` turns a line into its record (raising
-    :class:`LineError`)."""
+    :class:`LineError`). A line longer than ``max_record_bytes`` comes as a :class:`LongLine`,
+    which :func:`parse_line` refuses."""
     path = Path(path)
     _, compression = _kind(path)
     if not path.is_file():
@@ -354,7 +485,7 @@ def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     errors = _decompress_errors()
     what = f"{compression} " if compression else ""
     with _open_checked(path, compression, errors, what) as stream:
-        yield from _nonblank_lines(path, stream, errors, what)
+        yield from _nonblank_lines(path, stream, errors, what, max_record_bytes)
 
 
 def _whole_json_object_hint(path: Path, stream: IO[bytes], first: bytes, errors) -> None:

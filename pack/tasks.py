@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator
 from . import format as fmt_mod
 from .errors import PacktrainError
 from .files import file_sha256
-from .sources import LineError, detect_format, is_jsonl, iter_raw_lines, iter_records, parse_line
+from .sources import (MAX_RECORD_BYTES, LineError, detect_format, is_jsonl, iter_raw_lines,
+                      iter_records, parse_line)
 
 CHUNK = 128            # records per task handed to a worker (small: little idle tail)
 # JSON Lines tasks end at this many bytes of lines (or RAW_CHUNK_RECORDS records): 128 short
@@ -120,8 +121,8 @@ def hash_sources(paths: list[Path], sources: list[dict],
 # ---------------------------------------------------------------- tasks
 
 def read_tasks(paths: list[Path], sources: list[dict], fmt: str, skip_invalid: bool,
-               skipped: Counter, split: str | None, n_parts: int = 1, part: int | None = None
-               ) -> tuple[str, Iterator[Task]]:
+               skipped: Counter, split: str | None, n_parts: int = 1, part: int | None = None,
+               max_record_bytes: int = MAX_RECORD_BYTES) -> tuple[str, Iterator[Task]]:
     """The (detected) format and the tasks of a build, or of its partition ``part`` of
     ``n_parts`` (see :func:`read_sources`)."""
     if part is None:
@@ -129,7 +130,7 @@ def read_tasks(paths: list[Path], sources: list[dict], fmt: str, skip_invalid: b
     else:  # partitions are exact blocks of records: part of their contract
         chunking = dict(chunk=PARTITION_BLOCK)
     fmt, stream = read_sources(paths, fmt, skip_invalid, skipped, sources, split=split,
-                               **chunking)
+                               max_record_bytes=max_record_bytes, **chunking)
     if part is not None:
         stream = partition_tasks(stream, n_parts, part)
     return fmt, stream
@@ -155,7 +156,8 @@ class _Formats:
 
 def read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Counter,
                  sources: list[dict], chunk: int = CHUNK, split: str | None = None,
-                 chunk_bytes: int | None = None) -> tuple[str, Iterator[Task]]:
+                 chunk_bytes: int | None = None, max_record_bytes: int = MAX_RECORD_BYTES
+                 ) -> tuple[str, Iterator[Task]]:
     """Return the (detected) format and an iterator over the tasks (chunks of at most ``chunk``
     records of one file) of all files in order. JSON Lines files are read as raw lines that the
     workers parse (the head of a file is parsed here too, to detect the format); with
@@ -165,10 +167,14 @@ def read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Count
     ``records`` count of parsed files is filled in as the iterator is consumed (that of raw
     files as their results come back). Records of parsed files skipped as invalid are counted
     in each task's ``skipped`` (the caller adds them up), so that a partition counts only those
-    around its own tasks. ``split`` picks the split of a Hugging Face DatasetDict directory."""
+    around its own tasks. ``split`` picks the split of a Hugging Face DatasetDict directory.
+    A JSON Lines line longer than ``max_record_bytes`` is not read (an invalid record,
+    ``too-large``)."""
     formats = _Formats(fmt)
-    iters = [_raw_tasks(i, p, formats, skip_invalid, chunk, chunk_bytes) if is_jsonl(p)
-             else _parsed_tasks(i, p, formats, skip_invalid, sources, chunk, split)
+    iters = [_raw_tasks(i, p, formats, skip_invalid, chunk, chunk_bytes, max_record_bytes)
+             if is_jsonl(p)
+             else _parsed_tasks(i, p, formats, skip_invalid, sources, chunk, split,
+                                max_record_bytes)
              for i, p in enumerate(paths)]
     stream: Iterator[Task] = itertools.chain.from_iterable(iters)
     if formats.fmt is None:
@@ -187,9 +193,10 @@ def read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Count
 
 
 def _raw_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool, chunk: int,
-               chunk_bytes: int | None) -> Iterator[Task]:
-    """The tasks of JSON Lines file ``i``: its raw lines, parsed by the workers."""
-    lines: Iterator[tuple[int, bytes]] = iter_raw_lines(path)
+               chunk_bytes: int | None, max_record_bytes: int) -> Iterator[Task]:
+    """The tasks of JSON Lines file ``i``: its raw lines, parsed by the workers (a line too
+    long to read travels as a :class:`pack.sources.LongLine`, of length 0)."""
+    lines: Iterator[tuple[int, Any]] = iter_raw_lines(path, max_record_bytes)
     if formats.auto:
         lines = _detect_from_lines(path, lines, formats, skip_invalid)
     sp = str(path)
@@ -212,10 +219,10 @@ def _raw_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool, chunk:
         yield task(block)
 
 
-def _detect_from_lines(path: Path, lines: Iterator[tuple[int, bytes]], formats: _Formats,
-                       skip_invalid: bool) -> Iterator[tuple[int, bytes]]:
+def _detect_from_lines(path: Path, lines: Iterator[tuple[int, Any]], formats: _Formats,
+                       skip_invalid: bool) -> Iterator[tuple[int, Any]]:
     """Detect the format of a JSON Lines file from its first records; return all its lines."""
-    head_lines: list[tuple[int, bytes]] = []
+    head_lines: list[tuple[int, Any]] = []
     head: list[dict] = []
     for lineno, raw in lines:
         head_lines.append((lineno, raw))
@@ -233,10 +240,12 @@ def _detect_from_lines(path: Path, lines: Iterator[tuple[int, bytes]], formats: 
 
 
 def _parsed_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool,
-                  sources: list[dict], chunk: int, split: str | None) -> Iterator[Task]:
+                  sources: list[dict], chunk: int, split: str | None,
+                  max_record_bytes: int) -> Iterator[Task]:
     """The tasks of file ``i`` read here (JSON arrays, Parquet, Hugging Face datasets)."""
     local: Counter = Counter()
-    it = iter_records(path, skip_invalid=skip_invalid, skipped=local, split=split)
+    it = iter_records(path, skip_invalid=skip_invalid, skipped=local, split=split,
+                      max_record_bytes=max_record_bytes)
     if formats.auto:
         head, it = _peek(it, DETECT_RECORDS)
         if head:
