@@ -19,7 +19,7 @@ same is done with N contiguous ranges of records (the rule pack-build does not u
 
 Prints a table and writes benchmarks/results/partition_quality.json (.quick.json with --quick).
 The end-to-end path (real partition builds + pack-merge equal to a single build) is tested in
-tests/test_partitions.py.
+tests/pack/test_partitions.py.
 """
 
 from __future__ import annotations

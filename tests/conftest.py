@@ -67,7 +67,7 @@ def work(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dataset(tokenizer_dir, work) -> Path:
     """29 packs of <= 128 tokens from 84 real records."""
-    from test_data import make_packed_dataset
+    from helpers import make_packed_dataset
 
     return make_packed_dataset(tokenizer_dir, work / "data", max_length=128, records=84)
 

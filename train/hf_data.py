@@ -28,7 +28,7 @@ TRL ``SFTTrainer`` takes only ``datasets`` datasets: pass ``datasets.load_datase
 below), ``data_collator=PackedCollator()`` and ``SFTConfig(remove_unused_columns=False,
 dataset_kwargs={"skip_prepare_dataset": True})``.
 
-README snippet (tests/test_readers.py executes its code blocks; keep README.md's copy identical):
+README snippet (tests/train/test_readers.py executes its code blocks; keep README.md's copy identical):
 
 <!-- packtrain:hf-snippet begin -->
 ### Reading packed datasets with other tools

@@ -6,7 +6,7 @@ Off unless set; a run without them pays one empty check per step.
   (default 0) after optimizer step N, before any checkpoint of it; `kill-in-ckpt:N[@R]` after
   DeepSpeed wrote step N's files, before our state file and `latest`; `stop-after-step:N[@R]`
   SIGSTOPs it (a hung rank); `step-sleep:S` sleeps S seconds before every step (a window for tests
-  to send signals mid-run). tests/test_faults_train.py drives them.
+  to send signals mid-run). tests/system/test_faults_train.py drives them.
 * PACKTRAIN_DEBUG_PACKS=DIR: each rank appends the pack ids of every step to
   DIR/packs-rankR.jsonl (tests and the demo check which packs each rank trained on).
 """

@@ -24,7 +24,7 @@ gradients over data-parallel ranks (ZeRO 0: engine `allreduce_bucket` multiplies
 1/dp_world_size; ZeRO 1/2: stage_1_and_2 `average_tensor`/`gradient_reduction_w_predivide`;
 ZeRO 3: stage3 `__avg_scatter_contiguous_grads` divides by the averaging world size;
 gradient_predivide_factor only moves where the same division happens). The two factors cancel and
-the accumulated, reduced gradient is exactly d(sum CE)/N. tests/test_loop.py checks it against
+the accumulated, reduced gradient is exactly d(sum CE)/N. tests/train/test_loop.py checks it against
 HF's own loss (reduction sum / label tokens) on the same samples unpacked and padded (gradients
 agree to ~4e-8), and 2 ranks x ZeRO 0-3 against 1 rank with the same global batch (losses to
 ~2e-7 over 8 steps).

@@ -1,63 +1,26 @@
 """train.data: the seeded, rank-sharded, resumable stream of packs -> micro-batches.
 
-Also holds `make_packed_dataset`, the small real-data dataset the trainer tests use: real
-chitchat exchanges (single user/assistant turns) packed by `pack-build` with the real Llama 3
-tokenizer and chat template.
+The trainer tests' small real-data dataset (`helpers.make_packed_dataset`): real chitchat
+exchanges (single user/assistant turns) packed by `pack-build` with the real Llama 3 tokenizer
+and chat template.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pack.format import (check_pack, FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PackedDataset, ShardWriter, verify, write_manifest)
-from pack.offline import chitchat_conversations
+from helpers import make_packed_dataset
+from pack.format import (FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, PackedDataset, ShardWriter,
+                         check_pack, write_manifest)
 from train.data import DataState, PackStream, collate, count_label_tokens, epoch_order
 
 
 # ---------------------------------------------------------------- the test dataset
-
-def exchanges_jsonl(path: Path, limit: int = 160) -> Path:
-    """Single user/assistant exchanges from real chitchat conversations, as `messages` JSONL
-    (short samples, so a small max_length holds several per pack)."""
-    n = 0
-    with open(path, "w") as f:
-        for rec in chitchat_conversations():
-            msgs = rec["messages"]
-            for i in range(0, len(msgs) - 1, 2):
-                pair = msgs[i:i + 2]
-                if len(pair[0]["content"]) + len(pair[1]["content"]) > 300:
-                    continue
-                f.write(json.dumps({"messages": pair}) + "\n")
-                n += 1
-                if n >= limit:
-                    return path
-    return path
-
-
-def make_packed_dataset(tokenizer_dir: Path, work: Path, max_length: int = 128,
-                        records: int = 160) -> Path:
-    """A packed dataset of real chat exchanges built by `pack-build` (in-process), checked with
-    verify()."""
-    from pack.cli import build_main
-
-    work.mkdir(parents=True, exist_ok=True)
-    jsonl = exchanges_jsonl(work / "exchanges.jsonl", records)
-    out = work / "packed"
-    if out.exists():
-        shutil.rmtree(out)
-    rc = build_main(["--tokenizer", str(tokenizer_dir), "--max-length", str(max_length),
-                     str(jsonl), str(out)])
-    assert rc in (0, None), f"pack-build exited {rc}"
-    problems = verify(out)
-    assert not problems, problems
-    return out
-
 
 @pytest.fixture(scope="session")
 def packed_dir(tokenizer_dir, tmp_path_factory) -> Path:

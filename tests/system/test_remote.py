@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_data import exchanges_jsonl
+from helpers import exchanges_jsonl
 
 pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
 BUCKET = "packtrain-test"

@@ -3,7 +3,7 @@ shard, row and rule, and train-run's pre-flight refuses to start with one line n
 damage that appears after the pre-flight (a shard changed under a running job) stops the data
 stream with the shard and row.
 
-tests/test_verify.py (pack-verify) and tests/test_checks.py (pre-flight) already cover a flipped
+tests/pack/test_verify.py (pack-verify) and tests/train/test_checks.py (pre-flight) already cover a flipped
 byte, a truncated shard, a missing shard and most manifest edits for pack-verify, and a flipped
 byte, a truncated shard, a wrong label and edited stats for the pre-flight; this file fills the
 rest of the matrix.
@@ -24,7 +24,7 @@ import pytest
 from pack.cli import verify_main
 from pack.errors import FormatError, PacktrainError
 from pack.format import IGNORE_INDEX, PackedDataset, read_manifest
-from test_checks import rewrite_shard, rows_of
+from helpers import rewrite_shard, rows_of
 from train.checks import preflight
 from train.data import PackStream, checked_pack
 
@@ -291,7 +291,7 @@ def test_train_run_cli_refuses_corrupt_dataset(ds, packed, tokenizer_dir, tmp_pa
                         str(model_dir), "--output", str(out), "--zero", "0", "--dtype", "fp32",
                         "--max-steps", "1", "--no-export"],
                        capture_output=True, text=True, timeout=500, env=env,
-                       cwd=Path(__file__).resolve().parent.parent)
+                       cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
@@ -307,7 +307,7 @@ def test_train_run_cli_refuses_corrupt_dataset(ds, packed, tokenizer_dir, tmp_pa
                         str(model_dir), "--output", str(tmp_path / "run2"), "--zero", "0",
                         "--dtype", "fp32", "--max-steps", "1", "--no-export"],
                        capture_output=True, text=True, timeout=500, env=env,
-                       cwd=Path(__file__).resolve().parent.parent)
+                       cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "shard-00000.arrow" in errors[0] and "sha256" in errors[0], \

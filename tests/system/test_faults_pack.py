@@ -299,7 +299,7 @@ def test_sigkill_real_cli_process(reference, corpus, tokenizer_dir):
     cmd = [sys.executable, "-m", "pack.cli", "build", *argv_for(corpus, out, tokenizer_dir, 2)]
     want = reference[2]["digest"]
     tl = reference[2]["timeline"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     for trigger, delay in (("shard", 0.3 * (tl["end"] - tl["shard"])),):
         p = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120

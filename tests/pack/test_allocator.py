@@ -15,7 +15,7 @@ import pytest
 from pack.tokenize import allocator
 from pack.errors import PacktrainError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REAL = allocator.find("auto")  # a jemalloc or mimalloc installed on this machine, if any
 needs_real = pytest.mark.skipif(REAL is None, reason="no jemalloc or mimalloc installed "
                                                      "(Debian: apt-get install libjemalloc2)")

@@ -23,7 +23,7 @@ from train import attention as A
 from train import hf_data
 from train.hf_data import PackedCollator, PackedTorchDataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKS = 4  # 20 short Alpaca records at --max-length 512 -> 4 packs (2 Trainer steps of 2 packs)
 
 

@@ -436,7 +436,7 @@ def test_resume_into_another_run_is_refused(inproc, dataset, model_dir, tokenize
     from train.loop import train
     from train.tiny import make_tiny_model
 
-    from test_data import make_packed_dataset
+    from helpers import make_packed_dataset
 
     def argv(out, *extra):
         return ["--shards", str(dataset), "--model", str(model_dir), "--output", str(out),

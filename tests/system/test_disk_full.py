@@ -131,7 +131,7 @@ def test_file_size_limit(phase, sizes, chat_jsonl, tokenizer_dir, tmp_path):
            *argv(chat_jsonl, out, tokenizer_dir, "--shard-size", "1GB")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        preexec_fn=_limit_file_size(limit),
-                       cwd=Path(__file__).resolve().parent.parent)
+                       cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2, r.stderr
     assert_clean_failure(r.stderr, out, "file too large")
     assert not out.exists()

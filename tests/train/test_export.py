@@ -6,7 +6,7 @@ train-run lays out OUTPUT. That process also records each engine's loss on a fix
 training; the exported model reloaded with `from_pretrained` must give the same loss.
 Slow tests go through the real `train-run` (2 ranks) once it exists.
 
-Run `python tests/test_export.py make OUT TOKENIZER_DIR` to make the checkpoints by hand.
+Run `python tests/train/test_export.py make OUT TOKENIZER_DIR` to make the checkpoints by hand.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # name: (zero stage, lora, dtype, tied embeddings)
 CASES = {

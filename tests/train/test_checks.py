@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from helpers import rewrite_shard, rows_of
 from pack.errors import FormatError, PacktrainError
-from pack.files import file_sha256
 from pack.tokenize.loading import load_tokenizer
 from pack.format import (check_pack, COLUMNS, IGNORE_INDEX, open_shard, read_manifest, SHARD_SCHEMA, verify)
 from train import checks
@@ -45,30 +45,6 @@ def one_line(e) -> str:
 def copy_dataset(src, dst):
     shutil.copytree(src, dst)
     return dst
-
-
-def rewrite_shard(ds, rows: list[dict], index: int = 0) -> None:
-    """Replace shard `index` with `rows` and fix its manifest entry (size, sha256, counts) so
-    only the pack invariants can object."""
-    m = read_manifest(ds)
-    info = m["shards"][index]
-    table = pa.table({c: pa.array([np.asarray(r[c]) for r in rows], type=SHARD_SCHEMA.field(c).type)
-                      for c in COLUMNS}, schema=SHARD_SCHEMA)
-    path = ds / info["path"]
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as w:
-        w.write_table(table)
-    info.update(bytes=path.stat().st_size, sha256=file_sha256(path), packs=len(rows),
-                tokens=int(sum(len(r["input_ids"]) for r in rows)))
-    m["stats"].update(packs=sum(s["packs"] for s in m["shards"]),
-                      tokens=sum(s["tokens"] for s in m["shards"]))
-    (ds / "manifest.json").write_text(json.dumps(m, indent=2))
-
-
-def rows_of(ds, index: int = 0) -> list[dict]:
-    m = read_manifest(ds)
-    t = open_shard(ds, m["shards"][index])
-    return [{c: np.array(t.column(c)[r].values.to_numpy()) for c in COLUMNS}
-            for r in range(t.num_rows)]
 
 
 # ---------------------------------------------------------------- passing
