@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PacktrainError(Exception):
     """An error the user can cause and fix: the message is one line naming the file, line or
@@ -18,3 +20,20 @@ class FormatError(PacktrainError):
             where = shard + (f" row {row}" if row is not None else "") + ": "
         super().__init__(where + message + (f" [rule: {rule}]" if rule else ""))
         self.shard, self.row, self.rule = shard, row, rule
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type, for messages about records and fields."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__

@@ -39,7 +39,7 @@ import zlib
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
-from .errors import PacktrainError
+from .errors import PacktrainError, json_type
 
 SKIP_HINT = "fix it or pass --skip-invalid to skip bad records"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -116,22 +116,6 @@ def _kind(path: Path) -> tuple[str, str | None]:
     raise PacktrainError(f"{path}: unsupported file type; expected {SUPPORTED}")
 
 
-def _json_type(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 class LineError(Exception):
     """A JSON Lines line that is not a record: ``reason`` (``"invalid-json"``, ...) and
     ``message`` (naming no place: the caller knows the file and line)."""
@@ -196,7 +180,7 @@ def parse_line(raw: bytes | LongLine) -> dict:
     except RecursionError:
         raise LineError("invalid-json", f"invalid JSON: nested too deeply; {SKIP_HINT}") from None
     if not isinstance(value, dict):
-        raise LineError("not-an-object", f"expected a JSON object per line, got {_json_type(value)}; "
+        raise LineError("not-an-object", f"expected a JSON object per line, got {json_type(value)}; "
                                      f"{SKIP_HINT}")
     return value
 
@@ -539,7 +523,7 @@ def _iter_json_array(path: Path, stream: IO[bytes], errors, what: str
     for i, record in enumerate(array, 1):
         if not isinstance(record, dict):
             raise PacktrainError(f"{path}:record {i}: expected a JSON object, got "
-                                 f"{_json_type(record)}; every array element must be a record")
+                                 f"{json_type(record)}; every array element must be a record")
         array[i - 1] = None  # let records go as they are consumed
         yield f"{path}:record {i}", record
 

@@ -79,3 +79,16 @@ def model_dir(tokenizer_dir, work) -> Path:
 
     return make_tiny_model("llama", tokenizer_dir, work / "model", hidden=32, layers=2, heads=4,
                            kv_heads=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def chat_shards(tmp_path_factory, tokenizer_dir, chat_jsonl) -> Path:
+    """The 200 chat conversations packed at 512 tokens into several shards of 40 packs: what
+    the corruption and hostile-manifest tests damage (each on a copy)."""
+    from pack.cli import build_main
+
+    out = tmp_path_factory.mktemp("chat-shards") / "ds"
+    assert build_main([str(chat_jsonl), str(out), "--tokenizer", str(tokenizer_dir),
+                       "--max-length", "512", "--shard-size", "40", "--quiet",
+                       "--workers", "1"]) == 0
+    return out

@@ -223,13 +223,8 @@ def run_identity(run: Run) -> dict:
 
 def check_resume_target(resume_from: Path, out: Path) -> None:
     """A resume writes only into the run it resumes, or into a new, empty --output: never into
-    another run, whose checkpoints and metrics it would overwrite and mix."""
-    for where in (out, *out.parents):  # the nearest existing one must be a directory
-        if where.exists() or where.is_symlink():
-            if not where.is_dir():
-                raise PacktrainError(f"--output {out}: {where} exists and is not a directory; "
-                                     f"choose another path")
-            break
+    another run, whose checkpoints and metrics it would overwrite and mix. (resume_point has
+    checked that `out` can be a directory.)"""
     same_run = resume_from.resolve().parent == (out / "checkpoints").resolve()
     if same_run or not out.exists() or not any(out.iterdir()):
         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ..errors import PacktrainError
+from ..errors import PacktrainError, json_type
 
 ROLES = ("system", "user", "assistant")
 ROLE_SET = frozenset(ROLES)
@@ -28,23 +28,6 @@ class NothingToTrain(PacktrainError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-def json_type(v: Any) -> str:
-    """The JSON name of a value's type, for error messages."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, (int, float)):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, (list, tuple)):
-        return "array"
-    if isinstance(v, dict):
-        return "object"
-    return type(v).__name__
 
 
 def field_error(field: str, what: str) -> PacktrainError:

@@ -30,15 +30,9 @@ from train.data import PackStream, checked_pack
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory, tokenizer_dir, chat_jsonl) -> Path:
-    from pack.cli import build_main
-
-    out = tmp_path_factory.mktemp("corrupt") / "ds"
-    assert build_main([str(chat_jsonl), str(out), "--tokenizer", str(tokenizer_dir),
-                       "--max-length", "512", "--shard-size", "40", "--quiet",
-                       "--workers", "1"]) == 0
-    assert len(read_manifest(out)["shards"]) >= 3
-    return out
+def packed(chat_shards) -> Path:
+    assert len(read_manifest(chat_shards)["shards"]) >= 3
+    return chat_shards
 
 
 @pytest.fixture(scope="module")

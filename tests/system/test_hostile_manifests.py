@@ -36,14 +36,8 @@ def report_cases():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, tokenizer_dir, chat_jsonl) -> Path:
-    from pack.cli import build_main
-
-    out = tmp_path_factory.mktemp("hostile-manifest") / "ds"
-    assert build_main([str(chat_jsonl), str(out), "--tokenizer", str(tokenizer_dir),
-                       "--max-length", "512", "--shard-size", "40", "--quiet",
-                       "--workers", "1"]) == 0
-    return out
+def dataset(chat_shards) -> Path:
+    return chat_shards
 
 
 def pack_verify(ds: Path) -> tuple[int, str]:
