@@ -426,10 +426,12 @@ class Fetcher:
         except (OSError, ValueError):
             seen = None
         want = {**_stamp(p), "sha256": info["sha256"]}
-        if isinstance(seen, dict) and {k: seen.get(k) for k in want} == want \
-                and (seen.get("packs_checked") or not self.check_packs):
+        unchanged = isinstance(seen, dict) and {k: seen.get(k) for k in want} == want
+        if unchanged and (seen.get("packs_checked") or not self.check_packs):
             return True
-        if file_sha256(p) != info["sha256"]:
+        # hashed again only when changed (or never marked); a shard pack-verify fetched needs
+        # just its packs checked before training reads it
+        if not unchanged and file_sha256(p) != info["sha256"]:
             marker.unlink(missing_ok=True)
             p.unlink(missing_ok=True)
             return False
