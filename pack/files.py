@@ -88,9 +88,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
+    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one.
+    The temporary name is per process and thread: two threads writing the same file (a shard's
+    verified marker from the prefetch thread and the reader) must not rename each other's."""
+    import threading
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

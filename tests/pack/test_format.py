@@ -306,3 +306,30 @@ def test_missing_manifest_is_not_a_dataset(tmp_path):
         F.read_manifest(tmp_path)
     with pytest.raises(F.FormatError, match="no such dataset directory"):
         F.read_manifest(tmp_path / "nope")
+
+
+def test_write_atomic_from_many_threads(tmp_path):
+    """Threads of one process writing the same file (the remote cache's verified marker is
+    written by the prefetch thread and the reader) never rename each other's temporary file."""
+    import threading
+
+    from pack.files import write_atomic
+
+    target = tmp_path / "marker.json"
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(40):
+                write_atomic(target, f"{k}:{i}".encode())
+        except BaseException as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert target.read_text().split(":")[1] == "39"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker.json"]
