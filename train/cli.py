@@ -155,6 +155,11 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is None:
         args.output = str(Path("runs") / Path(os.path.abspath(args.shards)).name)
     check_numbers(args)
+    for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir"):
+        if getattr(args, flag) is not None and not str(getattr(args, flag)).strip():
+            # an empty --output would train into the current directory
+            raise PacktrainError(f"--{flag.replace('_', '-')}: empty; give a path or leave the "
+                                 f"option out")
     if url:  # from here on a local cache view of the URL; shards arrive on first use
         args.shards_url, args.shards = redact(url), resolve(url, args.cache_dir)
     return args
