@@ -142,7 +142,7 @@ def save_checkpoint(run: Run, data_state: DataState, epoch: int, elapsed: float)
              "world_size": run.dist.world_size, "seed": run.args.seed,
              "micro_batch": run.args.micro_batch, "grad_accum": run.args.grad_accum,
              "tokens_seen": run.tokens_seen, "label_tokens_seen": run.label_tokens_seen,
-             "elapsed_s": elapsed, "total_steps": run.total_steps, "identity": run_identity(run)}
+             "skipped_steps": run.skipped_steps, "elapsed_s": elapsed, "total_steps": run.total_steps, "identity": run_identity(run)}
     run.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"packtrain": state},
                                save_latest=False)
     run.hooks.fault("kill-in-ckpt", run.step, run.dist.rank)
@@ -280,6 +280,7 @@ def restore_checkpoint(run: Run, path: Path) -> DataState:
     run.tokens_seen = int(state.get("tokens_seen", 0))
     run.label_tokens_seen = int(state.get("label_tokens_seen", 0))
     run.elapsed_before = float(state.get("elapsed_s", 0.0))
+    run.skipped_steps = int(state.get("skipped_steps", 0))
     if int(state["seed"]) != run.args.seed:
         log0(f"warning: checkpoint seed {state['seed']} != --seed {run.args.seed}; the data "
              f"order follows --seed from here on")

@@ -68,6 +68,10 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=1,
                    help="micro-steps per optimizer step on each rank")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip (no update, no LR schedule step) up to N optimizer steps whose loss "
+                        "or gradient norm is NaN or infinite, as DeepSpeed's fp16 loss scaler "
+                        "does; the next one stops the run (default 0: stop at the first)")
     g = ap.add_argument_group("engine")
     g.add_argument("--nproc", type=int, default=1,
                    help="local ranks to launch (uses torch.distributed.run); leave 1 under an "
@@ -121,6 +125,7 @@ NUMBERS = (
     ("log_every", 1, INT_LIMIT, True), ("loss_chunk", 1, INT_LIMIT, True),
     ("save_every", 0, INT_LIMIT, True), ("warmup_steps", 0, INT_LIMIT, True),
     ("max_steps", 0, INT_LIMIT, True), ("seed", 0, 2 ** 32 - 1, True),
+    ("skip_nonfinite", 0, INT_LIMIT, True),
     ("lr", 0.0, 1e3, True), ("min_lr", 0.0, 1e3, True), ("weight_decay", 0.0, 1e3, True),
     ("grad_clip", 0.0, 1e9, True), ("dist_timeout", 0.0, 1e7, False),
     ("lora_r", 1, 1 << 16, True), ("lora_alpha", 0.0, 1e9, False),

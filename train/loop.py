@@ -139,13 +139,15 @@ def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int) -> tuple[torch.Tens
 
 @dataclass
 class StepResult:
-    """One optimizer step, summed over all ranks: loss per label token, counts, norm, LR."""
+    """One optimizer step, summed over all ranks: loss per label token, counts, norm, LR;
+    `skipped` names why the update was skipped (--skip-nonfinite), else None."""
 
     loss: float
     label_tokens: int
     tokens: int
     grad_norm: float | None
     lr: float
+    skipped: str | None = None
 
 
 def _local_grad_norm(engine: Any) -> float | None:
@@ -174,7 +176,7 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
     lr = float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") \
         else float(engine.get_lr()[0])
     loss_sum_local = torch.zeros((), dtype=torch.float64, device=dist.device)
-    grad_norm = None
+    grad_norm = skipped = None
     zero0_fp32 = engine.zero_optimization_stage() == 0 and run.dtype == "fp32"
     for i, mb in enumerate(micro_batches):
         mb = mb.to(dist.device)
@@ -190,28 +192,65 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
                 grad_norm = _local_grad_norm(engine)
             # summed before the update, so that a non-finite loss never reaches the weights
             loss_sum_total = all_reduce_sum([float(loss_sum_local)], dist.device)[0]
-            check_finite(run, "loss", loss_sum_total)
+            skipped = _nonfinite(run, loss_sum_total, grad_norm if zero0_fp32 else 0.0)
+            if skipped and zero0_fp32:
+                _skip_torch_update(engine)
         engine.step()
-    if not zero0_fp32:
+    if zero0_fp32:
+        _end_torch_skip(engine)
+    else:
         gn = engine.get_global_grad_norm()
         grad_norm = None if gn is None else float(gn)
+    if skipped is None:
         # global, so every rank takes the same branch (ZeRO 0 fp32's norm is per rank)
-        check_finite(run, "gradient norm", grad_norm)
+        skipped = _nonfinite(run, 0.0, grad_norm)
+    if skipped is not None and engine.was_step_applied():
+        raise PacktrainError(f"step {run.step + 1}: the {skipped} but the update was applied "
+                             f"(the DeepSpeed config turns off its overflow check?); stopped "
+                             f"before saving this step{_last_good(run)}")
+    if skipped is not None:
+        run.skipped_steps += 1
+        log0(f"warning: step {run.step + 1} skipped: the {skipped} "
+             f"({run.skipped_steps} of --skip-nonfinite {run.args.skip_nonfinite})")
     return StepResult(loss=loss_sum_total / max(n_total, 1), label_tokens=n_total,
-                      tokens=tokens_total, grad_norm=grad_norm, lr=lr)
+                      tokens=tokens_total, grad_norm=grad_norm, lr=lr, skipped=skipped)
 
 
-def check_finite(run: Run, what: str, value: float | None) -> None:
-    """Stop the run, in one line and without a checkpoint of this step, when the loss or the
-    gradient norm is NaN or infinite: training on would only write non-finite weights."""
-    if value is None or math.isfinite(value):
-        return
+def _nonfinite(run: Run, loss_sum: float, grad_norm: float | None) -> str | None:
+    """None when the loss and the gradient norm are finite. Otherwise what is not finite, when
+    --skip-nonfinite allows one more skipped step; else stop the run in one line, without a
+    checkpoint of this step: training on would only write non-finite weights."""
+    for what, value in (("loss", loss_sum), ("gradient norm", grad_norm)):
+        if value is None or math.isfinite(value):
+            continue
+        if run.skipped_steps < run.args.skip_nonfinite:
+            return f"{what} is {value}"
+        allowed = f" after {run.skipped_steps} skipped step(s)" if run.args.skip_nonfinite else ""
+        raise PacktrainError(f"step {run.step + 1}: the {what} is {value} (not finite){allowed}; "
+                             f"stopped before saving this step{_last_good(run)}. Lower --lr, "
+                             f"check --grad-clip and --weight-decay, try --dtype fp32, or skip "
+                             f"such steps with --skip-nonfinite N")
+    return None
+
+
+def _last_good(run: Run) -> str:
     latest = run.out / "checkpoints" / "latest"
-    last = f"; the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() \
+    return f"; the last good checkpoint is {latest.read_text().strip()}" if latest.is_file() \
         else "; no checkpoint was written"
-    raise PacktrainError(f"step {run.step + 1}: the {what} is {value} (not finite); stopped "
-                         f"before saving this step{last}. Lower --lr, check --grad-clip and "
-                         f"--weight-decay, or try --dtype fp32")
+
+
+def _skip_torch_update(engine: Any) -> None:
+    """ZeRO 0 fp32 steps a plain torch optimizer, which has no overflow check: make its next
+    step a no-op (weights and moments untouched; the engine still clears the gradients) and
+    raise DeepSpeed's overflow flag, so the engine skips the LR schedule and reports the step as
+    not applied, exactly as its own optimizers do for a non-finite gradient norm."""
+    engine.optimizer.step = lambda *args, **kwargs: None
+    engine.optimizer.overflow = True
+
+
+def _end_torch_skip(engine: Any) -> None:
+    engine.optimizer.__dict__.pop("step", None)
+    engine.optimizer.__dict__.pop("overflow", None)
 
 
 # ---------------------------------------------------------------- the loop
@@ -244,6 +283,8 @@ def run_steps(run: Run, checkpointed: bool) -> tuple[dict | None, float]:
                     "grad_norm": res.grad_norm, "tokens": res.tokens,
                     "label_tokens": res.label_tokens, "tokens_per_s": res.tokens / dt,
                     "elapsed_s": round(elapsed, 3)}
+            if res.skipped:  # metrics.jsonl stays JSON: no NaN or Infinity in it
+                last.update(loss=None, grad_norm=None, skipped=res.skipped)
             run.hooks.log_packs(run.step, epoch, dist.rank, [mb.pack_ids for mb in micro_batches])
             progress.log(last, t_start)
             run.hooks.fault("kill-after-step", run.step, dist.rank)
@@ -293,12 +334,13 @@ class Progress:
         self.metrics.flush()
         self.bar.update(1)
         if run.step % run.args.log_every == 0 or run.step == run.total_steps:
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+            loss = "skipped" if m["loss"] is None else f"{m['loss']:.4f}"
+            self.bar.set_postfix(loss=loss, lr=f"{m['lr']:.2e}",
                                  tok_s=f"{m['tokens_per_s']:,.0f}", refresh=False)
             if not self.interactive:
                 left = (run.total_steps - run.step) * (time.perf_counter() - t_start) \
                     / max(1, run.step - self.steps_at_start)
-                print(f"step {run.step}/{run.total_steps} loss {m['loss']:.4f} "
+                print(f"step {run.step}/{run.total_steps} loss {loss} "
                       f"lr {m['lr']:.3e} tokens/s {m['tokens_per_s']:,.0f} "
                       f"eta {left:.0f}s", file=sys.stderr, flush=True)
 
@@ -330,6 +372,7 @@ def finish(run: Run, last: dict | None, elapsed: float) -> dict:
                "elapsed_s": round(elapsed, 2),
                "tokens_per_s": run.tokens_seen / elapsed if elapsed > 0 else None,
                "final_loss": last["loss"] if last else None,
+               "skipped_steps": run.skipped_steps,
                "checkpoint": str(out / "checkpoints" / tag)}
     # Release the engine and the ZeRO-3 config: with HfDeepSpeedConfig alive, a model built by
     # the export would be partitioned with collectives that only rank 0 enters (a hang).
@@ -344,6 +387,7 @@ def finish(run: Run, last: dict | None, elapsed: float) -> dict:
         print(f"done: {run.step} steps, {run.tokens_seen:,} tokens ({run.label_tokens_seen:,} "
               f"label tokens) in {elapsed:.1f}s, {tps} tokens/s, final loss {loss}; "
               f"checkpoint {summary['checkpoint']}"
+              + (f"; {run.skipped_steps} step(s) skipped (non-finite)" if run.skipped_steps else "")
               + (f"; export {summary['export']}" if summary.get("export") else ""), flush=True)
     return summary
 

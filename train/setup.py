@@ -175,6 +175,7 @@ class Run:
     tokens_seen: int = 0
     label_tokens_seen: int = 0
     elapsed_before: float = 0.0    # seconds trained before a resume
+    skipped_steps: int = 0         # steps skipped for a non-finite loss (--skip-nonfinite)
     keep_alive: Any = None
     model_path: str = ""
     manifest_sha256: str = ""

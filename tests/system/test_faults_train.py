@@ -516,6 +516,64 @@ def test_non_finite_loss_stops_the_run_before_it_is_saved(inproc, dataset, model
     assert not (out / "checkpoints" / "step-00000003").exists()
 
 
+@pytest.mark.parametrize("zero", [0, 2, 3])
+def test_skip_nonfinite_skips_the_update_and_the_schedule(inproc, dataset, model_dir, tmp_path,
+                                                           monkeypatch, zero):
+    """--skip-nonfinite N: a step with a NaN loss changes no weight and does not advance the LR
+    schedule (ZeRO 0 fp32 through our own skip, ZeRO 2 and 3 through DeepSpeed's overflow
+    check); the run goes on, metrics.jsonl marks the step and stays JSON, the count survives a
+    resume, and the step after the N-th skip stops the run as without the flag."""
+    import math
+
+    import torch
+
+    import train.loop as L
+    from pack.errors import PacktrainError
+    from train.cli import parse_run_args
+
+    real, calls, poison = L.micro_loss, [], {3}
+
+    def poisoned(engine, mb, chunk):
+        loss, n = real(engine, mb, chunk)
+        calls.append(1)
+        return (loss * float("nan"), n) if len(calls) in poison else (loss, n)
+
+    monkeypatch.setattr(L, "micro_loss", poisoned)
+    out = tmp_path / "run"
+    argv = ["--shards", str(dataset), "--model", str(model_dir), "--output", str(out),
+            "--dtype", "fp32", "--zero", str(zero), "--no-export", "--max-steps", "5",
+            "--save-every", "1", "--lr", "1e-3", "--schedule", "linear", "--skip-nonfinite", "1"]
+    summary = L.train(parse_run_args(argv))
+    assert summary["steps"] == 5 and summary["skipped_steps"] == 1
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
+    assert lines[2]["loss"] is None and lines[2]["skipped"].startswith("loss is nan")
+    assert all(math.isfinite(m["loss"]) for i, m in enumerate(lines) if i != 2)
+    # linear decay over 5 steps: the skipped step did not advance the schedule
+    assert lines[3]["lr"] == lines[2]["lr"] and lines[2]["lr"] < lines[1]["lr"]
+
+    def weights(step):
+        from train.export import export_checkpoint
+        d = export_checkpoint(out / "checkpoints" / f"step-{step:08d}", tmp_path / f"w{step}",
+                              merge=False)
+        from safetensors.torch import load_file
+        return load_file(Path(d) / "model.safetensors")
+    w2, w3, w4 = weights(2), weights(3), weights(4)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert any(not torch.equal(w3[k], w4[k]) for k in w3)
+    assert all(torch.isfinite(v).all() for v in w4.values())
+
+    # the count is in the checkpoint: resuming from step 4, one more NaN step stops the run
+    calls.clear()
+    poison.clear()
+    poison.add(1)
+    resumed = [*argv[:argv.index("--output")], "--output", str(tmp_path / "resumed"),
+               *argv[argv.index("--dtype"):], "--resume", str(out / "checkpoints" / "step-00000004")]
+    resumed[resumed.index("--max-steps") + 1] = "6"
+    with pytest.raises(PacktrainError, match=r"step 5: the loss is nan.*after 1 skipped step"):
+        L.train(parse_run_args(resumed))
+
+
 def test_resume_past_the_end_into_a_new_run_writes_its_checkpoint(inproc, dataset, model_dir,
                                                                   tmp_path):
     """Resuming at (or past) the planned steps into a new, empty --output used to report a

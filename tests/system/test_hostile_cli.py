@@ -152,7 +152,7 @@ TRAIN_NUMBERS = {  # flag -> values of NUMBERS that are valid for it (the rest m
     "--micro-batch": {"1"}, "--grad-accum": {"1"}, "--seed": {"0", "1", "-0"},
     "--nproc": {"1"}, "--loss-chunk": {"1"}, "--dist-timeout": {"1", "1.5"},
     "--lora-r": {"1"}, "--lora-alpha": {"1", "1.5"}, "--lora-dropout": {"0", "-0"},
-    "--save-every": {"0", "1", "-0"}, "--log-every": {"1"},
+    "--save-every": {"0", "1", "-0"}, "--log-every": {"1"}, "--skip-nonfinite": {"0", "1", "-0"},
 }
 
 
