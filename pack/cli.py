@@ -271,8 +271,10 @@ def _verify(argv: Sequence[str] | None) -> int:
     if not ns.quiet:
         m = read_manifest(ns.out)
         what = "verified" if not ns.no_checksums else "verified (checksums skipped)"
+        ev = m.get("eval")
+        also = f"; eval split {ev['path']}/: {ev['packs']} packs, {ev['tokens']} tokens" if ev else ""
         print(f"OK: {len(m['shards'])} shards, {m['stats']['packs']} packs, "
-              f"{m['stats']['tokens']} tokens {what}")
+              f"{m['stats']['tokens']} tokens {what}{also}")
     return 0
 
 

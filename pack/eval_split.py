@@ -151,3 +151,21 @@ def summary_line(manifest: dict) -> str | None:
     where = Path(str(manifest.get("arguments", {}).get("out", "."))) / e["path"]
     return (f"eval            {where}: {e['samples']:,} samples held out "
             f"({e['split']['rule']} rule), {e['packs']:,} packs, {e['tokens']:,} tokens")
+
+
+def _rule_text(split: dict) -> str:
+    how = (f"fraction {split['fraction']}" if split["rule"] == "fraction"
+           else f"{split['records']} records")
+    return f"{how}, eval seed {split['seed']}"
+
+
+def eval_note(manifest: dict) -> str | None:
+    """One line on a dataset's eval split, or on the dataset being one (None otherwise)."""
+    e, of = manifest.get("eval"), manifest.get("eval_of")
+    if e:
+        return (f"{e['samples']:,} samples held out into {e['path']}/ ({_rule_text(e['split'])});"
+                f" {e['packs']:,} packs, {e['tokens']:,} tokens")
+    if of:
+        return (f"the eval split of the dataset in {of['parent']}/ ({_rule_text(of['split'])}); "
+                f"none of its records is in that dataset")
+    return None
