@@ -93,14 +93,19 @@ def record_hashes(records: list, seed: int) -> np.ndarray:
     return out
 
 
+def fraction_bound(fraction: float) -> int:
+    """``floor(fraction * 2**64)``, exactly (a power-of-two scaling of a float); below 2**64."""
+    return min(int(float(fraction) * _SCALE), 2 ** 64 - 1)
+
+
 def choose(hashes: np.ndarray, rule: EvalRule) -> tuple[np.ndarray, int]:
     """Which samples (by their records' hashes) are held out, and the hash bound (exclusive)
     used. ``--eval-records N`` takes the N smallest hashes, except that copies of one record
     straddling the boundary all stay in training (identical records never end up on both
     sides), so it can hold out fewer than N."""
     if rule.records is None:
-        threshold = int(float(rule.fraction) * _SCALE)  # exact: a power-of-two scaling
-        mask = hashes < np.uint64(min(threshold, 2 ** 64 - 1))
+        threshold = fraction_bound(rule.fraction)
+        mask = hashes < np.uint64(threshold)
         flag = f"--eval-fraction {rule.fraction}"
     else:
         n = rule.records
