@@ -53,6 +53,8 @@ def eval_rule(cfg: Any) -> EvalRule | None:
     frac = getattr(cfg, "eval_fraction", None)
     n = getattr(cfg, "eval_records", None)
     seed = getattr(cfg, "eval_seed", 0)
+    if seed is None or not 0 <= int(seed) < 2 ** 63:
+        raise PacktrainError(f"--eval-seed {seed}: must be a whole number from 0 to 2**63 - 1")
     if frac is None and n is None:
         return None
     if frac is not None and n is not None:
@@ -63,8 +65,6 @@ def eval_rule(cfg: Any) -> EvalRule | None:
                              f"(exclusive), e.g. 0.01")
     if n is not None and not 1 <= int(n) < 2 ** 63:
         raise PacktrainError(f"--eval-records {n}: must be a whole number of records, at least 1")
-    if seed is None or not 0 <= int(seed) < 2 ** 63:
-        raise PacktrainError(f"--eval-seed {seed}: must be a whole number from 0 to 2**63 - 1")
     if n is not None and int(getattr(cfg, "num_partitions", 1) or 1) > 1:
         raise PacktrainError(f"--eval-records {n}: an exact count needs every record's hash, "
                              f"which a partition does not see; use --eval-fraction with "
