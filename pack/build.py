@@ -22,6 +22,10 @@ this order (each with a progress bar on stderr unless ``quiet``):
 6. manifest: the statistics (:mod:`pack.stats`), the dataset card ``README.md`` and, last,
    ``manifest.json`` (atomically). A directory without a manifest is not a dataset.
 
+With ``--eval-fraction``/``--eval-records`` (:mod:`pack.eval_split`) the encoded samples are
+divided by a hash of each record's content, and stages 4 to 6 run for the held-out side into
+``OUT/eval/`` (:mod:`pack.eval_held_out`), published before the parent.
+
 ``--dry-run`` stops after reading the heads of the inputs and hands over to
 :mod:`pack.dry_run`: nothing is written. ``pack.merge`` joins the partitions of a build.
 

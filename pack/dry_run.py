@@ -51,14 +51,7 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
 
     rule = eval_rule(cfg)
     held: list[int] = []  # records of the eval split (--eval-fraction: counted exactly)
-    on_records = None
-    if rule is not None and rule.fraction is not None:
-        from .eval_split import fraction_bound, record_hashes
-
-        bound = np.uint64(fraction_bound(rule.fraction))
-
-        def on_records(recs: list) -> None:
-            held.append(int(np.count_nonzero(record_hashes(recs, rule.seed) < bound)))
+    on_records = None if rule is None or rule.fraction is None else _held_counter(rule, held)
     records, own_records, items = _read_all(stream, sources, skipped, bool(cfg.skip_invalid),
                                             on_records)
     if records == 0:
@@ -111,6 +104,18 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
                      else f"--eval-records {rule.records}"),
             "records": sum(held) if rule.records is None else min(rule.records, own_records)},
     }
+
+
+def _held_counter(rule: Any, held: list[int]) -> Any:
+    """A callback adding to ``held`` how many of a task's records --eval-fraction holds out."""
+    from .eval_split import fraction_bound, record_hashes
+
+    bound = np.uint64(fraction_bound(rule.fraction))
+
+    def count(recs: list) -> None:
+        held.append(int(np.count_nonzero(record_hashes(recs, rule.seed) < bound)))
+
+    return count
 
 
 def _read_all(stream: Iterator, sources: list[dict], skipped: Counter, skip_invalid: bool,

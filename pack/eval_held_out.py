@@ -9,15 +9,17 @@ encoded build (its samples' lengths, record numbers and rows in the store) with 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from . import format as fmt_mod
-from .eval_split import EvalRule, choose, parent_entry, split_counts
+from .eval_split import EvalRule, choose, parent_entry
 from .files import file_sha256
 from .outdir import EVAL_DIR, cleanup, prepare_out_dir
+from .stats import Counts
 
 # write(encoded side, its directory, its shard writer, more manifest fields) -> its manifest
 WriteFn = Callable[[Any, Path, fmt_mod.ShardWriter, dict], dict]
@@ -49,8 +51,7 @@ class HeldOut:
 
     def abort(self) -> None:
         """After a failure: remove everything of ``OUT/eval/``, its manifest first."""
-        if self.writer is None:  # nothing written yet (OUT's preparation removed any old one)
-            return
+        # anything in OUT/eval is this build's: OUT's preparation removed any older one
         (self.out / fmt_mod.MANIFEST).unlink(missing_ok=True)  # first: never complete-looking
         cleanup(self.out, self.writer, remove_shards=True, remove_dir=True)
 
@@ -61,3 +62,19 @@ def _side(encoded: Any, mask: np.ndarray, counts: Any) -> Any:
     return dataclasses.replace(encoded, lengths=encoded.lengths[rows],
                                sample_index=encoded.sample_index[rows], counts=counts,
                                per_sample=None, rows=rows, store_lengths=encoded.lengths)
+
+
+def split_counts(counts: Counts, held: np.ndarray, sample_labels: np.ndarray,
+                 sample_cut: np.ndarray) -> tuple[Counts, Counts]:
+    """The build's counts divided between training and eval: held-out samples' records, label
+    tokens and truncation move to eval; what was dropped or invalid stays with training."""
+    cut = sample_cut[held]
+    ev = Counts(skipped=Counter(), records=int(np.count_nonzero(held)),
+                own_records=int(np.count_nonzero(held)),
+                truncated=int(np.count_nonzero(cut)), truncated_tokens=int(cut.sum()),
+                label_tokens=int(sample_labels[held].sum()))
+    train = dataclasses.replace(counts, own_records=counts.own_records - ev.own_records,
+                                truncated=counts.truncated - ev.truncated,
+                                truncated_tokens=counts.truncated_tokens - ev.truncated_tokens,
+                                label_tokens=counts.label_tokens - ev.label_tokens)
+    return train, ev

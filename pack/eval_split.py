@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ import numpy as np
 
 from .errors import PacktrainError
 from .outdir import EVAL_DIR
-from .stats import Counts
 
 HASH_RULE = "blake2b-64(key=seed as 8 bytes little-endian) of the record's canonical JSON"
 _SCALE = 2.0 ** 64
@@ -123,22 +121,6 @@ def choose(hashes: np.ndarray, rule: EvalRule) -> tuple[np.ndarray, int]:
         raise PacktrainError(f"{flag}: every one of the {len(hashes)} samples falls in the eval "
                              f"split, none is left to train on; hold out fewer")
     return mask, threshold
-
-
-def split_counts(counts: Counts, held: np.ndarray, sample_labels: np.ndarray,
-                 sample_cut: np.ndarray) -> tuple[Counts, Counts]:
-    """The build's counts divided between training and eval: held-out samples' records, label
-    tokens and truncation move to eval; what was dropped or invalid stays with training."""
-    cut = sample_cut[held]
-    ev = Counts(skipped=Counter(), records=int(np.count_nonzero(held)),
-                own_records=int(np.count_nonzero(held)),
-                truncated=int(np.count_nonzero(cut)), truncated_tokens=int(cut.sum()),
-                label_tokens=int(sample_labels[held].sum()))
-    train = dataclasses.replace(counts, own_records=counts.own_records - ev.own_records,
-                                truncated=counts.truncated - ev.truncated,
-                                truncated_tokens=counts.truncated_tokens - ev.truncated_tokens,
-                                label_tokens=counts.label_tokens - ev.label_tokens)
-    return train, ev
 
 
 def parent_entry(eval_manifest: dict, manifest_sha256: str, split: dict) -> dict[str, Any]:
