@@ -168,7 +168,12 @@ def test_split_is_stable_when_shuffled_and_grown(built, corpus, tokenizer_dir, t
 
 
 def test_eval_records_exact_count(corpus, tokenizer_dir, tmp_path):
-    path, recs = corpus
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, recs = corpus
+    path = tmp_path / "c.parquet"  # records parsed by the reader, not by the workers
+    pq.write_table(pa.Table.from_pylist(recs), path)
     out = tmp_path / "o"
     m = run([path], out, tokenizer_dir, eval_records=30, eval_seed=5)
     held = samples(out / "eval")
