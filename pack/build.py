@@ -22,6 +22,10 @@ this order (each with a progress bar on stderr unless ``quiet``):
 6. manifest: the statistics (:mod:`pack.stats`), the dataset card ``README.md`` and, last,
    ``manifest.json`` (atomically). A directory without a manifest is not a dataset.
 
+With ``--eval-fraction``/``--eval-records`` (:mod:`pack.eval_split`) the encoded samples are
+divided by a hash of each record's content, and stages 4 to 6 run for the held-out side into
+``OUT/eval/`` (:mod:`pack.eval_held_out`), published before the parent.
+
 ``--dry-run`` stops after reading the heads of the inputs and hands over to
 :mod:`pack.dry_run`: nothing is written. ``pack.merge`` joins the partitions of a build.
 
@@ -51,6 +55,7 @@ from .config import TEMPLATE_FOR_FORMAT, BuildConfig, Settings, check_arguments
 from .encode import (IN_FLIGHT_PER_WORKER, ChunkResult, EncodeSpec, Encoder, ordered_map,
                      renderer_from_spec, worker_pool)
 from .errors import PacktrainError
+from .eval_split import EvalRule, eval_rule
 from .outdir import (TMP_SAMPLES, check_out_dir, cleanup, disk_full, prepare_out_dir, publish,
                      unlock_out_dirs)
 from .stats import Counts, build_stats, summary
@@ -67,6 +72,8 @@ def build(args: Any) -> dict:
     :class:`BuildConfig`, an ``argparse.Namespace`` or a dict with the same names."""
     cfg = BuildConfig.from_args(args)
     from .remote import build_to_url, is_url
+
+    eval_rule(cfg)  # its one-line errors before any slow work, a URL's too
 
     if is_url(cfg.out):  # s3://, gs://, ...: build into a staging directory, then upload
         return build_to_url(cfg, build)
@@ -105,22 +112,38 @@ def _build_local(cfg: BuildConfig) -> dict:
     # creating a writer writes nothing: it exists from here so that cleanup can always abort it
     writer = fmt_mod.ShardWriter(job.out, max_packs=job.settings.max_packs,
                                  max_bytes=job.settings.max_bytes)
+    held_out = None
     try:
         store = SampleStore(job.out / TMP_SAMPLES)
         encoded = _encode(job, reading, store, ui)
-        bins, order = _pack(cfg, encoded.lengths, ui)
-        shards, pack_tokens = _write(writer, store, encoded, bins, order, ui)
-        manifest = _manifest(job, reading, encoded, pack_tokens, len(bins), shards, t0)
+        store.open(len(encoded.lengths))
+        extra = None
+        if job.eval is not None:
+            from .eval_held_out import HeldOut
+
+            held_out = HeldOut(job.out, job.settings.max_packs, job.settings.max_bytes)
+            encoded, extra = held_out.write(job.eval, encoded, lambda enc, where, w, more: (
+                _manifest(job, reading, enc, *_pack_write(cfg, enc, store, w, ui), t0, where,
+                          more)))
+        written = _pack_write(cfg, encoded, store, writer, ui)
+        store.close()
+        manifest = _manifest(job, reading, encoded, *written, t0, job.out, extra)
     except BaseException:
         ui.close_all()
         if store is not None:
             store.close()
+        if held_out is not None:
+            held_out.abort()
         cleanup(job.out, writer, remove_shards=True, remove_dir=created_out)
         raise
     if not cfg.quiet:
         from .tokenize.allocator import describe
 
         print(summary(manifest), file=sys.stderr)
+        if "eval" in manifest:
+            from .eval_split import summary_line
+
+            print(summary_line(manifest), file=sys.stderr)
         print(f"allocator       {describe()}", file=sys.stderr, flush=True)
     return manifest
 
@@ -161,6 +184,7 @@ class _Job:
     paths: list[Path]
     sources: list[dict]  # the manifest's entries, filled in as the build reads and hashes
     tokenizer: Any
+    eval: EvalRule | None = None  # the held-out split asked for (pack.eval_split)
 
 
 def _check(cfg: BuildConfig) -> _Job:
@@ -169,6 +193,7 @@ def _check(cfg: BuildConfig) -> _Job:
     from .sources import expand_inputs
 
     settings = check_arguments(cfg)
+    held_out = eval_rule(cfg)
     out = Path(cfg.out)
     check_out_dir(out, cfg.overwrite)
     inputs, hub = resolve_hub_inputs(list(cfg.inputs), cfg.split)
@@ -180,7 +205,7 @@ def _check(cfg: BuildConfig) -> _Job:
                                  f"another output directory")
     tokenizer = load_tokenizer_cached(settings.tok_path)
     sources = [source_info(p, cfg.split, hub) for p in paths]
-    return _Job(cfg, settings, out, paths, sources, tokenizer)
+    return _Job(cfg, settings, out, paths, sources, tokenizer, held_out)
 
 
 # ---------------------------------------------------------------- 1. read
@@ -207,7 +232,8 @@ def _read(job: _Job) -> _Reading:
                              max_record_bytes=s.max_record_bytes)
     template = TEMPLATE_FOR_FORMAT[fmt] if cfg.template == "auto" else cfg.template
     spec = EncodeSpec(s.tok_path, fmt, template, bool(cfg.train_on_prompt), s.chat_template_text,
-                      int(cfg.max_length), cfg.overlong)
+                      int(cfg.max_length), cfg.overlong,
+                      eval_seed=None if job.eval is None else job.eval.seed)
     # Built here first so that configuration errors surface once, cleanly, in this process.
     renderer = renderer_from_spec(spec, job.tokenizer)
     return _Reading(fmt, template, stream, spec, renderer, skipped)
@@ -236,6 +262,11 @@ class _Encoded:
     sample_index: np.ndarray  # int64
     counts: Counts
     hashed: Callable[[], None]
+    # with an eval split (pack.eval_held_out): each sample's record hash, label tokens and
+    # tokens cut off; and, in a share of the samples, each one's row in the sample store
+    per_sample: dict[str, np.ndarray] | None = None
+    rows: np.ndarray | None = None  # None: sample i is row i
+    store_lengths: np.ndarray | None = None  # every row's length, when rows is set
 
 
 def _encode(job: _Job, reading: _Reading, store: SampleStore, ui: _Progress) -> _Encoded:
@@ -246,13 +277,13 @@ def _encode(job: _Job, reading: _Reading, store: SampleStore, ui: _Progress) -> 
         encoder = Encoder(reading.spec, reading.renderer)
         hashed = hash_sources(job.paths, job.sources)
         results = ((t, encoder.run(t.kind, t.payload)) for t in reading.stream)
-        lengths, sample_index = _collect(results, job, counts, store, ui)
+        lengths, sample_index, per_sample = _collect(results, job, counts, store, ui)
     else:
         with worker_pool(reading.spec, reading.renderer, s.workers) as pool:
             # after the fork: a child must not inherit a copy of a running thread
             hashed = hash_sources(job.paths, job.sources)
             results = ordered_map(pool, reading.stream, s.workers * IN_FLIGHT_PER_WORKER)
-            lengths, sample_index = _collect(results, job, counts, store, ui)
+            lengths, sample_index, per_sample = _collect(results, job, counts, store, ui)
     store.finish_writing()
     if counts.records == 0:
         raise PacktrainError(f"{', '.join(str(p) for p in job.paths)}: no records found in the "
@@ -265,15 +296,17 @@ def _encode(job: _Job, reading: _Reading, store: SampleStore, ui: _Progress) -> 
         why = ", ".join(f"{k} {v}" for k, v in sorted((counts.dropped + counts.invalid).items()))
         raise PacktrainError(f"{job.cfg.out}: none of the {counts.own_records} records left a "
                              f"sample to pack ({why or 'nothing kept'})")
-    return _Encoded(lengths, sample_index, counts, hashed)
+    return _Encoded(lengths, sample_index, counts, hashed, per_sample)
 
 
 def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Counts,
-             store: SampleStore, ui: _Progress) -> tuple[np.ndarray, np.ndarray]:
+             store: SampleStore, ui: _Progress
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
     """Take the results in order into ``counts`` and ``store``; return the kept samples'
-    lengths and record numbers (int64)."""
+    lengths and record numbers (int64) and, with an eval split, their per-sample arrays."""
     lengths_parts: list[np.ndarray] = []
     index_parts: list[np.ndarray] = []
+    per_sample: dict[str, list[np.ndarray]] | None = None if job.eval is None else {}
     bar = ui.bar(desc="tokenize", unit="rec")  # after the fork: no tqdm thread in workers
     for task, res in results:
         base = counts.records
@@ -281,12 +314,19 @@ def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Cou
         store.append(res.lengths, res.ids, res.labels)
         lengths_parts.append(res.lengths)
         index_parts.append(res.keep + base)
+        if per_sample is not None and res.per_sample is not None:
+            for k, v in res.per_sample.items():
+                per_sample.setdefault(k, []).append(v)
         bar.update(res.n_records + len(res.parse_errors))
     bar.close()
     lengths = (np.concatenate(lengths_parts) if lengths_parts
                else np.zeros(0, np.int32)).astype(np.int64)
     sample_index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
-    return lengths, sample_index
+    if per_sample is not None:
+        from .encode import per_sample_arrays
+
+        return lengths, sample_index, per_sample_arrays(per_sample)
+    return lengths, sample_index, None
 
 
 def _count(task: Task, res: ChunkResult, counts: Counts, sources: list[dict],
@@ -345,7 +385,8 @@ def _write(writer: fmt_mod.ShardWriter, store: SampleStore, encoded: _Encoded, b
            order: np.ndarray, ui: _Progress) -> tuple[list, np.ndarray]:
     """Write the packs in ``order``; return the shards written and each pack's token count."""
     lengths = encoded.lengths
-    store.open(len(lengths))
+    rows = encoded.rows
+    store_lengths = lengths if rows is None else encoded.store_lengths
     # the samples of every pack, in write order; each record batch is gathered and
     # written in one go (per pack, the numpy calls cost more than the copying)
     in_order = [bins[b] for b in order]
@@ -358,19 +399,27 @@ def _write(writer: fmt_mod.ShardWriter, store: SampleStore, encoded: _Encoded, b
     wbar = ui.bar(desc="write", unit="pack", total=len(bins))
     for a, z, close in writer.plan(pack_tokens, pack_samples):
         idx = all_idx[first[a]:first[z]]
-        ids, labels, cu = store.gather(idx, lengths)
+        ids, labels, cu = store.gather(idx if rows is None else rows[idx], store_lengths)
         writer.add_batch(ids, labels, cu, pack_samples[a:z], encoded.sample_index[idx], close)
         wbar.update(z - a)
     shards = writer.close()
     wbar.close()
-    store.close()
     return shards, pack_tokens
+
+
+def _pack_write(cfg: BuildConfig, encoded: _Encoded, store: SampleStore,
+                writer: fmt_mod.ShardWriter, ui: _Progress) -> tuple[np.ndarray, int, list]:
+    """Stages 4 and 5 for the samples of ``encoded`` (all of the build's, or one side of its
+    eval split): each pack's token count, the number of packs, the shards written."""
+    bins, order = _pack(cfg, encoded.lengths, ui)
+    shards, pack_tokens = _write(writer, store, encoded, bins, order, ui)
+    return pack_tokens, len(bins), shards
 
 
 # ---------------------------------------------------------------- 6. manifest
 
 def _manifest(job: _Job, reading: _Reading, encoded: _Encoded, pack_tokens: np.ndarray,
-              packs: int, shards: list, t0: float) -> dict:
+              packs: int, shards: list, t0: float, out: Path, extra: dict | None) -> dict:
     """Complete the manifest; write the dataset card, then, last, the manifest."""
     from .card import dataset_card
 
@@ -406,8 +455,9 @@ def _manifest(job: _Job, reading: _Reading, encoded: _Encoded, pack_tokens: np.n
     if s.part is not None:  # stats cover this partition; sources the whole build
         manifest["partition"] = {"index": s.part, "count": s.n_parts,
                                  "block_records": PARTITION_BLOCK, "rule": "round-robin"}
+    manifest.update(extra or {})
     fmt_mod.validate_manifest(manifest)
-    publish(job.out, manifest, dataset_card(manifest))
+    publish(out, manifest, dataset_card(manifest))
     return manifest
 
 

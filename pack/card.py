@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .eval_split import eval_note
+
 
 def fmt_bytes(n: int) -> str:
     """A byte count for people: ``1536`` -> ``"1.5 KB"`` (units of 1024)."""
@@ -80,6 +82,8 @@ def info_text(manifest: dict[str, Any]) -> str:
     ]
     if partition_note(manifest):
         lines.append(f"partitions       {partition_note(manifest)}")
+    if eval_note(manifest):
+        lines.append(f"eval split       {eval_note(manifest)}")
     srcs = manifest["sources"]
     lines.append(f"sources          {len(srcs)} file(s)")
     for src in srcs[:8]:
@@ -128,6 +132,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         f"{100 * s['fill']:.2f}% |",
         f"| shards | {len(shards)} ({fmt_bytes(size)}) |",
         *([f"| partitions | {partition_note(manifest)} |"] if partition_note(manifest) else []),
+        *([f"| eval split | {eval_note(manifest)} |"] if eval_note(manifest) else []),
         "",
         "## Sources",
         "",

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=int, default=None, metavar="I",
                    help="which partition to pack, 0 to N-1: blocks of 128 records, block b "
                         "goes to partition b mod N")
+    p.add_argument("--eval-fraction", type=float, default=None, metavar="F",
+                   help="hold out this share (0 < F < 1) of the records, chosen by a seeded "
+                        "hash of each record's content, packed into OUT/eval/")
+    p.add_argument("--eval-records", type=int, default=None, metavar="N",
+                   help="hold out exactly N records (those with the smallest hashes) instead")
+    p.add_argument("--eval-seed", type=int, default=0, metavar="S",
+                   help="key of the eval split's hash (default: 0; independent of --seed)")
     p.add_argument("--version", action="version", version=f"packtrain {__version__}")
     return p
 
@@ -264,8 +271,10 @@ def _verify(argv: Sequence[str] | None) -> int:
     if not ns.quiet:
         m = read_manifest(ns.out)
         what = "verified" if not ns.no_checksums else "verified (checksums skipped)"
+        ev = m.get("eval")
+        also = f"; eval split {ev['path']}/: {ev['packs']} packs, {ev['tokens']} tokens" if ev else ""
         print(f"OK: {len(m['shards'])} shards, {m['stats']['packs']} packs, "
-              f"{m['stats']['tokens']} tokens {what}")
+              f"{m['stats']['tokens']} tokens {what}{also}")
     return 0
 
 

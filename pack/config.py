@@ -53,6 +53,9 @@ class BuildConfig:
     num_partitions: int = 1
     partition: int | None = None      # 0 .. num_partitions - 1 (with num_partitions > 1)
     max_record_bytes: str | int = MAX_RECORD_BYTES_DEFAULT  # longest JSON Lines line read
+    eval_fraction: float | None = None  # hold out this share of the records (pack.eval_split)
+    eval_records: int | None = None     # ... or this many records
+    eval_seed: int = 0                  # key of the records' split hash
 
     @classmethod
     def from_args(cls, args: Any) -> "BuildConfig":

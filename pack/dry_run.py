@@ -47,7 +47,13 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
          skipped: Counter, partition: tuple[int | None, int]) -> dict:
     """Read everything, estimate from a sample, return the plan (see :func:`plan_text`)."""
     part, n_parts = partition
-    records, own_records, items = _read_all(stream, sources, skipped, bool(cfg.skip_invalid))
+    from .eval_split import eval_rule
+
+    rule = eval_rule(cfg)
+    held: list[int] = []  # records of the eval split (--eval-fraction: counted exactly)
+    on_records = None if rule is None or rule.fraction is None else _held_counter(rule, held)
+    records, own_records, items = _read_all(stream, sources, skipped, bool(cfg.skip_invalid),
+                                            on_records)
     if records == 0:
         raise PacktrainError(f"{', '.join(str(p) for p in paths)}: no records found in the "
                              f"inputs")
@@ -93,13 +99,30 @@ def plan(cfg: Any, *, paths: list[Path], sources: list[dict], fmt: str, template
         "records_total": records,
         "skipped_invalid": dict(sorted(skipped.items())),
         "estimate": _estimate(res, len(picked), own_records, max_len),
+        "eval": None if rule is None else {
+            "flag": (f"--eval-fraction {rule.fraction}" if rule.records is None
+                     else f"--eval-records {rule.records}"),
+            "records": sum(held) if rule.records is None else min(rule.records, own_records)},
     }
 
 
-def _read_all(stream: Iterator, sources: list[dict], skipped: Counter, skip_invalid: bool
-              ) -> tuple[int, int, list]:
+def _held_counter(rule: Any, held: list[int]) -> Any:
+    """A callback adding to ``held`` how many of a task's records --eval-fraction holds out."""
+    from .eval_split import fraction_bound, record_hashes
+
+    bound = np.uint64(fraction_bound(rule.fraction))
+
+    def count(recs: list) -> None:
+        held.append(int(np.count_nonzero(record_hashes(recs, rule.seed) < bound)))
+
+    return count
+
+
+def _read_all(stream: Iterator, sources: list[dict], skipped: Counter, skip_invalid: bool,
+              on_records: Any = None) -> tuple[int, int, list]:
     """Read every task: the number of records of the build and of this partition, and an
-    evenly spread sample of the partition's ``(where, record)``."""
+    evenly spread sample of the partition's ``(where, record)``; ``on_records`` (if given) is
+    called with the records of each of the partition's tasks."""
     sample = _Spread(SAMPLE)
     records = own_records = 0
     for task in stream:
@@ -111,6 +134,8 @@ def _read_all(stream: Iterator, sources: list[dict], skipped: Counter, skip_inva
                 raise PacktrainError(f"{task.where(j)}: {message}")
             n = len(parsed)
             if own:
+                if on_records is not None:
+                    on_records(parsed)
                 skipped.update(reason for _, _, reason in errors)
                 for k, (j, rec) in enumerate(zip(pos, parsed)):
                     sample.offer(own_records + k, lambda: (task.where(j), rec))
@@ -119,6 +144,8 @@ def _read_all(stream: Iterator, sources: list[dict], skipped: Counter, skip_inva
             n = task.payload[0]
         else:
             n = len(task.payload)
+            if on_records is not None:
+                on_records(task.payload)
             for j, rec in enumerate(task.payload):
                 sample.offer(own_records + j, lambda: (task.where(j), rec))
             if task.skipped:
@@ -188,4 +215,9 @@ def plan_text(p: dict) -> str:
            if e["dropped"] else ""),
         f"  packs          at least ~{e['packs_lower_bound']:,} of {p['max_length']:,} tokens",
     ]
+    ev = p.get("eval")
+    if ev:
+        lines.append(f"eval split       {ev['records']:,} records held out into "
+                     f"{p['out']}/eval ({ev['flag']}; a record that gives no sample is in "
+                     f"neither dataset)")
     return "\n".join(lines)

@@ -45,6 +45,7 @@ class EncodeSpec:
     chat_template: str | None
     max_length: int
     overlong: str
+    eval_seed: int | None = None  # with an eval split: the seed of each record's split hash
 
 
 @dataclasses.dataclass
@@ -63,6 +64,9 @@ class ChunkResult:
     n_records: int = 0        # records of the task that reached the renderer
     # raw tasks: (line index in the task, message, reason) of lines that are not a JSON object
     parse_errors: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+    # with an eval split: per kept sample, its record's split hash (uint64), its label tokens
+    # and the tokens truncation cut off (int64): what pack.eval_split divides the build by
+    per_sample: dict[str, np.ndarray] | None = None
 
 
 def renderer_from_spec(spec: EncodeSpec, tokenizer: Any = None) -> Any:
@@ -168,9 +172,24 @@ class Encoder:
         total = int(m.sum())
         first = np.concatenate([[0], np.cumsum(m)[:-1]]) if len(m) else m
         at = np.repeat(s - first, m) + np.arange(total, dtype=np.int64)
-        return ChunkResult(np.asarray(js, dtype=np.int64)[keep], m.astype(np.int32),
-                           ids[at], labels[at], int(nl[keep].sum()), int(np.count_nonzero(cut)),
-                           int((n - m).sum()), {k: v for k, v in dropped.items() if v}, errors)
+        kept = np.asarray(js, dtype=np.int64)[keep]
+        res = ChunkResult(kept, m.astype(np.int32), ids[at], labels[at], int(nl[keep].sum()),
+                          int(np.count_nonzero(cut)), int((n - m).sum()),
+                          {k: v for k, v in dropped.items() if v}, errors)
+        if spec.eval_seed is not None:
+            from .eval_split import record_hashes
+
+            res.per_sample = {"hash": record_hashes([records[j] for j in kept], spec.eval_seed),
+                              "labels": nl[keep].astype(np.int64),
+                              "cut": (n - m).astype(np.int64)}
+        return res
+
+
+def per_sample_arrays(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """The per-sample arrays of all results (:attr:`ChunkResult.per_sample`), joined."""
+    empty = {"hash": np.zeros(0, np.uint64), "labels": np.zeros(0, np.int64),
+             "cut": np.zeros(0, np.int64)}
+    return {k: np.concatenate(parts[k]) if parts.get(k) else v for k, v in empty.items()}
 
 
 def _counted(n_records: int) -> ChunkResult:

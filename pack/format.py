@@ -605,4 +605,24 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
                     f"shards hold {got} {key.replace('_', ' ')}, stats.{key} says {stats[key]}; "
                     f"the manifest was edited — rebuild the dataset", shard=MANIFEST,
                     rule=f"stats-{key.replace('_', '-')}")))
+    if isinstance(manifest.get("eval"), dict) and len(problems) < max_problems:
+        problems += _eval_problems(Path(data_dir), manifest["eval"], checksums, invariants,
+                                   max_problems - len(problems), progress)
     return problems
+
+
+def _eval_problems(data_dir: Path, entry: dict, checksums: bool, invariants: bool,
+                   max_problems: int, progress: bool) -> list[str]:
+    """The eval dataset a manifest names (field ``eval``): its manifest is the one recorded
+    (sha256) and it verifies like any dataset; its problems name it."""
+    where = data_dir / entry["path"]  # the schema allows only "eval"
+    try:
+        digest = file_sha256(where / MANIFEST)
+    except OSError as e:
+        return [f"{where}/{MANIFEST}: cannot read the eval dataset's manifest "
+                f"({e.strerror or e}); rebuild the dataset with its eval split"]
+    if digest != entry["manifest_sha256"]:
+        return [f"{where}/{MANIFEST}: sha256 differs from eval.manifest_sha256 of the parent "
+                f"manifest; the eval dataset was replaced or altered — rebuild both"]
+    return [f"{where}: {p}" for p in verify(where, checksums, invariants, max_problems,
+                                            progress)]

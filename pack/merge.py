@@ -33,10 +33,11 @@ from typing import Any, Sequence
 
 from . import __version__
 from . import format as fmt_mod
-from .files import fsync_dir
+from .files import file_sha256, fsync_dir
 from .errors import PacktrainError
 from .format import MANIFEST
-from .outdir import check_out_dir, cleanup, prepare_out_dir, publish, unlock_out_dirs
+from .outdir import (EVAL_DIR, check_out_dir, cleanup, prepare_out_dir, publish,
+                     remove_eval_dir, unlock_out_dirs)
 
 # Arguments that may differ between the partitions of one build: where the output went, which
 # partition it was, and options that do not change a byte of the output.
@@ -209,15 +210,24 @@ def _place(src: Path, dst: Path, copy: bool) -> str:
 
 
 def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = False) -> dict:
-    """Join partition builds ``parts`` into ``out``; return the manifest written."""
-    from .card import dataset_card
-
+    """Join partition builds ``parts`` into ``out`` (and their eval splits into ``out/eval``);
+    return the manifest written."""
     if not parts:
         raise PacktrainError("no parts: pass the output directories of the partition builds, "
                              "then the output directory")
     if "://" in str(out):
         raise PacktrainError(f"{out}: pack-merge writes a local directory (hard links need "
                              f"one filesystem); merge locally, then copy the result")
+    try:
+        return _merge_checked(parts, out, copy, overwrite)
+    finally:
+        unlock_out_dirs()
+
+
+def _merge_checked(parts: Sequence[str], out: str, copy: bool, overwrite: bool) -> dict:
+    """:func:`merge` after its first checks; the output directories stay locked."""
+    from .card import dataset_card
+
     loaded = _order(_read_parts(parts))
     _check_same_build(loaded)
     out_p = Path(out)
@@ -261,12 +271,37 @@ def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = 
                               "block_records": m0["partition"]["block_records"],
                               "rule": m0["partition"]["rule"], "shard_files": files,
                               "packtrain": __version__, "parts": part_info}
+        manifest.pop("eval", None)  # part 0's; replaced by the merged eval split's
+        manifest.update(_merge_eval(loaded, out_p, copy))
         fmt_mod.validate_manifest(manifest)
         publish(out_p, manifest, dataset_card(manifest))
     except BaseException:
+        remove_eval_dir(out_p)
         cleanup(out_p, None, remove_shards=True, remove_dir=created)
         raise
-    finally:
-        unlock_out_dirs()
     return manifest
+
+
+def _merge_eval(loaded: list[tuple[Path, dict]], out: Path, copy: bool) -> dict:
+    """The parts' eval splits (pack-build --eval-fraction) merged into ``out/eval`` like the
+    parts themselves; the merged parent's ``eval`` field (nothing without eval splits)."""
+    from .eval_split import parent_entry
+
+    entries = [m.get("eval") for _, m in loaded]
+    if not any(entries):  # equal arguments: all parts have one or none has
+        return {}
+    for (p, _), e in zip(loaded, entries):
+        where = p / e["path"] / MANIFEST
+        try:
+            same = file_sha256(where) == e["manifest_sha256"]
+        except OSError as err:
+            raise PacktrainError(f"{where}: cannot read the eval split of {p} "
+                                 f"({err.strerror or err}); rebuild that partition") from None
+        if not same:
+            raise PacktrainError(f"{where}: not the eval split {p} was built with (sha256 "
+                                 f"differs); rebuild that partition")
+    ev = _merge_checked([str(p / e["path"]) for (p, _), e in zip(loaded, entries)],
+                        str(out / EVAL_DIR), copy, overwrite=True)
+    sha = file_sha256(out / EVAL_DIR / MANIFEST)
+    return {"eval": parent_entry(ev, sha, ev["eval_of"]["split"])}
 

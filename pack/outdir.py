@@ -25,6 +25,7 @@ from .format import MANIFEST
 CARD = "README.md"
 TMP_SAMPLES = ".packtrain-samples.tmp.arrow"
 BUILDING = ".packtrain-building"  # written first and removed last by every build and merge
+EVAL_DIR = "eval"  # a build's held-out split: a dataset of its own inside OUT (pack.eval_split)
 
 _OUT_LOCKS: dict[str, int] = {}  # resolved directory -> file descriptor holding its flock
 
@@ -48,7 +49,19 @@ def interrupted_build(out: Path) -> bool:
         return False
     names = [p.name for p in entries]
     return (BUILDING in names and MANIFEST not in names
-            and all(is_ours(p.name) and p.is_file() and not p.is_symlink() for p in entries))
+            and all(_plain_ours(p) or (p.name == EVAL_DIR and _eval_dir_ours(p))
+                    for p in entries))
+
+
+def _plain_ours(p: Path) -> bool:
+    return is_ours(p.name) and p.is_file() and not p.is_symlink()
+
+
+def _eval_dir_ours(p: Path) -> bool:
+    """OUT/eval holding nothing but what a build writes (its manifest too: the eval dataset is
+    published before its parent's)."""
+    return (p.is_dir() and not p.is_symlink()
+            and all(_plain_ours(q) for q in p.iterdir()))
 
 
 def lock_out_dir(out: Path) -> None:
@@ -90,6 +103,7 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
             p.unlink(missing_ok=True)
             if p.name == MANIFEST:  # first: an interrupted rebuild must never look complete
                 fsync_dir(out)
+    remove_eval_dir(out)
     (out / BUILDING).write_text(f"{os.getpid()}\n")
     fsync_dir(out)
 
@@ -109,6 +123,24 @@ def _written_by_a_build(out: Path) -> list[Path]:
     except PacktrainError:  # no readable manifest: nothing here is provably a build's
         return []
     return [out / MANIFEST, out / CARD, *(out / name for name in listed)]
+
+
+def remove_eval_dir(out: Path) -> None:
+    """Remove the eval dataset a build wrote into ``out`` (manifest first), and the directory
+    when that leaves it empty: a rebuild, with or without an eval split, never keeps an old one
+    beside a new parent."""
+    ev = out / EVAL_DIR
+    if not ev.is_dir() or ev.is_symlink():
+        return
+    for p in _written_by_a_build(ev):
+        p.unlink(missing_ok=True)
+        if p.name == MANIFEST:
+            fsync_dir(ev)
+    (ev / BUILDING).unlink(missing_ok=True)
+    try:
+        ev.rmdir()
+    except OSError:  # something else is in it: it stays
+        pass
 
 
 def publish(out: Path, manifest: dict, card: str) -> None:

@@ -65,7 +65,7 @@ def clean_end(rc: int, text: str, case: str, ok: tuple[int, ...] = (0, 2)) -> No
 # ---------------------------------------------------------------- pack-build
 
 BUILD_NUMBERS = ["--max-length", "--seed", "--workers", "--shard-size", "--num-partitions",
-                 "--partition"]
+                 "--partition", "--eval-fraction", "--eval-records", "--eval-seed"]
 
 
 def test_pack_build_numbers(small, tokenizer_dir, tmp_path):
