@@ -75,4 +75,7 @@ def resolve_eval_args(args: Namespace) -> None:
         args.eval_shards_url, args.eval_shards = redact(src), resolve(src, args.cache_dir)
     else:
         args.eval_shards = src
-        read_manifest(src)  # fail fast, in one line, before any rank starts
+        try:  # fail fast, in one line, before any rank starts
+            read_manifest(src)
+        except PacktrainError as e:
+            raise PacktrainError(f"--eval-shards {e}") from None
