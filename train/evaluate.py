@@ -51,8 +51,8 @@ from typing import Any
 import torch
 
 from pack.errors import PacktrainError
-from pack.files import write_atomic
-from pack.format import PackedDataset, read_manifest
+from pack.files import file_sha256, write_atomic
+from pack.format import MANIFEST, PackedDataset, read_manifest
 from train.checkpoint import save_checkpoint, tag_for
 from train.data import checked_pack, collate
 from train.dist import Dist, all_reduce_sum, log0, on_rank0
@@ -71,6 +71,7 @@ class EvalSet:
     ds: PackedDataset
     packs: int
     where: str  # for messages: the directory or the redacted URL
+    identity: str  # manifest sha256 and pack count: which losses are comparable
 
 
 def open_eval_set(args: Namespace, manifest: dict, model: Any, dist: Dist) -> EvalSet | None:
@@ -102,7 +103,8 @@ def open_eval_set(args: Namespace, manifest: dict, model: Any, dist: Dist) -> Ev
         raise PacktrainError(f"--eval-shards {where}: the dataset holds no packs")
     log0(f"eval set: {where}, {packs} of {len(ds)} packs, at step 0"
          + (f", every {args.eval_every} steps" if args.eval_every else "") + " and at the end")
-    return EvalSet(ds, packs, where)
+    sha = file_sha256(Path(args.eval_shards) / MANIFEST)
+    return EvalSet(ds, packs, where, f"{sha}:{packs}")
 
 
 def check_eval_data(path: str, manifest: dict, model: Any, full_checksums: bool) -> None:
@@ -119,7 +121,8 @@ def check_eval_data(path: str, manifest: dict, model: Any, full_checksums: bool)
 
 # ---------------------------------------------------------------- the loss
 
-def rank_rows(packs: int, rank: int, world_size: int, micro_batch: int) -> tuple[list[list[int]], int]:
+def rank_rows(packs: int, rank: int, world_size: int,
+              micro_batch: int) -> tuple[list[list[int]], int]:
     """(this rank's rows of pack ids, forwards every rank runs): packs split by stride, rows of
     `micro_batch` packs; the forward count is the largest any rank needs."""
     mine = list(range(rank, packs, world_size))
@@ -139,7 +142,8 @@ def evaluate(run: Run) -> dict:
     try:
         with torch.no_grad():
             for k in range(forwards):
-                ids = rows[k] if k < len(rows) else [0]  # a stand-in: parameter gathers are collective
+                # past its own rows a rank runs a stand-in: ZeRO-3's gathers are collectives
+                ids = rows[k] if k < len(rows) else [0]
                 mb = collate([checked_pack(es.ds, i) for i in ids], ids).to(dist.device)
                 loss, n = micro_loss(engine, mb, run.args.loss_chunk)
                 if k < len(rows):
@@ -168,7 +172,7 @@ def is_new_best(run: Run, m: dict) -> bool:
     best = run.best_eval
     if best is not None and loss >= best["eval_loss"]:
         return False
-    run.best_eval = {"step": run.step, "eval_loss": loss}
+    run.best_eval = {"step": run.step, "eval_loss": loss, "eval_set": run.eval_set.identity}
     return True
 
 
@@ -198,7 +202,11 @@ def best_after_resume(run: Run) -> None:
     if not run.args.save_best or run.best_eval is None:
         return
     path = run.out / "checkpoints" / tag_for(run.best_eval["step"])
-    if path.is_dir():
+    if run.eval_set is None or run.best_eval.get("eval_set") != run.eval_set.identity:
+        log0(f"note: the best eval loss so far ({path}) was measured on another eval set (or "
+             f"--eval-max-packs); `best` will name the next evaluated step")
+        run.best_eval = None
+    elif path.is_dir():
         write_best(run)
     else:
         log0(f"warning: the best checkpoint so far ({path}) is gone; `best` will name the next "

@@ -151,7 +151,8 @@ def test_save_best_names_lowest_complete_checkpoint(full_run):
     assert tag == f"step-{best_step:08d}"
     state = json.loads((ckpts / tag / "packtrain_state.json").read_text())
     assert state["step"] == best_step
-    assert state["best_eval"] == {"step": best_step, "eval_loss": evals[best_step]}
+    assert state["best_eval"]["step"] == best_step
+    assert state["best_eval"]["eval_loss"] == evals[best_step]
     assert (ckpts / tag / "rng_state_0.json").is_file() and any((ckpts / tag).rglob("*.pt"))
     assert summary["best_eval"]["step"] == best_step
 
@@ -250,8 +251,9 @@ def test_two_ranks_zero3_match_one_rank(full_run, dataset, model_dir, eval_set, 
     out = work / "r2z3"
     r = subprocess.run([TRAIN_RUN, "--nproc", "2", "--shards", str(dataset), "--model",
                         str(model_dir), "--output", str(out), *COMMON, "--zero", "3",
-                        "--micro-batch", "1", "--deepspeed", str(z3), "--max-steps", "4", *eval_flags(eval_set),
-                        "--save-best", "--no-export", "--dist-timeout", "300"],
+                        "--micro-batch", "1", "--deepspeed", str(z3), "--max-steps", "4",
+                        *eval_flags(eval_set), "--save-best", "--no-export",
+                        "--dist-timeout", "300"],
                        capture_output=True, text=True, env=clean_env(), timeout=600, cwd=work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert "eval loss" in r.stdout
@@ -262,3 +264,23 @@ def test_two_ranks_zero3_match_one_rank(full_run, dataset, model_dir, eval_set, 
         assert abs(got[s] - ref[s]) < 1e-5, (s, got[s], ref[s])
     assert (out / "checkpoints" / "best").read_text() == \
         (full_run[0] / "checkpoints" / "best").read_text()
+
+
+def test_resumed_best_is_rewritten_or_forgotten(inproc, tmp_path):
+    """After a resume `best` names the checkpoint's own best step (a later one of an abandoned
+    branch is dropped); a best measured on another eval set is forgotten."""
+    from types import SimpleNamespace
+
+    from train.evaluate import EvalSet, best_after_resume
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step-00000002").mkdir(parents=True)
+    (ckpts / "best").write_text("step-00000006\n")
+    es = EvalSet(ds=None, packs=7, where="x", identity="abc:7")
+    run = SimpleNamespace(args=SimpleNamespace(save_best=True), dist=inproc, out=tmp_path,
+                          eval_set=es, best_eval={"step": 2, "eval_loss": 1.0, "eval_set": "abc:7"})
+    best_after_resume(run)
+    assert (ckpts / "best").read_text() == "step-00000002\n" and run.best_eval["step"] == 2
+    run.best_eval["eval_set"] = "other:7"
+    best_after_resume(run)
+    assert run.best_eval is None
