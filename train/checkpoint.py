@@ -142,7 +142,9 @@ def save_checkpoint(run: Run, data_state: DataState, epoch: int, elapsed: float)
              "world_size": run.dist.world_size, "seed": run.args.seed,
              "micro_batch": run.args.micro_batch, "grad_accum": run.args.grad_accum,
              "tokens_seen": run.tokens_seen, "label_tokens_seen": run.label_tokens_seen,
-             "skipped_steps": run.skipped_steps, "elapsed_s": elapsed, "total_steps": run.total_steps, "identity": run_identity(run)}
+             "skipped_steps": run.skipped_steps, "elapsed_s": elapsed,
+             "total_steps": run.total_steps, "identity": run_identity(run),
+             "best_eval": run.best_eval}
     run.engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"packtrain": state},
                                save_latest=False)
     run.hooks.fault("kill-in-ckpt", run.step, run.dist.rank)
@@ -281,6 +283,7 @@ def restore_checkpoint(run: Run, path: Path) -> DataState:
     run.label_tokens_seen = int(state.get("label_tokens_seen", 0))
     run.elapsed_before = float(state.get("elapsed_s", 0.0))
     run.skipped_steps = int(state.get("skipped_steps", 0))
+    run.best_eval = state.get("best_eval")
     if int(state["seed"]) != run.args.seed:
         log0(f"warning: checkpoint seed {state['seed']} != --seed {run.args.seed}; the data "
              f"order follows --seed from here on")

@@ -112,6 +112,9 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=1,
                    help="progress-bar/console update interval in steps (metrics.jsonl gets "
                         "every step)")
+    from train.eval_args import add_eval_args
+
+    add_eval_args(ap)
     return ap
 
 
@@ -129,7 +132,8 @@ NUMBERS = (
     ("lr", 0.0, 1e3, True), ("min_lr", 0.0, 1e3, True), ("weight_decay", 0.0, 1e3, True),
     ("grad_clip", 0.0, 1e9, True), ("dist_timeout", 0.0, 1e7, False),
     ("lora_r", 1, 1 << 16, True), ("lora_alpha", 0.0, 1e9, False),
-    ("lora_dropout", 0.0, 1.0, True),
+    ("lora_dropout", 0.0, 1.0, True), ("eval_every", 0, INT_LIMIT, True),
+    ("eval_max_packs", 1, INT_LIMIT, True),
 )
 
 
@@ -165,6 +169,9 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
             # an empty --output would train into the current directory
             raise PacktrainError(f"--{flag.replace('_', '-')}: empty; give a path or leave the "
                                  f"option out")
+    from train.eval_args import resolve_eval_args
+
+    resolve_eval_args(args)
     if url:  # from here on a local cache view of the URL; shards arrive on first use
         args.shards_url, args.shards = redact(url), resolve(url, args.cache_dir)
     return args

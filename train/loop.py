@@ -29,16 +29,11 @@ HF's own loss (reduction sum / label tokens) on the same samples unpacked and pa
 agree to ~4e-8), and 2 ranks x ZeRO 0-3 against 1 rank with the same global batch (losses to
 ~2e-7 over 8 steps).
 
-The forward must go through the engine (`engine(...)`): DeepSpeed 0.19 hooks the engine's forward
-outputs to run its backward prologue (ZeRO's accumulation-boundary bookkeeping). `packed_loss`
-therefore runs as the forward of the engine's module for one call (`_packed_forward`); the module
-handed to DeepSpeed stays the (peft-wrapped) Hugging Face model so checkpoint keys are its
-parameter names.
+The forward goes through the engine (`micro_loss`, train.forward: why it must).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -48,7 +43,7 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -60,6 +55,8 @@ from train.data import MicroBatch
 from train.dist import (DEFAULT_DIST_TIMEOUT, PREEMPTED_EXIT, PREEMPTED_FILE, Dist, Preempted,
                         StopRequest, all_reduce_sum, log0, on_rank0, setup_distributed,
                         watch_launcher)
+from train.evaluate import best_after_resume, eval_due, evaluate, keep_best, open_eval_set
+from train.forward import micro_loss
 from train.hooks import Hooks
 from train.setup import Run, build
 
@@ -89,12 +86,14 @@ def start_run(args: Namespace, dist: Dist, hooks: Hooks) -> tuple[Run, bool]:
     out = Path(args.output)
     resume_from = resume_point(args.resume, out)
     run = build(args, dist, hooks)
+    run.eval_set = open_eval_set(args, run.manifest, run.model, dist)
     safe_deepspeed_loads(run.engine)  # before any resume: DeepSpeed's own loads unpickle
     on_rank0(dist, lambda: write_run_files(run))
     metrics_path = out / METRICS_FILE
     if resume_from is not None:
         run.stream.state = restore_checkpoint(run, resume_from)
         log0(f"resumed from {resume_from} at step {run.step}")
+        best_after_resume(run)
         on_rank0(dist, lambda: trim_metrics(metrics_path, run.step))
     else:
         on_rank0(dist, lambda: metrics_path.unlink(missing_ok=True))
@@ -107,35 +106,6 @@ def start_run(args: Namespace, dist: Dist, hooks: Hooks) -> tuple[Run, bool]:
 
 
 # ---------------------------------------------------------------- the step
-
-@contextlib.contextmanager
-def _packed_forward(model: Any, fn: Callable) -> Iterator[None]:
-    """Make `fn` the forward of `model` for one engine call (module hooks still run)."""
-    had = "forward" in model.__dict__
-    old = model.__dict__.get("forward")
-    model.forward = fn
-    try:
-        yield
-    finally:
-        if had:
-            model.forward = old
-        else:
-            del model.forward
-
-
-def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int) -> tuple[torch.Tensor, int]:
-    """(loss_sum tensor, n_label_tokens) of one packed row, computed inside engine(...)."""
-    from train.loss import packed_loss
-
-    model = engine.module
-
-    def forward():
-        return packed_loss(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
-                           chunk_size, max_length=mb.max_seqlen)
-
-    with _packed_forward(model, forward):
-        return engine()
-
 
 @dataclass
 class StepResult:
@@ -268,6 +238,8 @@ def run_steps(run: Run, checkpointed: bool) -> tuple[dict | None, float]:
     stop = StopRequest().__enter__()
     sleep_s = run.hooks.step_sleep
     try:
+        if run.eval_set is not None and run.step == 0:  # a fresh run: the loss before training
+            progress.log({"step": 0, "epoch": epoch, **evaluate(run)}, t_start)
         while run.step < run.total_steps:
             if sleep_s:
                 time.sleep(sleep_s)
@@ -285,17 +257,21 @@ def run_steps(run: Run, checkpointed: bool) -> tuple[dict | None, float]:
                     "elapsed_s": round(elapsed, 3)}
             if res.skipped:  # metrics.jsonl stays JSON: no NaN or Infinity in it
                 last.update(loss=None, grad_norm=None, skipped=res.skipped)
+            if eval_due(run):
+                last.update(evaluate(run))
             run.hooks.log_packs(run.step, epoch, dist.rank, [mb.pack_ids for mb in micro_batches])
             progress.log(last, t_start)
             run.hooks.fault("kill-after-step", run.step, dist.rank)
             run.hooks.fault("stop-after-step", run.step, dist.rank)
+            saved_at = keep_best(run, last, epoch, elapsed, saved_at)
             # every rank must take the same branch: agree on "any rank was signalled"
             if all_reduce_sum([float(stop.requested)], dist.device)[0] > 0:
                 if saved_at != run.step:
                     save_checkpoint(run, run.stream.state, epoch, elapsed)
                     saved_at = run.step
                 _preempted(run, stop.signame)
-            if args.save_every and run.step % args.save_every == 0 and run.step < run.total_steps:
+            if args.save_every and run.step % args.save_every == 0 and run.step < run.total_steps \
+                    and saved_at != run.step:
                 save_checkpoint(run, run.stream.state, epoch, elapsed)
                 saved_at = run.step
         elapsed = run.elapsed_before + time.perf_counter() - t_start
@@ -332,15 +308,23 @@ class Progress:
             return
         self.metrics.write(json.dumps(m) + "\n")
         self.metrics.flush()
-        self.bar.update(1)
-        if run.step % run.args.log_every == 0 or run.step == run.total_steps:
+        self.bar.update(m["step"] - self.bar.n)  # 0 for the step-0 evaluation
+        ev = f" eval_loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else ""
+        if "loss" not in m:  # the step-0 evaluation
+            if self.interactive:
+                self.bar.set_postfix(eval=ev.split()[-1] if ev else "n/a", refresh=False)
+            else:
+                print(f"step 0/{run.total_steps}{ev}", file=sys.stderr, flush=True)
+            return
+        if ev or run.step % run.args.log_every == 0 or run.step == run.total_steps:
+            extra = {"eval": f"{m['eval_loss']:.4f}"} if ev else {}
             loss = "skipped" if m["loss"] is None else f"{m['loss']:.4f}"
             self.bar.set_postfix(loss=loss, lr=f"{m['lr']:.2e}",
-                                 tok_s=f"{m['tokens_per_s']:,.0f}", refresh=False)
+                                 tok_s=f"{m['tokens_per_s']:,.0f}", **extra, refresh=False)
             if not self.interactive:
                 left = (run.total_steps - run.step) * (time.perf_counter() - t_start) \
                     / max(1, run.step - self.steps_at_start)
-                print(f"step {run.step}/{run.total_steps} loss {loss} "
+                print(f"step {run.step}/{run.total_steps} loss {loss}{ev} "
                       f"lr {m['lr']:.3e} tokens/s {m['tokens_per_s']:,.0f} "
                       f"eta {left:.0f}s", file=sys.stderr, flush=True)
 
@@ -373,6 +357,7 @@ def finish(run: Run, last: dict | None, elapsed: float) -> dict:
                "tokens_per_s": run.tokens_seen / elapsed if elapsed > 0 else None,
                "final_loss": last["loss"] if last else None,
                "skipped_steps": run.skipped_steps,
+               "eval_loss": last.get("eval_loss") if last else None, "best_eval": run.best_eval,
                "checkpoint": str(out / "checkpoints" / tag)}
     # Release the engine and the ZeRO-3 config: with HfDeepSpeedConfig alive, a model built by
     # the export would be partitioned with collectives that only rank 0 enters (a hang).
@@ -385,7 +370,9 @@ def finish(run: Run, last: dict | None, elapsed: float) -> dict:
         loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
         tps = f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "n/a"
         print(f"done: {run.step} steps, {run.tokens_seen:,} tokens ({run.label_tokens_seen:,} "
-              f"label tokens) in {elapsed:.1f}s, {tps} tokens/s, final loss {loss}; "
+              f"label tokens) in {elapsed:.1f}s, {tps} tokens/s, final loss {loss}"
+              + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None
+                 else "") + "; "
               f"checkpoint {summary['checkpoint']}"
               + (f"; {run.skipped_steps} step(s) skipped (non-finite)" if run.skipped_steps else "")
               + (f"; export {summary['export']}" if summary.get("export") else ""), flush=True)

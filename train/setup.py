@@ -180,6 +180,8 @@ class Run:
     model_path: str = ""
     manifest_sha256: str = ""
     hooks: Hooks = field(default_factory=Hooks)  # test/debug hooks (train.hooks): off by default
+    eval_set: Any = None           # train.evaluate.EvalSet, or None: no evaluation
+    best_eval: dict | None = None  # {"step", "eval_loss"} of the lowest eval loss (--save-best)
 
 
 def planned_steps(args: Namespace, stream: PackStream) -> int:

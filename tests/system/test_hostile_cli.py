@@ -153,6 +153,7 @@ TRAIN_NUMBERS = {  # flag -> values of NUMBERS that are valid for it (the rest m
     "--nproc": {"1"}, "--loss-chunk": {"1"}, "--dist-timeout": {"1", "1.5"},
     "--lora-r": {"1"}, "--lora-alpha": {"1", "1.5"}, "--lora-dropout": {"0", "-0"},
     "--save-every": {"0", "1", "-0"}, "--log-every": {"1"}, "--skip-nonfinite": {"0", "1", "-0"},
+    "--eval-every": {"0", "-0"}, "--eval-max-packs": set(),  # > 0: refused, no eval set here
 }
 
 
@@ -187,7 +188,8 @@ def test_train_run_paths(inproc_env, dataset, model_dir, tmp_path):
     a_dir.mkdir()
     base = {"--shards": str(dataset), "--model": str(model_dir),
             "--output": str(tmp_path / "run")}
-    for flag in ("--shards", "--model", "--output", "--resume", "--deepspeed", "--cache-dir"):
+    for flag in ("--shards", "--model", "--output", "--resume", "--deepspeed", "--cache-dir",
+                 "--eval-shards"):
         for value in (str(a_file), str(a_dir), str(tmp_path / "missing"), "",
                       str(a_file / "below")):
             args = dict(base)
@@ -198,7 +200,7 @@ def test_train_run_paths(inproc_env, dataset, model_dir, tmp_path):
             rc, text = call(run_main, [*argv, "--dtype", "fp32", "--zero", "0", "--no-export",
                                        "--max-steps", "1"])
             clean_end(rc, text, f"{flag} {value!r}", (0, 2))
-            if flag in ("--shards", "--model") or value == "" or \
+            if flag in ("--shards", "--model", "--eval-shards") or value == "" or \
                     (flag == "--output" and value == str(a_file)):
                 assert rc == 2, (flag, value, text)
             CASES["train-run paths"] += 1

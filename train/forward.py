@@ -1,0 +1,47 @@
+"""The packed forward through the DeepSpeed engine, shared by the training step (train.loop) and
+evaluation (train.evaluate): `micro_loss` returns (summed CE, label tokens) of one packed row.
+
+The forward must go through the engine (`engine(...)`): DeepSpeed 0.19 hooks the engine's forward
+outputs to run its backward prologue (ZeRO's accumulation-boundary bookkeeping), and ZeRO-3
+gathers partitioned parameters in module hooks. `packed_loss` therefore runs as the forward of
+the engine's module for one call (`packed_forward`); the module handed to DeepSpeed stays the
+(peft-wrapped) Hugging Face model so checkpoint keys are its parameter names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+from train.data import MicroBatch
+
+
+@contextlib.contextmanager
+def packed_forward(model: Any, fn: Callable) -> Iterator[None]:
+    """Make `fn` the forward of `model` for one engine call (module hooks still run)."""
+    had = "forward" in model.__dict__
+    old = model.__dict__.get("forward")
+    model.forward = fn
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = old
+        else:
+            del model.forward
+
+
+def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int) -> tuple[torch.Tensor, int]:
+    """(loss_sum tensor, n_label_tokens) of one packed row, computed inside engine(...)."""
+    from train.loss import packed_loss
+
+    model = engine.module
+
+    def forward():
+        return packed_loss(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
+                           chunk_size, max_length=mb.max_seqlen)
+
+    with packed_forward(model, forward):
+        return engine()
