@@ -55,6 +55,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .binpack import STRATEGIES
     from .config import FORMATS, MAX_RECORD_BYTES_DEFAULT, OVERLONG, TEMPLATES
+    from .sanity import add_arguments as add_check_arguments
 
     p = argparse.ArgumentParser(
         prog="pack-build",
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=int, default=None, metavar="I",
                    help="which partition to pack, 0 to N-1: blocks of 128 records, block b "
                         "goes to partition b mod N")
+    add_check_arguments(p)
     p.add_argument("--version", action="version", version=f"packtrain {__version__}")
     return p
 
