@@ -240,8 +240,9 @@ def check_lines(checks: dict | None, where: dict[str, str] | None = None) -> lis
             return "none"
         nums = ", ".join(map(str, c["first_records"])) + (", ..." if c["count"] > FIRST else "")
         at = f" (first {where[name]})" if name in where else ""
+        what = what[:-1] if c["count"] == 1 else what
         return (f"{c['count']:,} {what} ({100 * c.get('share', 0):.2f}%){extra}: "
-                f"records {nums}{at}")
+                f"record{'s' if c['count'] > 1 else ''} {nums}{at}")
 
     lines = ["checks:"]
     if "no_labels" in checks:
@@ -268,10 +269,10 @@ def warnings(checks: dict, where: dict[str, str]) -> list[str]:
     out = []
     d = checks.get("double_bos", {})
     if d.get("count"):
-        out.append(f"warning: {where.get('double_bos', 'records')}: {d['count']:,} samples start "
-                   f"with two BOS tokens (records {', '.join(map(str, d['first_records']))}): the "
-                   f"text already starts with the BOS string and the template adds another; "
-                   f"strip it from the data")
+        nums = ", ".join(map(str, d["first_records"])) + (", ..." if d["count"] > FIRST else "")
+        out.append(f"warning: {where.get('double_bos', 'records')}: {d['count']:,} sample(s) "
+                   f"start with two BOS tokens (records {nums}): the text already starts with "
+                   f"the BOS string and the template writes another; strip it from the data")
     if checks.get("turns", {}).get("distinct") is False:
         out.append("warning: the chat template renders user and assistant turns alike "
                    "(--allow-indistinct-turns)")
