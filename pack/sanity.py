@@ -28,15 +28,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import PacktrainError
-
-if TYPE_CHECKING:
-    from .encode import ChunkResult
-    from .tasks import Task
 
 FIRST = 5                 # record numbers kept per check
 MAX_NO_LABEL_SHARE = 0.05  # default of --max-no-label-share
@@ -108,9 +104,9 @@ class Findings:
     first: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     where: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def add(self, task: Task, res: ChunkResult, base: int) -> None:
-        """One task's flags; ``base`` is the record number of its first record. Tasks must
-        come in record order."""
+    def add(self, task: Any, res: Any, base: int) -> None:
+        """One task's flags (a :class:`pack.tasks.Task` and its :class:`pack.encode.ChunkResult`);
+        ``base`` is the record number of its first record. Tasks must come in record order."""
         for name, local in res.flagged.items():
             self.counts[name] += len(local)
             first = self.first.setdefault(name, [])
@@ -120,7 +116,7 @@ class Findings:
                 self.where[name] = _record_where(task, res, int(local[0]))
 
 
-def _record_where(task: Task, res: ChunkResult, j: int) -> str:
+def _record_where(task: Any, res: Any, j: int) -> str:
     """``FILE:LINE`` (or the record's name) of local record ``j`` of a task: in a raw task the
     lines that were not records come before it too."""
     if task.kind != "rec":
