@@ -22,6 +22,10 @@ this order (each with a progress bar on stderr unless ``quiet``):
 6. manifest: the statistics (:mod:`pack.stats`), the dataset card ``README.md`` and, last,
    ``manifest.json`` (atomically). A directory without a manifest is not a dataset.
 
+The sanity checks (:mod:`pack.sanity`) refuse, in stage 1, a chat template that renders user
+and assistant turns alike; in stage 2 they flag records left with no label token (refused above
+``--max-no-label-share``), samples starting with two BOS and truncated samples.
+
 ``--dry-run`` stops after reading the heads of the inputs and hands over to
 :mod:`pack.dry_run`: nothing is written. ``pack.merge`` joins the partitions of a build.
 
