@@ -26,6 +26,11 @@ With ``--eval-fraction``/``--eval-records`` (:mod:`pack.eval_split`) the encoded
 divided by a hash of each record's content, and stages 4 to 6 run for the held-out side into
 ``OUT/eval/`` (:mod:`pack.eval_held_out`), published before the parent.
 
+The sanity checks (:mod:`pack.sanity`) refuse, in stage 1, a chat template that renders user
+and assistant turns alike; in stage 2 they flag records left with no label token (refused above
+``--max-no-label-share``), samples starting with two BOS and truncated samples. They describe
+the whole input, held-out records included.
+
 ``--dry-run`` stops after reading the heads of the inputs and hands over to
 :mod:`pack.dry_run`: nothing is written. ``pack.merge`` joins the partitions of a build.
 
@@ -49,7 +54,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
+from . import __version__, sanity
 from . import format as fmt_mod
 from .config import TEMPLATE_FOR_FORMAT, BuildConfig, Settings, check_arguments
 from .encode import (IN_FLIGHT_PER_WORKER, ChunkResult, EncodeSpec, Encoder, ordered_map,
@@ -139,12 +144,15 @@ def _build_local(cfg: BuildConfig) -> dict:
     if not cfg.quiet:
         from .tokenize.allocator import describe
 
-        print(summary(manifest), file=sys.stderr)
+        print(summary(manifest, encoded.found.where), file=sys.stderr)
         if "eval" in manifest:
             from .eval_split import summary_line
 
             print(summary_line(manifest), file=sys.stderr)
         print(f"allocator       {describe()}", file=sys.stderr, flush=True)
+    else:  # the summary holds them otherwise
+        for line in sanity.warnings(manifest["checks"], encoded.found.where):
+            print(line, file=sys.stderr, flush=True)
     return manifest
 
 
@@ -220,6 +228,7 @@ class _Reading:
     spec: EncodeSpec
     renderer: Any
     skipped: Counter  # invalid records the reader skipped (parsed files), added up by stage 2
+    turns: dict | None = None  # pack.sanity.check_turns: the chat template's turns
 
 
 def _read(job: _Job) -> _Reading:
@@ -236,7 +245,8 @@ def _read(job: _Job) -> _Reading:
                       eval_seed=None if job.eval is None else job.eval.seed)
     # Built here first so that configuration errors surface once, cleanly, in this process.
     renderer = renderer_from_spec(spec, job.tokenizer)
-    return _Reading(fmt, template, stream, spec, renderer, skipped)
+    turns = sanity.check_turns(renderer, cfg.chat_template, cfg.allow_indistinct_turns)
+    return _Reading(fmt, template, stream, spec, renderer, skipped, turns)
 
 
 def _dry_run(job: _Job, reading: _Reading) -> dict:
@@ -262,6 +272,7 @@ class _Encoded:
     sample_index: np.ndarray  # int64
     counts: Counts
     hashed: Callable[[], None]
+    found: sanity.Findings
     # with an eval split (pack.eval_held_out): each sample's record hash, label tokens and
     # tokens cut off; and, in a share of the samples, each one's row in the sample store
     per_sample: dict[str, np.ndarray] | None = None
@@ -273,17 +284,18 @@ def _encode(job: _Job, reading: _Reading, store: SampleStore, ui: _Progress) -> 
     """Render and tokenize every task, in order, appending the kept samples to ``store``."""
     s = job.settings
     counts = Counts(skipped=reading.skipped)
+    found = sanity.Findings()
     if s.workers == 1:
         encoder = Encoder(reading.spec, reading.renderer)
         hashed = hash_sources(job.paths, job.sources)
         results = ((t, encoder.run(t.kind, t.payload)) for t in reading.stream)
-        lengths, sample_index, per_sample = _collect(results, job, counts, store, ui)
+        lengths, sample_index, per_sample = _collect(results, job, counts, found, store, ui)
     else:
         with worker_pool(reading.spec, reading.renderer, s.workers) as pool:
             # after the fork: a child must not inherit a copy of a running thread
             hashed = hash_sources(job.paths, job.sources)
             results = ordered_map(pool, reading.stream, s.workers * IN_FLIGHT_PER_WORKER)
-            lengths, sample_index, per_sample = _collect(results, job, counts, store, ui)
+            lengths, sample_index, per_sample = _collect(results, job, counts, found, store, ui)
     store.finish_writing()
     if counts.records == 0:
         raise PacktrainError(f"{', '.join(str(p) for p in job.paths)}: no records found in the "
@@ -296,11 +308,12 @@ def _encode(job: _Job, reading: _Reading, store: SampleStore, ui: _Progress) -> 
         why = ", ".join(f"{k} {v}" for k, v in sorted((counts.dropped + counts.invalid).items()))
         raise PacktrainError(f"{job.cfg.out}: none of the {counts.own_records} records left a "
                              f"sample to pack ({why or 'nothing kept'})")
-    return _Encoded(lengths, sample_index, counts, hashed, per_sample)
+    sanity.refuse_no_labels(found, counts.own_records, float(job.cfg.max_no_label_share))
+    return _Encoded(lengths, sample_index, counts, hashed, found, per_sample)
 
 
 def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Counts,
-             store: SampleStore, ui: _Progress
+             found: sanity.Findings, store: SampleStore, ui: _Progress
              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
     """Take the results in order into ``counts`` and ``store``; return the kept samples'
     lengths and record numbers (int64) and, with an eval split, their per-sample arrays."""
@@ -311,6 +324,7 @@ def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Cou
     for task, res in results:
         base = counts.records
         _count(task, res, counts, job.sources, job.cfg.skip_invalid)
+        found.add(task, res, base)
         store.append(res.lengths, res.ids, res.labels)
         lengths_parts.append(res.lengths)
         index_parts.append(res.keep + base)
@@ -450,6 +464,8 @@ def _manifest(job: _Job, reading: _Reading, encoded: _Encoded, pack_tokens: np.n
                     "overlong": cfg.overlong, "shuffled": True,
                     "max_packs_per_shard": s.max_packs, "max_bytes_per_shard": s.max_bytes},
         "stats": stats,
+        "checks": sanity.manifest_checks(encoded.found, stats, float(cfg.max_no_label_share),
+                                         reading.turns),
         "shards": [sh.to_json() for sh in shards],
     }
     if s.part is not None:  # stats cover this partition; sources the whole build

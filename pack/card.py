@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .eval_split import eval_note
+from .sanity import check_lines
 
 
 def fmt_bytes(n: int) -> str:
@@ -90,6 +91,7 @@ def info_text(manifest: dict[str, Any]) -> str:
         lines.append(f"  {src['path']}  {src['records']:,} records, sha256 {src['sha256'][:12]}")
     if len(srcs) > 8:
         lines.append(f"  ... and {len(srcs) - 8} more")
+    lines += check_lines(manifest.get("checks"))
     hist = s.get("length_histogram")
     if hist and hist.get("counts"):
         lines.append("sample lengths (tokens)")
@@ -139,6 +141,9 @@ def dataset_card(manifest: dict[str, Any]) -> str:
     ]
     for src in manifest["sources"]:
         out.append(f"- `{src['path']}`: {src['records']:,} records, sha256 `{src['sha256']}`")
+    checks = check_lines(manifest.get("checks"))
+    if checks:
+        out += ["", "## Checks", "", "```", *(c.strip() for c in checks[1:]), "```"]
     hist = s.get("length_histogram")
     if hist and hist.get("counts"):
         out += ["", "## Sample lengths (tokens)", "", "```"]

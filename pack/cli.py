@@ -55,6 +55,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .binpack import STRATEGIES
     from .config import FORMATS, MAX_RECORD_BYTES_DEFAULT, OVERLONG, TEMPLATES
+    from .sanity import add_arguments as add_check_arguments
 
     p = argparse.ArgumentParser(
         prog="pack-build",
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out exactly N records (those with the smallest hashes) instead")
     p.add_argument("--eval-seed", type=int, default=0, metavar="S",
                    help="key of the eval split's hash (default: 0; independent of --seed)")
+    add_check_arguments(p)
     p.add_argument("--version", action="version", version=f"packtrain {__version__}")
     return p
 

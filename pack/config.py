@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PacktrainError
+from .sanity import MAX_NO_LABEL_SHARE, check_share
 from .tasks import check_partition
 from .tokenize.choose import resolve_tokenizer
 
@@ -56,6 +57,8 @@ class BuildConfig:
     eval_fraction: float | None = None  # hold out this share of the records (pack.eval_split)
     eval_records: int | None = None     # ... or this many records
     eval_seed: int = 0                  # key of the records' split hash
+    max_no_label_share: float = MAX_NO_LABEL_SHARE  # pack.sanity: refuse above this share
+    allow_indistinct_turns: bool = False              # pack.sanity.check_turns
 
     @classmethod
     def from_args(cls, args: Any) -> "BuildConfig":
@@ -104,6 +107,7 @@ def check_arguments(cfg: BuildConfig) -> Settings:
                                  ("--strategy", cfg.strategy, STRATEGIES)):
         if value not in allowed:
             raise PacktrainError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
+    check_share(cfg.max_no_label_share)
     max_packs, max_bytes = parse_shard_size(cfg.shard_size)
     max_record_bytes = parse_record_bytes(cfg.max_record_bytes)
     workers = cfg.workers if cfg.workers else default_workers()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from . import sanity
 from .errors import PacktrainError
 from .format import IGNORE_INDEX
 from .outdir import unlock_out_dirs
@@ -67,6 +68,8 @@ class ChunkResult:
     # with an eval split: per kept sample, its record's split hash (uint64), its label tokens
     # and the tokens truncation cut off (int64): what pack.eval_split divides the build by
     per_sample: dict[str, np.ndarray] | None = None
+    # local record indices each sanity check flagged (pack.sanity.chunk_flags)
+    flagged: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def renderer_from_spec(spec: EncodeSpec, tokenizer: Any = None) -> Any:
@@ -106,6 +109,7 @@ class Encoder:
         self.spec = spec
         self.renderer = renderer if renderer is not None else renderer_from_spec(spec)
         self._nothing = getattr(templates, "NothingToTrain", ())
+        self._bos = getattr(self.renderer.tokenizer, "bos_token_id", None)
 
     def run(self, kind: str, payload: list) -> ChunkResult:
         """One task: parsed records (``"rec"``) or raw JSON Lines lines (``"raw"``), parsed
@@ -141,12 +145,14 @@ class Encoder:
         dropped: Counter = Counter()
         js: list[int] = []
         ks: list[int] = []
+        nothing: list[int] = []  # records the renderer found nothing to train in
         for j, r in enumerate(out):
             if type(r) is int:
                 js.append(j)
                 ks.append(r)
             elif self._nothing and isinstance(r, self._nothing):
                 dropped[getattr(r, "reason", None) or "empty-response"] += 1
+                nothing.append(j)
             elif isinstance(r, PacktrainError):
                 errors.append((j, str(r), str(getattr(r, "reason", None) or "invalid-record")))
             else:
@@ -167,15 +173,18 @@ class Encoder:
         dropped["no-labels-after-truncation"] += int(np.count_nonzero(lost & cut))
         dropped["empty-response"] += int(np.count_nonzero(lost & ~cut))
         keep &= nl > 0
+        jrow = np.asarray(js, dtype=np.int64)
+        no_labels = np.concatenate([np.asarray(nothing, dtype=np.int64), jrow[(n == 0) | lost]])
         s, m, n, cut = s[keep], m[keep], n[keep], cut[keep]
+        kept = jrow[keep]
+        flagged = sanity.chunk_flags(no_labels, kept, s, m, cut, ids, self._bos)
         # every kept sample's first m tokens, back to back
         total = int(m.sum())
         first = np.concatenate([[0], np.cumsum(m)[:-1]]) if len(m) else m
         at = np.repeat(s - first, m) + np.arange(total, dtype=np.int64)
-        kept = np.asarray(js, dtype=np.int64)[keep]
         res = ChunkResult(kept, m.astype(np.int32), ids[at], labels[at], int(nl[keep].sum()),
                           int(np.count_nonzero(cut)), int((n - m).sum()),
-                          {k: v for k, v in dropped.items() if v}, errors)
+                          {k: v for k, v in dropped.items() if v}, errors, flagged=flagged)
         if spec.eval_seed is not None:
             from .eval_split import record_hashes
 

@@ -18,7 +18,8 @@ the global record number). :func:`merge` takes the N output directories, in any 
    written under a temporary name and renamed when complete;
 4. combines the statistics (counts, token sums and histograms summed; the lower bound
    ``ceil(tokens / max_length)`` and the fill recomputed over the whole dataset; build times
-   kept per part) and writes the dataset card, then, last and atomically, ``manifest.json``.
+   kept per part) and the sanity checks (:func:`pack.sanity.merge_checks`), and writes the
+   dataset card, then, last and atomically, ``manifest.json``.
 
 On any error the files written so far are removed and no manifest is left behind.
 """
@@ -38,10 +39,12 @@ from .errors import PacktrainError
 from .format import MANIFEST
 from .outdir import (EVAL_DIR, check_out_dir, cleanup, prepare_out_dir, publish,
                      remove_eval_dir, unlock_out_dirs)
+from .sanity import merge_checks
 
 # Arguments that may differ between the partitions of one build: where the output went, which
 # partition it was, and options that do not change a byte of the output.
-IGNORED_ARGUMENTS = ("out", "partition", "workers", "quiet", "overwrite", "dry_run")
+IGNORED_ARGUMENTS = ("out", "partition", "workers", "quiet", "overwrite", "dry_run",
+                     "max_no_label_share", "allow_indistinct_turns")
 # Statistics that are recomputed or kept per part instead of summed.
 _RECOMPUTED = ("lower_bound", "fill", "seconds", "tokens_per_s")
 _LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP,
@@ -266,6 +269,10 @@ def _merge_checked(parts: Sequence[str], out: str, copy: bool, overwrite: bool) 
         manifest = {k: v for k, v in m0.items() if k != "partition"}
         manifest["arguments"] = {**m0["arguments"], "out": str(out), "partition": None}
         manifest["stats"] = combine_stats([m["stats"] for _, m in loaded], max_length)
+        manifest.pop("checks", None)
+        checks = merge_checks([m.get("checks") for _, m in loaded], manifest["stats"])
+        if checks is not None:
+            manifest["checks"] = checks
         manifest["shards"] = shards
         manifest["merged"] = {"partitions": len(loaded),
                               "block_records": m0["partition"]["block_records"],

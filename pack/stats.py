@@ -70,9 +70,10 @@ def fill_histogram(pack_tokens: np.ndarray, max_length: int) -> dict[str, list]:
     return {"edges": FILL_EDGES, "counts": [int(c) for c in counts]}
 
 
-def summary(manifest: dict) -> str:
-    """The closing summary of a build."""
+def summary(manifest: dict, where: dict[str, str] | None = None) -> str:
+    """The closing summary of a build (``where``: the first record of each check, FILE:LINE)."""
     from .card import fmt_bytes
+    from .sanity import check_lines
 
     s = manifest["stats"]
 
@@ -94,4 +95,4 @@ def summary(manifest: dict) -> str:
     if "seconds" in s:
         lines.append(f"time            {s['seconds']:.1f} s ({s.get('tokens_per_s', 0):,.0f} "
                      f"tokens/s)")
-    return "\n".join(lines)
+    return "\n".join(lines + check_lines(manifest.get("checks"), where))
