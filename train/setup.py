@@ -235,6 +235,9 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **sched_kw))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    # from_pretrained returns the model in eval mode, and neither DeepSpeed nor the loop
+    # switched it back: dropout (--lora-dropout, the model's own) silently did nothing
+    engine.train()
     seed_everything(args.seed + dist.rank)  # dropout etc. differ per rank from here on
     return Run(args=args, dist=dist, engine=engine, model=engine.module, stream=stream,
                manifest=manifest, out=out, total_steps=total, backend=backend, dtype=dtype,

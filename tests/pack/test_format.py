@@ -182,6 +182,22 @@ def test_positions_from_cu_property(lens):
 
 # ---------------------------------------------------------------- schemas
 
+def test_schemas_have_no_duplicate_keys():
+    """json.loads keeps the last of two equal keys: a merge that left two "$defs" in the
+    manifest schema silently dropped one set of definitions."""
+    from importlib.resources import files
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), f"duplicate keys {keys}"
+        return dict(pairs)
+
+    names = [p.name for p in files(F.SCHEMA_PACKAGE).iterdir() if p.name.endswith(".json")]
+    assert "manifest.schema.json" in names
+    for name in names:
+        json.loads(F.read_schema(name), object_pairs_hook=unique)
+
+
 def test_shard_schema_matches_json_description():
     desc = json.loads(F.read_schema("shard.schema.json"))
     assert desc["format"] == F.FORMAT_NAME and desc["format_version"] == F.FORMAT_VERSION
