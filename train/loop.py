@@ -46,7 +46,7 @@ import os
 import sys
 import time
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -61,6 +61,7 @@ from train.dist import (DEFAULT_DIST_TIMEOUT, PREEMPTED_EXIT, PREEMPTED_FILE, Di
                         StopRequest, all_reduce_sum, log0, on_rank0, setup_distributed,
                         watch_launcher)
 from train.hooks import Hooks
+from train.mixture import local_counts, loss_sums, step_metrics
 from train.setup import Run, build
 
 METRICS_FILE = "metrics.jsonl"  # OUTPUT/metrics.jsonl: one JSON line per step (rank 0)
@@ -72,7 +73,7 @@ def train(args: Namespace) -> dict:
     watch_launcher()
     hooks = Hooks.from_env()  # a malformed test setting fails here, before any work
     run, checkpointed = start_run(args, dist, hooks)
-    log0(f"training {run.total_steps} steps: {len(run.stream.ds)} packs, "
+    log0(f"training {run.total_steps} steps: {run.stream.num_packs} packs, "
          f"{run.stream.global_batch_packs} packs/step ({dist.world_size} rank(s) x "
          f"{args.grad_accum} accumulation x {args.micro_batch} packs/micro-batch), "
          f"{run.stream.steps_per_epoch} steps/epoch, ZeRO {args.zero}, {run.dtype}")
@@ -123,15 +124,18 @@ def _packed_forward(model: Any, fn: Callable) -> Iterator[None]:
             del model.forward
 
 
-def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int) -> tuple[torch.Tensor, int]:
-    """(loss_sum tensor, n_label_tokens) of one packed row, computed inside engine(...)."""
+def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int,
+               group_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(loss_sum tensor, n_label_tokens) of one packed row, computed inside engine(...).
+    `group_sums`: a mixture's per-dataset CE sums, added to (train.mixture)."""
     from train.loss import packed_loss
 
     model = engine.module
 
     def forward():
+        groups = None if group_sums is None else (mb.token_groups, group_sums)
         return packed_loss(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
-                           chunk_size, max_length=mb.max_seqlen)
+                           chunk_size, max_length=mb.max_seqlen, groups=groups)
 
     with _packed_forward(model, forward):
         return engine()
@@ -146,6 +150,7 @@ class StepResult:
     tokens: int
     grad_norm: float | None
     lr: float
+    per_dataset: dict = field(default_factory=dict)  # a mixture's loss/<name>, tokens/<name>, ...
 
 
 def _local_grad_norm(engine: Any) -> float | None:
@@ -168,7 +173,10 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
         raise RuntimeError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps {ga}")
     local_labels = sum(mb.num_label_tokens for mb in micro_batches)
     local_tokens = sum(mb.num_tokens for mb in micro_batches)
-    n_total, tokens_total = all_reduce_sum([local_labels, local_tokens], dist.device)
+    k = len(run.datasets)  # 0 unless a mixture: then per-dataset sums ride on the same reductions
+    n_total, tokens_total, *mix_counts = all_reduce_sum(
+        [local_labels, local_tokens, *local_counts(micro_batches, k)], dist.device)
+    group_sums = loss_sums(k, dist.device)
     n_total, tokens_total = int(n_total), int(tokens_total)
     scale = ga * dist.world_size / max(n_total, 1)
     lr = float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") \
@@ -178,7 +186,7 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
     zero0_fp32 = engine.zero_optimization_stage() == 0 and run.dtype == "fp32"
     for i, mb in enumerate(micro_batches):
         mb = mb.to(dist.device)
-        loss_sum, n = micro_loss(engine, mb, run.args.loss_chunk)
+        loss_sum, n = micro_loss(engine, mb, run.args.loss_chunk, group_sums)
         if n != mb.num_label_tokens:
             raise RuntimeError(f"packed_loss counted {n} label tokens, the data {mb.num_label_tokens}")
         engine.backward(loss_sum * scale)
@@ -189,7 +197,9 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
             if zero0_fp32:
                 grad_norm = _local_grad_norm(engine)
             # summed before the update, so that a non-finite loss never reaches the weights
-            loss_sum_total = all_reduce_sum([float(loss_sum_local)], dist.device)[0]
+            loss_sum_total, *mix_sums = all_reduce_sum(
+                [float(loss_sum_local), *([] if group_sums is None else group_sums.tolist())],
+                dist.device)
             check_finite(run, "loss", loss_sum_total)
         engine.step()
     if not zero0_fp32:
@@ -198,7 +208,9 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
         # global, so every rank takes the same branch (ZeRO 0 fp32's norm is per rank)
         check_finite(run, "gradient norm", grad_norm)
     return StepResult(loss=loss_sum_total / max(n_total, 1), label_tokens=n_total,
-                      tokens=tokens_total, grad_norm=grad_norm, lr=lr)
+                      tokens=tokens_total, grad_norm=grad_norm, lr=lr,
+                      per_dataset=step_metrics([d["name"] for d in run.datasets], mix_counts,
+                                               mix_sums) if k else {})
 
 
 def check_finite(run: Run, what: str, value: float | None) -> None:
@@ -243,7 +255,7 @@ def run_steps(run: Run, checkpointed: bool) -> tuple[dict | None, float]:
             last = {"step": run.step, "epoch": epoch, "loss": res.loss, "lr": res.lr,
                     "grad_norm": res.grad_norm, "tokens": res.tokens,
                     "label_tokens": res.label_tokens, "tokens_per_s": res.tokens / dt,
-                    "elapsed_s": round(elapsed, 3)}
+                    "elapsed_s": round(elapsed, 3), **res.per_dataset}
             run.hooks.log_packs(run.step, epoch, dist.rank, [mb.pack_ids for mb in micro_batches])
             progress.log(last, t_start)
             run.hooks.fault("kill-after-step", run.step, dist.rank)
