@@ -178,7 +178,8 @@ def test_single_shards_parses_as_before(tmp_path):
 # ---------------------------------------------------------------- train-run on two datasets
 
 COMMON = ["--dtype", "fp32", "--lr", "3e-3", "--schedule", "constant", "--warmup-steps", "2",
-          "--seed", "0", "--zero", "0", "--no-export", "--micro-batch", "4", "--log-every", "50"]
+          "--seed", "0", "--zero", "0", "--no-export", "--micro-batch", "6", "--log-every", "50"]
+MICRO = 6
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +223,19 @@ def test_mixture_tokens_match_weights(mixed_run, dataset, big):
     assert all(len(d["manifest_sha256"]) == 64 for d in run["datasets"])
     assert rows[-1]["epoch"] == 0 and len(rows) == run["total_steps"]
     tokens = np.array([sum(r[f"tokens/{n}"] for r in rows) for n in names], dtype=float)
-    share = tokens / tokens.sum()
+    # the plan: the epoch's picks, then the last step's wrap-around repeats of its first packs
+    plan = MixtureStream([PackedDataset(dataset), PackedDataset(big)], [0.25, 0.75],
+                         micro_batch=MICRO)
+    size, order = plan.epoch_size(0), plan.order(0)
+    positions = np.arange(len(rows) * MICRO)
+    lengths = np.concatenate(plan.lengths)
+    which = (order[positions % size] >= len(plan.lengths[0])).astype(int)
+    planned = np.bincount(which, weights=lengths[order[positions % size]], minlength=2)
+    assert np.array_equal(tokens, planned)  # metrics.jsonl counted exactly the planned packs
+    repeats = np.bincount(which[positions >= size],
+                          weights=lengths[order[positions[positions >= size] % size]],
+                          minlength=2)
+    share = (tokens - repeats) / (tokens - repeats).sum()
     assert abs(share[0] - 0.25) < 0.01 and abs(share[1] - 0.75) < 0.01, share
     # the small dataset was up-sampled, the big one down-sampled
     small = run["datasets"][0]
@@ -236,24 +249,28 @@ def test_mixture_tokens_match_weights(mixed_run, dataset, big):
 
 
 def test_mixture_resume_mid_epoch_is_exact(mixed_run, dataset, big, model_dir, work):
+    from train.cli import parse_run_args
     from train.loop import train
 
     part = work / "mixed-part"
-    train(_mix_args(dataset, big, model_dir, part, "--epochs", "1", "--max-steps", "17"))
-    state = json.loads((part / "checkpoints" / "step-00000017" / "packtrain_state.json")
+    # the schedule is constant after warm-up: a run to 13 steps matches the first 13 of a whole
+    # epoch's run
+    train(_mix_args(dataset, big, model_dir, part, "--max-steps", "9"))
+    state = json.loads((part / "checkpoints" / "step-00000009" / "packtrain_state.json")
                        .read_text())
-    assert state["data"]["epoch"] == 0 and state["data"]["index"] == 68
-    train(_mix_args(dataset, big, model_dir, part, "--epochs", "1", "--resume", "auto"))
-    a, b = _metrics(mixed_run), _metrics(part)
-    assert len(a) == len(b)
+    assert state["data"] == {"epoch": 0, "index": 9 * MICRO}
+    train(_mix_args(dataset, big, model_dir, part, "--max-steps", "13", "--resume", "auto"))
+    a, b = _metrics(mixed_run)[:13], _metrics(part)
+    assert len(b) == 13
     for x, y in zip(a, b):
         for k in x:
             if k.startswith(("loss", "tokens/", "label_tokens")):
                 assert (x[k] is None and y[k] is None) or abs(x[k] - y[k]) < 1e-6, (k, x, y)
     # another mixture (other weights) is another dataset for a resume
     with pytest.raises(PacktrainError, match="--allow-dataset-change"):
-        train(_mix_args(dataset, big, model_dir, part, "--epochs", "2", "--resume", "auto",
-                        "--mix", "0.5,0.5"))
+        train(parse_run_args(["--shards", str(dataset), "--shards", str(big), "--mix", "0.5,0.5",
+                              "--model", str(model_dir), "--output", str(part), *COMMON,
+                              "--max-steps", "20", "--resume", "auto"]))
 
 
 def test_fingerprint_mismatch_refused(dataset, tmp_path, capsys):
