@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pack.errors import PacktrainError
 from pack.format import PackedDataset
@@ -300,3 +301,70 @@ def test_single_shards_metrics_unchanged(inproc, dataset, model_dir, work):
     assert set(rows[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "label_tokens",
                             "tokens_per_s", "elapsed_s"}
     assert "datasets" not in json.loads((out / "run.json").read_text())
+
+
+# ---------------------------------------------------------------- per-dataset loss sums
+
+@pytest.mark.parametrize("plain", [True, False], ids=["linear-head", "wrapped-head"])
+def test_group_sums_equal_per_token_cross_entropy(plain):
+    import torch.nn.functional as F
+
+    from train.loss import head_cross_entropy
+
+    class Wrapped(torch.nn.Linear):  # not a plain nn.Linear: the checkpointed per-chunk path
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    head = (torch.nn.Linear if plain else Wrapped)(8, 50, bias=False)
+    hidden = torch.randn(40, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (40,))
+    labels[[0, 17, 30]] = -100  # pack / sample starts
+    cu = torch.tensor([0, 17, 30, 40], dtype=torch.int32)
+    token_groups = torch.tensor([0] * 17 + [1] * 13 + [0] * 10)
+    sums = torch.zeros(2, dtype=torch.float64)
+    loss, n = head_cross_entropy(head, hidden, labels, chunk_size=7, cu_seqlens=cu,
+                                 groups=(token_groups, sums))
+    ref_loss, ref_n = head_cross_entropy(head, hidden, labels, chunk_size=7, cu_seqlens=cu)
+    assert n == ref_n and torch.allclose(loss, ref_loss, atol=1e-5)
+    # the reference: per-token CE of the shifted targets, summed by the position's group
+    targets = torch.full((40,), -100)
+    targets[:-1] = labels[1:]
+    targets[cu[1:] - 1] = -100
+    ce = F.cross_entropy(head(hidden).detach(), targets, reduction="none", ignore_index=-100)
+    want = torch.zeros(2, dtype=torch.float64).index_add_(0, token_groups, ce.double())
+    assert torch.allclose(sums, want, atol=1e-4), (sums, want)
+    assert abs(float(sums.sum()) - float(loss)) < 1e-4
+
+
+# ---------------------------------------------------------------- a URL in a mixture
+
+def test_url_dataset_mixes_like_local(dataset, big, tmp_path):
+    """A dataset given as a URL (file://, through pack.remote like s3://) opens into the same
+    mixture as its local copy: same plan, same packs, and run.json names the URL."""
+    from types import SimpleNamespace
+
+    from pack import remote
+    from train.cli import parse_run_args
+    from train.mixture import dataset_labels, open_stream
+
+    url = (tmp_path / "published" / "big").as_uri()
+    remote.upload_dataset(big, remote.check_target(url, overwrite=False), quiet=True)
+    one = SimpleNamespace(rank=0, world_size=1)
+    checked, opened = [], []
+    for spec in (url, str(big)):
+        args = parse_run_args(["--shards", str(dataset), "--shards", spec, "--mix", "1,3",
+                               "--cache-dir", str(tmp_path / "cache"), "--micro-batch", "3"])
+        opened.append(open_stream(args, json.loads((dataset / "manifest.json").read_text()), one,
+                                  lambda path, m, full: checked.append((path, full))))
+        assert opened[-1].datasets[1]["path"] == dataset_labels(args)[1]
+    (by_url, by_path) = opened
+    assert by_url.datasets[1]["path"] == url and by_url.datasets[0] == by_path.datasets[0]
+    assert [c[1] for c in checked] == [False, True]  # a URL's shards are checked as they arrive
+    assert by_url.manifest_sha256 == by_path.manifest_sha256
+    for _ in range(3):
+        a, _ = by_url.stream.next_step()
+        b, _ = by_path.stream.next_step()
+        assert a[0].pack_ids == b[0].pack_ids
+        assert torch.equal(a[0].input_ids, b[0].input_ids)
+        assert torch.equal(a[0].token_groups, b[0].token_groups)
