@@ -340,6 +340,7 @@ def write_run_files(run: Run) -> None:
         "shards": str(Path(run.args.shards).resolve()),
         "manifest_sha256": run.manifest_sha256,
         "tokenizer_fingerprint": run.manifest["tokenizer"].get("fingerprint"),
+        **({"datasets": run.datasets} if run.datasets else {}),
         "world_size": run.dist.world_size,
         "dtype": run.dtype,
         "attention": run.backend,

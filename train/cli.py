@@ -34,8 +34,13 @@ def run_parser() -> argparse.ArgumentParser:
         description="Train a Hugging Face causal LM on a packed dataset (pack-build output) with "
                     "variable-length attention and DeepSpeed ZeRO 0-3.")
     g = ap.add_argument_group("data and model")
-    g.add_argument("--shards", required=True, help="packed dataset directory (has manifest.json) "
-                                                     "or URL (s3://, gs://, ...: streamed)")
+    g.add_argument("--shards", action="append", help="packed dataset directory (has "
+                   "manifest.json) or URL (s3://, gs://, ...: streamed); repeat it to train on a "
+                   "mixture of datasets (see --mix)")
+    g.add_argument("--mix", metavar="W1,W2,...|FILE",
+                   help="mixture weights, one per --shards: each dataset's share of an epoch's "
+                        "tokens (default: proportional to their tokens); or a .json/.yaml file "
+                        "listing {path, weight} entries instead of --shards")
     g.add_argument("--cache-dir", metavar="DIR", help="where shards fetched from a --shards URL "
                    "are cached (default: $PACKTRAIN_CACHE or ~/.cache/packtrain)")
     g.add_argument("--model", help="local HF model directory (default: the dataset's tokenizer "
@@ -157,6 +162,9 @@ def check_numbers(args: argparse.Namespace) -> None:
 def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = run_parser().parse_args(argv)
     from pack.remote import dataset_name, is_url, redact, resolve
+    from train.mixture import parse_shards
+
+    parse_shards(args)  # several --shards: resolved here; args.shards is the first one
 
     url = args.shards if is_url(args.shards) else None
     if url and args.output is None:
@@ -203,9 +211,9 @@ def run_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_run_args(argv)
-        from pack.format import read_manifest
+        from train.mixture import read_manifests
 
-        read_manifest(args.shards)  # fail fast, in the parent, before any rank starts
+        read_manifests(args)  # fail fast, in the parent, before any rank starts
         if args.nproc > 1 and not in_launched_rank():
             return launch_local(args.nproc, argv, args.output)
         import torch.distributed as tdist

@@ -74,6 +74,8 @@ class MicroBatch:
     cu_seqlens: torch.Tensor     # [n + 1] int32
     max_seqlen: int              # longest sample in the row
     pack_ids: list[int] = field(default_factory=list)
+    # mixtures only (train.mixture): the dataset of every token, [T] int64; None for one dataset
+    token_groups: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +91,8 @@ class MicroBatch:
                           self.labels.to(device, non_blocking=True),
                           self.position_ids.to(device, non_blocking=True),
                           self.cu_seqlens.to(device, non_blocking=True),
-                          self.max_seqlen, self.pack_ids)
+                          self.max_seqlen, self.pack_ids,
+                          None if self.token_groups is None else self.token_groups.to(device))
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -102,8 +105,10 @@ def epoch_order(num_packs: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_packs)
 
 
-def collate(packs: list[dict[str, np.ndarray]], pack_ids: list[int] | None = None) -> MicroBatch:
-    """Concatenate packs into one row; cu_seqlens merged with shifted offsets."""
+def collate(packs: list[dict[str, np.ndarray]], pack_ids: list[int] | None = None,
+            groups: list[int] | None = None) -> MicroBatch:
+    """Concatenate packs into one row; cu_seqlens merged with shifted offsets. `groups`: the
+    dataset of each pack (mixtures), spread to every token as `token_groups`."""
     if not packs:
         raise ValueError("collate needs at least one pack")
     ids = np.concatenate([p["input_ids"] for p in packs]).astype(np.int64)
@@ -115,9 +120,13 @@ def collate(packs: list[dict[str, np.ndarray]], pack_ids: list[int] | None = Non
         cus.append(cu[1:] + offset)
         offset += int(cu[-1])
     cu = np.concatenate(cus)
+    token_groups = None
+    if groups is not None:
+        lengths = [len(p["input_ids"]) for p in packs]
+        token_groups = torch.from_numpy(np.repeat(np.asarray(groups, dtype=np.int64), lengths))
     return MicroBatch(torch.from_numpy(ids).unsqueeze(0), torch.from_numpy(labels).unsqueeze(0),
                       torch.from_numpy(pos).unsqueeze(0), torch.from_numpy(cu.astype(np.int32)),
-                      int(np.diff(cu).max()), list(pack_ids or []))
+                      int(np.diff(cu).max()), list(pack_ids or []), token_groups)
 
 
 def checked_pack(ds: PackedDataset, i: int) -> dict[str, np.ndarray]:
@@ -169,9 +178,17 @@ class PackStream:
         """Optimizer steps in a whole epoch (from position 0)."""
         return math.ceil(self.num_packs / self.global_batch_packs)
 
+    def steps_for_epochs(self, epochs: int) -> int:
+        """Optimizer steps of epochs 0 .. `epochs` - 1 (a mixture's epochs differ in length)."""
+        return epochs * self.steps_per_epoch
+
+    def epoch_size(self, epoch: int) -> int:
+        """Positions (packs) in epoch `epoch`'s order."""
+        return self.num_packs
+
     def steps_left_in_epoch(self, state: DataState | None = None) -> int:
         s = state or self.state
-        return max(0, math.ceil((self.num_packs - s.index) / self.global_batch_packs))
+        return max(0, math.ceil((self.epoch_size(s.epoch) - s.index) / self.global_batch_packs))
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
@@ -185,13 +202,17 @@ class PackStream:
         out = []
         for k in range(self.grad_accum):
             start = state.index + (k * self.world_size + r) * self.micro_batch
-            pos = np.arange(start, start + self.micro_batch) % self.num_packs
+            pos = np.arange(start, start + self.micro_batch) % self.epoch_size(state.epoch)
             out.append([int(x) for x in order[pos]])
         return out
 
+    def micro_batch_of(self, ids: list[int]) -> MicroBatch:
+        """The packs `ids` (checked as they are read) collated into one micro-batch."""
+        return collate([checked_pack(self.ds, i) for i in ids], ids)
+
     def _advance(self, state: DataState) -> DataState:
         index = state.index + self.global_batch_packs
-        if index >= self.num_packs:
+        if index >= self.epoch_size(state.epoch):
             return DataState(state.epoch + 1, 0)
         return DataState(state.epoch, index)
 
@@ -199,11 +220,9 @@ class PackStream:
         """This rank's micro-batches for the next optimizer step, and the epoch they belong to.
         Advances `state`."""
         state = self.state
-        if state.index >= self.num_packs:  # e.g. restored with a smaller dataset: next epoch
+        if state.index >= self.epoch_size(state.epoch):  # e.g. restored with a smaller dataset
             state = DataState(state.epoch + 1, 0)
-        batches = []
-        for ids in self.step_pack_ids(state):
-            batches.append(collate([checked_pack(self.ds, i) for i in ids], ids))
+        batches = [self.micro_batch_of(ids) for ids in self.step_pack_ids(state)]
         self.state = self._advance(state)
         return batches, state.epoch
 

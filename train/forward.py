@@ -33,15 +33,18 @@ def packed_forward(model: Any, fn: Callable) -> Iterator[None]:
             del model.forward
 
 
-def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int) -> tuple[torch.Tensor, int]:
-    """(loss_sum tensor, n_label_tokens) of one packed row, computed inside engine(...)."""
+def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int,
+               group_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(loss_sum tensor, n_label_tokens) of one packed row, computed inside engine(...).
+    `group_sums`: a mixture's per-dataset CE sums, added to (train.mixture)."""
     from train.loss import packed_loss
 
     model = engine.module
 
     def forward():
+        groups = None if group_sums is None else (mb.token_groups, group_sums)
         return packed_loss(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
-                           chunk_size, max_length=mb.max_seqlen)
+                           chunk_size, max_length=mb.max_seqlen, groups=groups)
 
     with packed_forward(model, forward):
         return engine()

@@ -41,7 +41,7 @@ import os
 import sys
 import time
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +58,7 @@ from train.dist import (DEFAULT_DIST_TIMEOUT, PREEMPTED_EXIT, PREEMPTED_FILE, Di
 from train.evaluate import best_after_resume, eval_due, evaluate, keep_best, open_eval_set
 from train.forward import micro_loss
 from train.hooks import Hooks
+from train.mixture import local_counts, loss_sums, step_metrics
 from train.setup import Run, build
 
 METRICS_FILE = "metrics.jsonl"  # OUTPUT/metrics.jsonl: one JSON line per step (rank 0)
@@ -69,7 +70,7 @@ def train(args: Namespace) -> dict:
     watch_launcher()
     hooks = Hooks.from_env()  # a malformed test setting fails here, before any work
     run, checkpointed = start_run(args, dist, hooks)
-    log0(f"training {run.total_steps} steps: {len(run.stream.ds)} packs, "
+    log0(f"training {run.total_steps} steps: {run.stream.num_packs} packs, "
          f"{run.stream.global_batch_packs} packs/step ({dist.world_size} rank(s) x "
          f"{args.grad_accum} accumulation x {args.micro_batch} packs/micro-batch), "
          f"{run.stream.steps_per_epoch} steps/epoch, ZeRO {args.zero}, {run.dtype}")
@@ -118,6 +119,7 @@ class StepResult:
     grad_norm: float | None
     lr: float
     skipped: str | None = None
+    per_dataset: dict = field(default_factory=dict)  # a mixture's loss/<name>, tokens/<name>, ...
 
 
 def _local_grad_norm(engine: Any) -> float | None:
@@ -140,7 +142,10 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
         raise RuntimeError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps {ga}")
     local_labels = sum(mb.num_label_tokens for mb in micro_batches)
     local_tokens = sum(mb.num_tokens for mb in micro_batches)
-    n_total, tokens_total = all_reduce_sum([local_labels, local_tokens], dist.device)
+    k = len(run.datasets)  # 0 unless a mixture: then per-dataset sums ride on the same reductions
+    n_total, tokens_total, *mix_counts = all_reduce_sum(
+        [local_labels, local_tokens, *local_counts(micro_batches, k)], dist.device)
+    group_sums = loss_sums(k, dist.device)
     n_total, tokens_total = int(n_total), int(tokens_total)
     scale = ga * dist.world_size / max(n_total, 1)
     lr = float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") \
@@ -150,7 +155,7 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
     zero0_fp32 = engine.zero_optimization_stage() == 0 and run.dtype == "fp32"
     for i, mb in enumerate(micro_batches):
         mb = mb.to(dist.device)
-        loss_sum, n = micro_loss(engine, mb, run.args.loss_chunk)
+        loss_sum, n = micro_loss(engine, mb, run.args.loss_chunk, group_sums)
         if n != mb.num_label_tokens:
             raise RuntimeError(f"packed_loss counted {n} label tokens, the data {mb.num_label_tokens}")
         engine.backward(loss_sum * scale)
@@ -161,7 +166,9 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
             if zero0_fp32:
                 grad_norm = _local_grad_norm(engine)
             # summed before the update, so that a non-finite loss never reaches the weights
-            loss_sum_total = all_reduce_sum([float(loss_sum_local)], dist.device)[0]
+            loss_sum_total, *mix_sums = all_reduce_sum(
+                [float(loss_sum_local), *([] if group_sums is None else group_sums.tolist())],
+                dist.device)
             skipped = _nonfinite(run, loss_sum_total, grad_norm if zero0_fp32 else 0.0)
             if skipped and zero0_fp32:
                 _skip_torch_update(engine)
@@ -183,7 +190,9 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
         log0(f"warning: step {run.step + 1} skipped: the {skipped} "
              f"({run.skipped_steps} of --skip-nonfinite {run.args.skip_nonfinite})")
     return StepResult(loss=loss_sum_total / max(n_total, 1), label_tokens=n_total,
-                      tokens=tokens_total, grad_norm=grad_norm, lr=lr, skipped=skipped)
+                      tokens=tokens_total, grad_norm=grad_norm, lr=lr, skipped=skipped,
+                      per_dataset=step_metrics([d["name"] for d in run.datasets], mix_counts,
+                                               mix_sums) if k else {})
 
 
 def _nonfinite(run: Run, loss_sum: float, grad_norm: float | None) -> str | None:
@@ -254,9 +263,10 @@ def run_steps(run: Run, checkpointed: bool) -> tuple[dict | None, float]:
             last = {"step": run.step, "epoch": epoch, "loss": res.loss, "lr": res.lr,
                     "grad_norm": res.grad_norm, "tokens": res.tokens,
                     "label_tokens": res.label_tokens, "tokens_per_s": res.tokens / dt,
-                    "elapsed_s": round(elapsed, 3)}
+                    "elapsed_s": round(elapsed, 3), **res.per_dataset}
             if res.skipped:  # metrics.jsonl stays JSON: no NaN or Infinity in it
-                last.update(loss=None, grad_norm=None, skipped=res.skipped)
+                last.update({k: None for k in last if k == "loss" or k.startswith("loss/")},
+                            grad_norm=None, skipped=res.skipped)
             if eval_due(run):
                 last.update(evaluate(run))
             run.hooks.log_packs(run.step, epoch, dist.rank, [mb.pack_ids for mb in micro_batches])

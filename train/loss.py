@@ -103,7 +103,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
     """sum_i CE(softcap(scale * (h_i W^T + b)), y_i) over rows of h, all y_i valid."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, logit_scale, softcap, needs):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, logit_scale, softcap, needs,
+                groups=None):
         need_h, need_w, need_b = needs
         n = hidden.shape[0]
         vocab = weight.shape[0]
@@ -131,7 +132,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     logits = torch.mul(tanh, softcap, out=logits)
                 lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, t[:, None]).squeeze(1)
-                loss += (lse - picked).sum()
+                token_loss = lse - picked
+                loss += token_loss.sum()
+                if groups is not None:  # a mixture's per-dataset sums: bookkeeping, no gradient
+                    groups[1].index_add_(0, groups[0][s:e], token_loss.detach().to(groups[1].dtype))
                 if not any_grad:
                     continue
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
@@ -165,7 +169,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                                "(its gradients are computed in forward and released by the first backward)")
         ctx.grads = None
         out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return out[0], out[1], out[2], None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -177,6 +181,7 @@ def chunked_cross_entropy(
     logit_scale: float | None = None,
     softcap: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of ``hidden`` [T, H] under the head ``lm_head_weight`` [V, H]
     (+ ``bias`` [V]) against unshifted ``labels`` [T] (-100 ignored), without materialising [T, V].
@@ -185,6 +190,8 @@ def chunked_cross_entropy(
     ``softcap * tanh(scale * (h W^T + b) / softcap)`` when those are given (Gemma/Cohere/Granite style
     heads), computed in the weight's dtype (or the autocast dtype when autocast is on), CE in fp32.
     Gradients w.r.t. hidden, weight and bias equal those of the naive full-logits computation.
+    ``groups`` = (group of every position [T] int64, sums [K]): the CE of each label token is also
+    added (without gradient) to ``sums`` at its position's group (a mixture's per-dataset loss).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -212,6 +219,7 @@ def chunked_cross_entropy(
             f"labels must be -100 or in [0, {vocab}); got values in [{int(sel_t.min())}, {int(sel_t.max())}]"
         )
     sel_h = hidden.index_select(0, idx)
+    sel_g = None if groups is None else (_group_of(groups[0], idx), groups[1])
     dev = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lm_head_weight.dtype
     grad_on = torch.is_grad_enabled()
@@ -230,6 +238,7 @@ def chunked_cross_entropy(
         1.0 if logit_scale is None else float(logit_scale),
         None if softcap is None else float(softcap),
         needs,
+        sel_g,
     )
     return loss, n
 
@@ -284,13 +293,18 @@ def _is_plain_linear(head: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and not hasattr(head, "base_layer") and type(head).forward is nn.Linear.forward
 
 
-def _chunk_ce_generic(head, h, t, logit_scale, softcap):
+def _group_of(token_groups: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The group of each selected position (`idx` into the row)."""
+    return token_groups.reshape(-1).to(idx.device).index_select(0, idx)
+
+
+def _chunk_ce_generic(head, h, t, logit_scale, softcap, reduction="sum"):
     logits = head(h).float()
     if logit_scale is not None:
         logits = logits * logit_scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, t, reduction="sum")
+    return F.cross_entropy(logits, t, reduction=reduction)
 
 
 def head_cross_entropy(
@@ -301,6 +315,7 @@ def head_cross_entropy(
     cu_seqlens: torch.Tensor | None = None,
     logit_scale: float | None = None,
     softcap: float | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """chunked_cross_entropy through a head *module*: the computation runs inside ``head(...)`` so
     that module hooks fire (DeepSpeed ZeRO-3 gathers a partitioned weight in its pre-forward hook and
@@ -313,7 +328,7 @@ def head_cross_entropy(
         def forward(h):
             loss, n = chunked_cross_entropy(
                 h, head.weight, labels, chunk_size, bias=head.bias, logit_scale=logit_scale, softcap=softcap,
-                cu_seqlens=cu_seqlens,
+                cu_seqlens=cu_seqlens, groups=groups,
             )
             result["n"] = n
             return loss
@@ -341,11 +356,20 @@ def head_cross_entropy(
     sel_t = targets.index_select(0, idx).to(torch.long)
     loss = sel_h.sum() * 0.0  # keeps the graph connected when there are no label tokens
     loss = loss.float()
+    sel_g = None if groups is None else _group_of(groups[0], idx)
     for s in range(0, n, chunk_size):
-        loss = loss + checkpoint(
+        if sel_g is None:
+            loss = loss + checkpoint(
+                _chunk_ce_generic, head, sel_h[s:s + chunk_size], sel_t[s:s + chunk_size], logit_scale, softcap,
+                use_reentrant=False,
+            )
+            continue
+        token_loss = checkpoint(
             _chunk_ce_generic, head, sel_h[s:s + chunk_size], sel_t[s:s + chunk_size], logit_scale, softcap,
-            use_reentrant=False,
+            "none", use_reentrant=False,
         )
+        loss = loss + token_loss.sum()
+        groups[1].index_add_(0, sel_g[s:s + chunk_size], token_loss.detach().to(groups[1].dtype))
     return loss, n
 
 
@@ -357,6 +381,7 @@ def packed_loss(
     cu_seqlens: torch.Tensor,
     chunk_size: int = 1024,
     max_length: int | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Run ``model`` (attention already switched with enable_packed_attention) on one packed row and
     return (sum of next-token CE over label tokens as an fp32 scalar, number of label tokens).
@@ -364,6 +389,7 @@ def packed_loss(
     input_ids/labels/position_ids: [T] or [1, T]; cu_seqlens: [n_samples + 1]. Passes use_cache=False,
     attention_mask=None and the cu_seqlens kwargs; hidden states come from the decoder so full logits
     are never built. The caller divides by the label-token count of the whole optimizer step.
+    ``groups``: see chunked_cross_entropy (per-dataset sums of a mixture).
     """
     parts = model_hidden_and_head(model)
     ids = input_ids.reshape(1, -1)
@@ -372,5 +398,5 @@ def packed_loss(
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return head_cross_entropy(
         parts.head, hidden[0], labels.reshape(-1), chunk_size, cu_seqlens=kwargs["cu_seq_lens_q"],
-        logit_scale=parts.logit_scale, softcap=parts.softcap,
+        logit_scale=parts.logit_scale, softcap=parts.softcap, groups=groups,
     )

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from pack.errors import PacktrainError
-from pack.files import file_sha256
 from pack.format import read_manifest
 from train.data import PackStream
 from train.dist import Dist, log0, on_rank0
@@ -179,6 +178,7 @@ class Run:
     keep_alive: Any = None
     model_path: str = ""
     manifest_sha256: str = ""
+    datasets: list = field(default_factory=list)  # a mixture's datasets (train.mixture); [] if one
     hooks: Hooks = field(default_factory=Hooks)  # test/debug hooks (train.hooks): off by default
     eval_set: Any = None           # train.evaluate.EvalSet, or None: no evaluation
     best_eval: dict | None = None  # {"step", "eval_loss"} of the lowest eval loss (--save-best)
@@ -186,7 +186,7 @@ class Run:
 
 def planned_steps(args: Namespace, stream: PackStream) -> int:
     """Optimizer steps of the run: --epochs over the stream, capped by --max-steps."""
-    total = args.epochs * stream.steps_per_epoch
+    total = stream.steps_for_epochs(args.epochs)
     if args.max_steps is not None and args.max_steps >= 0:
         total = min(total, args.max_steps)
     return total
@@ -219,11 +219,17 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
 
     preflight_checks(args, manifest, model, model_path, dist)
 
-    from pack.remote import open_dataset  # a cache view of a URL fetches shards on first use
+    from train.checks import preflight
+    from train.mixture import open_stream
 
-    stream = PackStream(open_dataset(args.shards, manifest), seed=args.seed, rank=dist.rank,
-                        world_size=dist.world_size, micro_batch=args.micro_batch,
-                        grad_accum=args.grad_accum)
+    def check_more(path, m, full):  # a mixture's other datasets
+        notes = on_rank0(dist, lambda: preflight(
+            path, m, model, model_path, full_checksums=full,
+            allow_tokenizer_mismatch=bool(args.allow_tokenizer_mismatch)))
+        for w in notes or []:
+            log0(f"warning: {w}")
+    data = open_stream(args, manifest, dist, check_more)
+    stream = data.stream
     total = planned_steps(args, stream)
     if total <= 0:
         raise PacktrainError("nothing to train: --epochs/--max-steps give 0 optimizer steps")
@@ -242,7 +248,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     return Run(args=args, dist=dist, engine=engine, model=engine.module, stream=stream,
                manifest=manifest, out=out, total_steps=total, backend=backend, dtype=dtype,
                ds_config=ds_config, keep_alive=keep_alive, model_path=str(model_path),
-               manifest_sha256=file_sha256(Path(args.shards) / "manifest.json"),
+               manifest_sha256=data.manifest_sha256, datasets=data.datasets,
                hooks=hooks or Hooks())
 
 

@@ -497,8 +497,8 @@ def test_non_finite_loss_stops_the_run_before_it_is_saved(inproc, dataset, model
 
     real, calls = L.micro_loss, []
 
-    def poisoned(engine, mb, chunk):
-        loss, n = real(engine, mb, chunk)
+    def poisoned(engine, mb, chunk, *more):
+        loss, n = real(engine, mb, chunk, *more)
         calls.append(1)
         return (loss * float("nan"), n) if len(calls) == 3 else (loss, n)
 
@@ -533,8 +533,8 @@ def test_skip_nonfinite_skips_the_update_and_the_schedule(inproc, dataset, model
 
     real, calls, poison = L.micro_loss, [], {3}
 
-    def poisoned(engine, mb, chunk):
-        loss, n = real(engine, mb, chunk)
+    def poisoned(engine, mb, chunk, *more):
+        loss, n = real(engine, mb, chunk, *more)
         calls.append(1)
         return (loss * float("nan"), n) if len(calls) in poison else (loss, n)
 
