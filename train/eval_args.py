@@ -58,7 +58,9 @@ def resolve_eval_args(args: Namespace) -> None:
             raise PacktrainError("--no-eval: cannot be combined with --eval-shards or --save-best")
         args.eval_shards = None
         return
-    src = args.eval_shards or default_eval_shards(args.shards)
+    # a mixture has no single parent split to default to: its eval set is named explicitly
+    mixture = len(getattr(args, "shards_list", None) or []) > 1
+    src = args.eval_shards or (None if mixture else default_eval_shards(args.shards))
     if src is None:
         for flag, given in (("--eval-every", args.eval_every), ("--eval-max-packs",
                                                                 args.eval_max_packs),
