@@ -25,7 +25,9 @@ import signal
 import sys
 from pathlib import Path
 
+from pack.cli_config import add_config_arg, expand_config
 from pack.errors import PacktrainError
+from train.tracking import add_tracking_args, check_installed
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -108,6 +110,8 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=1,
                    help="progress-bar/console update interval in steps (metrics.jsonl gets "
                         "every step)")
+    add_tracking_args(ap)
+    add_config_arg(ap)
     return ap
 
 
@@ -146,7 +150,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = run_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = run_parser().parse_args(expand_config(run_parser, argv))
     from pack.remote import dataset_name, is_url, redact, resolve
 
     url = args.shards if is_url(args.shards) else None
@@ -155,7 +160,8 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is None:
         args.output = str(Path("runs") / Path(os.path.abspath(args.shards)).name)
     check_numbers(args)
-    for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir"):
+    check_installed(args)
+    for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir", "tracking_dir"):
         if getattr(args, flag) is not None and not str(getattr(args, flag)).strip():
             # an empty --output would train into the current directory
             raise PacktrainError(f"--{flag.replace('_', '-')}: empty; give a path or leave the "
@@ -190,6 +196,7 @@ def run_main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = expand_config(run_parser, argv)  # the ranks get the file's options as flags
         args = parse_run_args(argv)
         from pack.format import read_manifest
 

@@ -61,7 +61,9 @@ from train.dist import (DEFAULT_DIST_TIMEOUT, PREEMPTED_EXIT, PREEMPTED_FILE, Di
                         StopRequest, all_reduce_sum, log0, on_rank0, setup_distributed,
                         watch_launcher)
 from train.hooks import Hooks
+from train.run_config import write_run_config
 from train.setup import Run, build
+from train.tracking import Trackers
 
 METRICS_FILE = "metrics.jsonl"  # OUTPUT/metrics.jsonl: one JSON line per step (rank 0)
 
@@ -91,6 +93,7 @@ def start_run(args: Namespace, dist: Dist, hooks: Hooks) -> tuple[Run, bool]:
     run = build(args, dist, hooks)
     safe_deepspeed_loads(run.engine)  # before any resume: DeepSpeed's own loads unpickle
     on_rank0(dist, lambda: write_run_files(run))
+    on_rank0(dist, lambda: write_run_config(out, args))
     metrics_path = out / METRICS_FILE
     if resume_from is not None:
         run.stream.state = restore_checkpoint(run, resume_from)
@@ -277,6 +280,7 @@ class Progress:
         from tqdm import tqdm
 
         self.run = run
+        self.trackers = Trackers(run) if run.dist.is_main else None  # --report-to
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=run.total_steps, initial=run.step,
                         disable=not (run.dist.is_main and self.interactive),
@@ -291,6 +295,7 @@ class Progress:
             return
         self.metrics.write(json.dumps(m) + "\n")
         self.metrics.flush()
+        self.trackers.log(m)
         self.bar.update(1)
         if run.step % run.args.log_every == 0 or run.step == run.total_steps:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
@@ -304,6 +309,8 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close()
         if self.metrics is not None:
             self.metrics.close()
 

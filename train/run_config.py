@@ -1,0 +1,43 @@
+"""The run's effective config: every train-run option with the value it took (defaults
+included), written by rank 0 at start to ``OUTPUT/config.yaml``; ``train-run --config
+OUTPUT/config.yaml --output NEW`` repeats the run.
+
+Left out: ``--resume`` (a repeat starts afresh; add ``--resume`` yourself to continue) and
+``--config`` itself. Paths are made absolute. A ``--shards`` URL is recorded without its secrets (user:password, secret
+query values): the repeat takes credentials from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+from pack.cli_config import effective_config, write_config
+from pack.remote import REMOTE_INFO, is_remote
+
+CONFIG_FILE = "config.yaml"
+NOT_REPEATED = ("resume",)
+# recorded absolute, so that the file repeats the run from any directory
+PATHS = ("shards", "model", "output", "cache_dir", "deepspeed", "tracking_dir")
+
+
+def run_config(args: Namespace) -> dict:
+    from train.cli import run_parser
+
+    absolute = {k: str(Path(v).absolute()) for k in PATHS if (v := getattr(args, k, None))}
+    config = effective_config(run_parser(), Namespace(**{**vars(args), **absolute}),
+                              exclude=NOT_REPEATED)
+    if is_remote(args.shards):  # a cache view: record the URL it was made from
+        config["shards"] = json.loads((Path(args.shards) / REMOTE_INFO).read_text())["url"]
+    return config
+
+
+def write_run_config(out: Path, args: Namespace) -> dict:
+    """Write OUTPUT/config.yaml atomically; returns the config."""
+    config = run_config(args)
+    write_config(Path(out) / CONFIG_FILE, config,
+                 header="train-run's effective config for this run (every option, defaults "
+                        "included).\nRepeat the run: train-run --config THIS_FILE --output "
+                        "NEW_DIR (--resume is not recorded)")
+    return config
