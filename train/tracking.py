@@ -75,9 +75,10 @@ def check_installed(args: Any) -> None:
             raise _missing(name)
 
 
-def _import(backend: str, module: str) -> Any:
+def import_backend(backend: str) -> Any:
+    """The backend's package, or a one-line error naming the extra that installs it."""
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(MODULES[backend])
     except ImportError:
         raise _missing(backend) from None
 
@@ -117,7 +118,7 @@ Backend = tuple[Callable[[int, dict], None], Callable[[], None]]
 def tensorboard(run: Any, config: dict, summary: dict, where: Path) -> Backend:
     import yaml
 
-    _import("tensorboard", "tensorboard")
+    import_backend("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(where / "tensorboard"))
@@ -138,7 +139,7 @@ def _code(text: str) -> str:
 
 
 def wandb(run: Any, config: dict, summary: dict, where: Path) -> Backend:
-    wb = _import("wandb", "wandb")
+    wb = import_backend("wandb")
     directory = os.environ.get("WANDB_DIR") or str(where)
     Path(directory).mkdir(parents=True, exist_ok=True)
     r = wb.init(project=os.environ.get("WANDB_PROJECT") or "packtrain", name=run.out.name,
@@ -153,7 +154,7 @@ def wandb(run: Any, config: dict, summary: dict, where: Path) -> Backend:
 
 
 def mlflow(run: Any, config: dict, summary: dict, where: Path) -> Backend:
-    _import("mlflow", "mlflow")
+    import_backend("mlflow")
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
