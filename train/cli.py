@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pack.cli_config import add_config_arg, expand_config
 from pack.errors import PacktrainError
+from train.run_config import run_config
 from train.tracking import add_tracking_args, check_installed
 
 
@@ -151,7 +152,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
-    args = run_parser().parse_args(expand_config(run_parser, argv))
+    parser = run_parser()
+    args = parser.parse_args(expand_config(run_parser, argv))
     from pack.remote import dataset_name, is_url, redact, resolve
 
     url = args.shards if is_url(args.shards) else None
@@ -168,6 +170,7 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  f"option out")
     if url:  # from here on a local cache view of the URL; shards arrive on first use
         args.shards_url, args.shards = redact(url), resolve(url, args.cache_dir)
+    args.effective_config = run_config(parser, args)  # OUTPUT/config.yaml, the trackers
     return args
 
 

@@ -10,7 +10,7 @@ query values): the repeat takes credentials from the environment.
 from __future__ import annotations
 
 import json
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
 from pack.cli_config import effective_config, write_config
@@ -22,22 +22,20 @@ NOT_REPEATED = ("resume",)
 PATHS = ("shards", "model", "output", "cache_dir", "deepspeed", "tracking_dir")
 
 
-def run_config(args: Namespace) -> dict:
-    from train.cli import run_parser
-
+def run_config(parser: ArgumentParser, args: Namespace) -> dict:
+    """The effective config of ``args`` parsed by train-run's ``parser`` (parse_run_args keeps
+    it as ``args.effective_config``)."""
     absolute = {k: str(Path(v).absolute()) for k in PATHS if (v := getattr(args, k, None))}
-    config = effective_config(run_parser(), Namespace(**{**vars(args), **absolute}),
+    config = effective_config(parser, Namespace(**{**vars(args), **absolute}),
                               exclude=NOT_REPEATED)
     if is_remote(args.shards):  # a cache view: record the URL it was made from
         config["shards"] = json.loads((Path(args.shards) / REMOTE_INFO).read_text())["url"]
     return config
 
 
-def write_run_config(out: Path, args: Namespace) -> dict:
-    """Write OUTPUT/config.yaml atomically; returns the config."""
-    config = run_config(args)
-    write_config(Path(out) / CONFIG_FILE, config,
+def write_run_config(out: Path, args: Namespace) -> None:
+    """Write ``args.effective_config`` to OUTPUT/config.yaml (atomically)."""
+    write_config(Path(out) / CONFIG_FILE, args.effective_config,
                  header="train-run's effective config for this run (every option, defaults "
                         "included).\nRepeat the run: train-run --config THIS_FILE --output "
                         "NEW_DIR (--resume is not recorded)")
-    return config

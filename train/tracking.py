@@ -186,14 +186,17 @@ class Trackers:
     """The chosen backends of one run (rank 0): ``log`` a metrics line, ``close`` at the end."""
 
     def __init__(self, run: Any) -> None:
-        from train.run_config import run_config
-
         self.backends: list[Backend] = []
         names = chosen(run.args)
         if not names:
             return
-        config = run_config(run.args)
+        config = run.args.effective_config
         where = Path(getattr(run.args, "tracking_dir", None) or run.out)
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PacktrainError(f"--tracking-dir {where}: cannot create it "
+                                 f"({e.strerror or e}); give a writable directory") from None
         summary = dataset_summary(run)
         try:
             for name in names:

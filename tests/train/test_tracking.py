@@ -156,3 +156,19 @@ def test_report_to_values():
         parse_run_args(["--shards", "x", "--report-to", "tensorboard,comet"])
     with pytest.raises(SystemExit):
         parse_run_args(["--shards", "x", "--report-to", "none,wandb"])
+
+
+def test_tracking_dir_that_is_a_file(tmp_path):
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from pack.errors import PacktrainError
+    from train.tracking import Trackers
+
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    run = SimpleNamespace(args=Namespace(report_to="tensorboard", tracking_dir=str(a_file / "x"),
+                                         shards=str(tmp_path)),
+                          out=tmp_path, manifest={}, manifest_sha256="")
+    with pytest.raises(PacktrainError, match=r"^--tracking-dir .*: cannot create it"):
+        Trackers(run)
