@@ -22,6 +22,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -110,9 +111,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 # ---------------------------------------------------------------- backends
-# Each: (run, config, summary, where) -> (log(step, values), close()).
+# Each: (run, config, summary, where) -> (log(step, values), close(failed)).
 
-Backend = tuple[Callable[[int, dict], None], Callable[[], None]]
+Backend = tuple[Callable[[int, dict], None], Callable[[bool], None]]
 
 
 def tensorboard(run: Any, config: dict, summary: dict, where: Path) -> Backend:
@@ -131,7 +132,7 @@ def tensorboard(run: Any, config: dict, summary: dict, where: Path) -> Backend:
             writer.add_scalar(k, v, step)
         writer.flush()
 
-    return log, writer.close
+    return log, lambda failed: writer.close()
 
 
 def _code(text: str) -> str:
@@ -150,7 +151,7 @@ def wandb(run: Any, config: dict, summary: dict, where: Path) -> Backend:
     def log(step: int, values: dict) -> None:
         r.log(values, step=step)
 
-    return log, r.finish
+    return log, lambda failed: r.finish(exit_code=1 if failed else 0)
 
 
 def mlflow(run: Any, config: dict, summary: dict, where: Path) -> Backend:
@@ -176,7 +177,7 @@ def mlflow(run: Any, config: dict, summary: dict, where: Path) -> Backend:
         ms = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, ms, step) for k, v in values.items()])
 
-    return log, lambda: client.set_terminated(run_id)
+    return log, lambda failed: client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
 OPENERS = {"tensorboard": tensorboard, "wandb": wandb, "mlflow": mlflow}
@@ -215,6 +216,9 @@ class Trackers:
             log(int(metrics["step"]), values)
 
     def close(self) -> None:
+        """Finish every tracker; a run stopped by an exception (called from a ``finally``
+        while it propagates) is marked failed where the tracker has such a state."""
+        failed = sys.exc_info()[1] is not None
         backends, self.backends = self.backends, []
         for _, close in backends:
-            close()
+            close(failed)

@@ -168,7 +168,29 @@ def test_tracking_dir_that_is_a_file(tmp_path):
     a_file = tmp_path / "f"
     a_file.write_text("x")
     run = SimpleNamespace(args=Namespace(report_to="tensorboard", tracking_dir=str(a_file / "x"),
-                                         shards=str(tmp_path)),
+                                         shards=str(tmp_path), effective_config={}),
                           out=tmp_path, manifest={}, manifest_sha256="")
     with pytest.raises(PacktrainError, match=r"^--tracking-dir .*: cannot create it"):
         Trackers(run)
+
+
+def test_trackers_log_numbers_and_mark_a_failed_run():
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from train.tracking import Trackers
+
+    trackers = Trackers(SimpleNamespace(args=Namespace(report_to="none")))
+    seen, closed = [], []
+    trackers.backends = [(lambda step, values: seen.append((step, values)), closed.append)]
+    trackers.log({"step": 4, "loss": 1.5, "eval_loss": 2, "grad_norm": None, "note": "x",
+                  "flag": True})
+    assert seen == [(4, {"loss": 1.5, "eval_loss": 2.0})]
+    with pytest.raises(RuntimeError):
+        try:
+            raise RuntimeError("stopped")
+        finally:
+            trackers.close()
+    trackers.backends = [(None, closed.append)]
+    trackers.close()
+    assert closed == [True, False]
