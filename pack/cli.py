@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
+from .cli_config import add_config_arg, dump_config, expand_config, manifest_config
 from .errors import PacktrainError
 
 EXIT_PROBLEMS = 1
@@ -125,15 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key of the eval split's hash (default: 0; independent of --seed)")
     add_check_arguments(p)
     p.add_argument("--version", action="version", version=f"packtrain {__version__}")
+    add_config_arg(p)
     return p
 
 
 def _build(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(expand_config(build_parser, sys.argv[1:] if argv is None else argv))
     from .build import BuildConfig, build
 
-    result = build(BuildConfig(**vars(ns)))
+    result = build(BuildConfig.from_args(ns))
     if ns.dry_run:
         from .dry_run import plan_text
 
@@ -168,6 +170,9 @@ def info_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw histograms of sample lengths and pack fill (needs matplotlib)")
+    p.add_argument("--config", action="store_true",
+                   help="print the recorded pack-build arguments as a YAML config for "
+                        "pack-build --config")
     return p
 
 
@@ -179,6 +184,10 @@ def _info(argv: Sequence[str] | None) -> int:
     from .remote import read_manifest  # a directory or a URL
 
     manifest = read_manifest(ns.out)
+    if ns.config:
+        print(dump_config(manifest_config(manifest), header="pack-build arguments the manifest records"),
+              end="")
+        return 0
     if ns.json:
         print(json.dumps(manifest, indent=2))
     else:

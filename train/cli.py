@@ -25,7 +25,10 @@ import signal
 import sys
 from pathlib import Path
 
+from pack.cli_config import add_config_arg, expand_config
 from pack.errors import PacktrainError
+from train.run_config import run_config
+from train.tracking import add_tracking_args, check_installed
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -120,6 +123,8 @@ def run_parser() -> argparse.ArgumentParser:
     from train.eval_args import add_eval_args
 
     add_eval_args(ap)
+    add_tracking_args(ap)
+    add_config_arg(ap)
     return ap
 
 
@@ -160,7 +165,9 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = run_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = run_parser()
+    args = parser.parse_args(expand_config(run_parser, argv))
     from pack.remote import dataset_name, is_url, redact, resolve
     from train.mixture import parse_shards
 
@@ -172,7 +179,8 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is None:
         args.output = str(Path("runs") / Path(os.path.abspath(args.shards)).name)
     check_numbers(args)
-    for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir"):
+    check_installed(args)
+    for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir", "tracking_dir"):
         if getattr(args, flag) is not None and not str(getattr(args, flag)).strip():
             # an empty --output would train into the current directory
             raise PacktrainError(f"--{flag.replace('_', '-')}: empty; give a path or leave the "
@@ -182,6 +190,7 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     resolve_eval_args(args)
     if url:  # from here on a local cache view of the URL; shards arrive on first use
         args.shards_url, args.shards = redact(url), resolve(url, args.cache_dir)
+    args.effective_config = run_config(parser, args)  # OUTPUT/config.yaml, the trackers
     return args
 
 
@@ -210,6 +219,7 @@ def run_main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = expand_config(run_parser, argv)  # the ranks get the file's options as flags
         args = parse_run_args(argv)
         from train.mixture import read_manifests
 

@@ -59,7 +59,9 @@ from train.evaluate import best_after_resume, eval_due, evaluate, keep_best, ope
 from train.forward import micro_loss
 from train.hooks import Hooks
 from train.mixture import local_counts, loss_sums, step_metrics
+from train.run_config import write_run_config
 from train.setup import Run, build
+from train.tracking import Trackers
 
 METRICS_FILE = "metrics.jsonl"  # OUTPUT/metrics.jsonl: one JSON line per step (rank 0)
 
@@ -90,6 +92,7 @@ def start_run(args: Namespace, dist: Dist, hooks: Hooks) -> tuple[Run, bool]:
     run.eval_set = open_eval_set(args, run.manifest, run.model, dist)
     safe_deepspeed_loads(run.engine)  # before any resume: DeepSpeed's own loads unpickle
     on_rank0(dist, lambda: write_run_files(run))
+    on_rank0(dist, lambda: write_run_config(out, args))
     metrics_path = out / METRICS_FILE
     if resume_from is not None:
         run.stream.state = restore_checkpoint(run, resume_from)
@@ -304,6 +307,7 @@ class Progress:
         from tqdm import tqdm
 
         self.run = run
+        self.trackers = Trackers(run) if run.dist.is_main else None  # --report-to
         self.interactive = sys.stderr.isatty()
         self.bar = tqdm(total=run.total_steps, initial=run.step,
                         disable=not (run.dist.is_main and self.interactive),
@@ -318,6 +322,7 @@ class Progress:
             return
         self.metrics.write(json.dumps(m) + "\n")
         self.metrics.flush()
+        self.trackers.log(m)
         self.bar.update(m["step"] - self.bar.n)  # 0 for the step-0 evaluation
         ev = f" eval_loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else ""
         if "loss" not in m:  # the step-0 evaluation
@@ -340,6 +345,8 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close()
         if self.metrics is not None:
             self.metrics.close()
 
