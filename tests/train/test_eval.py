@@ -284,3 +284,24 @@ def test_resumed_best_is_rewritten_or_forgotten(inproc, tmp_path):
     run.best_eval["eval_set"] = "other:7"
     best_after_resume(run)
     assert run.best_eval is None
+
+
+def test_pack_build_split_is_the_default_eval_set(inproc, model_dir, tokenizer_dir, tmp_path):
+    """End to end: `pack-build --eval-fraction` writes OUT/eval/, and train-run on OUT evaluates
+    on it without being told (step 0 and the end), over exactly its label tokens."""
+    from helpers import exchanges_jsonl
+    from pack.cli import build_main
+    from pack.format import read_manifest
+    from train.loop import train
+
+    corpus = exchanges_jsonl(tmp_path / "ex.jsonl", 60)
+    data = tmp_path / "data"
+    assert build_main([str(corpus), str(data), "--tokenizer", str(tokenizer_dir), "--quiet",
+                       "--workers", "1", "--max-length", "128", "--eval-fraction", "0.25"]) == 0
+    held_out = read_manifest(str(data / "eval"))
+    out = tmp_path / "run"
+    summary = train(run_args(data, model_dir, out, *EVAL, "--max-steps", "2"))
+    lines = eval_lines(out)
+    assert sorted(lines) == [0, 2] and summary["eval_loss"] == lines[2]
+    tokens = {m["step"]: m["eval_tokens"] for m in metrics(out) if "eval_tokens" in m}
+    assert tokens[0] == tokens[2] == held_out["stats"]["label_tokens"]
