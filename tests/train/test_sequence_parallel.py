@@ -154,3 +154,65 @@ def test_sp2_loss_and_gradients_equal_one_process(tmp_path):
         assert r["n"] == r["ref_n"] > 0, (arch, r)
         assert abs(r["loss"] - r["ref_loss"]) / r["ref_loss"] < 1e-5, (arch, r)
         assert r["grad_rel"] < 1e-5, (arch, r)
+
+
+# ---------------------------------------------------------------- the real CLI, 2 ranks (slow)
+
+DRIVER = r'''
+import json, os, sys
+from train.cli import run_main
+for argv in json.load(open(sys.argv[1])):
+    rc = run_main(argv)
+    if rc:
+        sys.exit(rc)
+'''
+COMMON = ["--dtype", "fp32", "--lr", "3e-3", "--schedule", "constant", "--grad-clip", "1.0",
+          "--seed", "0", "--grad-accum", "2", "--max-steps", "3", "--no-export"]
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _driver(work: Path, name: str, jobs: list, nproc: int) -> None:
+    (work / f"{name}.json").write_text(json.dumps(jobs))
+    (work / "driver.py").write_text(DRIVER)
+    launch = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([*launch, str(work / "driver.py"), str(work / f"{name}.json")],
+                       capture_output=True, text=True, env=env, timeout=900, cwd=work)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(dataset, model_dir, tokenizer_dir, work):
+    """Llama at ZeRO 1 and a Qwen3 (1 KV head) at ZeRO 3, each with --sequence-parallel 2 on 2
+    ranks (one torchrun job) and on 1 rank without SP (one process)."""
+    from train.tiny import make_tiny_model
+
+    qwen = make_tiny_model("qwen3", tokenizer_dir, work / "qwen3", hidden=32, layers=2, heads=4,
+                           kv_heads=1, seed=0)
+    z3 = work / "z3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    cases = {"llama-z1": [str(model_dir), "--zero", "1"],
+             "qwen3-z3": [str(qwen), "--zero", "3", "--deepspeed", str(z3)]}
+    jobs = {n: [] for n in ("sp", "ref")}
+    for case, (model, *zero) in cases.items():
+        for kind, extra in (("sp", ["--sequence-parallel", "2"]), ("ref", [])):
+            jobs[kind].append(["--shards", str(dataset), "--model", model, "--output",
+                               str(work / f"{case}-{kind}"), *COMMON, *zero, *extra])
+    _driver(work, "sp", jobs["sp"], 2)
+    _driver(work, "ref", jobs["ref"], 1)
+    return {case: (work / f"{case}-sp", work / f"{case}-ref") for case in cases}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["llama-z1", "qwen3-z3"])
+def test_train_run_sp2_matches_one_rank(cli_runs, case):
+    sp, ref = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+               for d in cli_runs[case])
+    assert len(sp) == len(ref) == 3
+    for key in ("label_tokens", "tokens"):
+        assert [m[key] for m in sp] == [m[key] for m in ref]
+    for key in ("loss", "grad_norm"):
+        rel = [abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(sp, ref)]
+        assert max(rel) < 1e-5, (key, rel)
