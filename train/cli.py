@@ -92,6 +92,9 @@ def run_parser() -> argparse.ArgumentParser:
                    help="packed attention backend (auto: flash, then torch varlen on CUDA; "
                         "per-sample SDPA on CPU)")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                   help="split every packed row over N ranks (Ulysses all-to-all over attention "
+                        "heads); the world size must be a multiple of N (default 1: off)")
     g.add_argument("--loss-chunk", type=int, default=1024,
                    help="label tokens per chunk of the chunked cross-entropy")
     g.add_argument("--deepspeed", metavar="CONFIG.json",
@@ -143,7 +146,7 @@ NUMBERS = (
     ("grad_clip", 0.0, 1e9, True), ("dist_timeout", 0.0, 1e7, False),
     ("lora_r", 1, 1 << 16, True), ("lora_alpha", 0.0, 1e9, False),
     ("lora_dropout", 0.0, 1.0, True), ("eval_every", 0, INT_LIMIT, True),
-    ("eval_max_packs", 1, INT_LIMIT, True),
+    ("eval_max_packs", 1, INT_LIMIT, True), ("sequence_parallel", 1, 4096, True),
 )
 
 

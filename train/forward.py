@@ -38,10 +38,13 @@ def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int,
     """(loss_sum tensor, n_label_tokens) of one packed row, computed inside engine(...).
     `group_sums`: a mixture's per-dataset CE sums, added to (train.mixture)."""
     from train.loss import packed_loss
+    from train.sequence_parallel import SeqSlice, slice_loss
 
     model = engine.module
 
     def forward():
+        if isinstance(mb, SeqSlice):  # this rank's piece of a row (--sequence-parallel)
+            return slice_loss(model, mb, chunk_size)
         groups = None if group_sums is None else (mb.token_groups, group_sums)
         return packed_loss(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
                            chunk_size, max_length=mb.max_seqlen, groups=groups)

@@ -199,6 +199,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     import deepspeed
     from train.attention import enable_packed_attention, select_backend
     from train.config import DTYPES, build_ds_config, resolve_dtype
+    from train.sequence_parallel import enable_ulysses, setup_sequence_parallel, shard_stream
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     manifest = read_manifest(args.shards)
@@ -207,6 +208,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
         raise PacktrainError(f"{model_path}: no such model directory; pass --model PATH to a "
                              f"local Hugging Face model (default: the dataset's tokenizer path)")
     out = Path(args.output)
+    sp = setup_sequence_parallel(args, dist.world_size, dist.rank)
     dtype = resolve_dtype(args.dtype, dist.device)
     ds_config = build_ds_config(args, dtype, dist.device)
 
@@ -215,6 +217,8 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     model, keep_alive = load_model(args, model_path, dtype, ds_config)
     backend = select_backend(args.attn, dist.device, DTYPES[dtype])
     enable_packed_attention(model, backend)
+    if sp is not None:
+        backend = enable_ulysses(model, backend, sp)
     log0(f"attention backend: {backend} (--attn {args.attn}, {dist.device.type}, {dtype})")
 
     preflight_checks(args, manifest, model, model_path, dist)
@@ -229,7 +233,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
         for w in notes or []:
             log0(f"warning: {w}")
     data = open_stream(args, manifest, dist, check_more)
-    stream = data.stream
+    stream = data.stream if sp is None else shard_stream(data.stream, sp)
     total = planned_steps(args, stream)
     if total <= 0:
         raise PacktrainError("nothing to train: --epochs/--max-steps give 0 optimizer steps")
