@@ -133,8 +133,10 @@ def rank_rows(packs: int, rank: int, world_size: int,
 def evaluate(run: Run) -> dict:
     """{"eval_loss", "eval_tokens"} of the eval set (the same on every rank), see the module
     doc. eval_tokens: the label tokens the loss is over."""
-    es, engine, dist = run.eval_set, run.engine, run.dist
-    rows, forwards = rank_rows(es.packs, dist.rank, dist.world_size, run.args.micro_batch)
+    es, engine, dist, sp = run.eval_set, run.engine, run.dist, run.sp
+    # under --sequence-parallel a group shares its rows, each rank evaluating its piece
+    rank, world = (sp.dp_rank, sp.dp_size) if sp is not None else (dist.rank, dist.world_size)
+    rows, forwards = rank_rows(es.packs, rank, world, run.args.micro_batch)
     was_training = engine.module.training
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -144,7 +146,12 @@ def evaluate(run: Run) -> dict:
             for k in range(forwards):
                 # past its own rows a rank runs a stand-in: ZeRO-3's gathers are collectives
                 ids = rows[k] if k < len(rows) else [0]
-                mb = collate([checked_pack(es.ds, i) for i in ids], ids).to(dist.device)
+                mb = collate([checked_pack(es.ds, i) for i in ids], ids)
+                if sp is not None:
+                    from train.sequence_parallel import slice_micro_batch
+
+                    mb = slice_micro_batch(mb, sp)
+                mb = mb.to(dist.device)
                 loss, n = micro_loss(engine, mb, run.args.loss_chunk)
                 if k < len(rows):
                     loss_sum += loss.double()

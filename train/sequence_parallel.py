@@ -35,7 +35,8 @@ all W ranks (ZeRO's data-parallel group is the whole world), sums the group's pa
 ZeRO 1-3 therefore partition over all W ranks, as without SP.
 
 Not supported (refused in one line): mixtures of datasets (their per-dataset counters read whole
-rows), --eval-shards (evaluation reads whole rows), a world size not divisible by N.
+rows), a world size not divisible by N. Evaluation (train.evaluate) slices its rows
+the same way.
 Resuming with another N works: the data order depends only on the data-parallel world size W/N,
 micro-batch and accumulation (the saved position is global), and ZeRO's checkpoint on W.
 With N = 1 nothing here runs.
@@ -99,9 +100,6 @@ def setup_sequence_parallel(args: Any, world_size: int, rank: int) -> SPGroup | 
         raise PacktrainError(f"--sequence-parallel {n}: not supported with a mixture of datasets "
                              f"(several --shards); train on one dataset or use "
                              f"--sequence-parallel 1")
-    if getattr(args, "eval_shards", None):
-        raise PacktrainError(f"--sequence-parallel {n}: not supported with --eval-shards yet; "
-                             f"evaluate the exported model separately or use --sequence-parallel 1")
     mine = None
     for g in range(world_size // n):
         group = tdist.new_group(list(range(g * n, (g + 1) * n)))

@@ -182,6 +182,7 @@ class Run:
     hooks: Hooks = field(default_factory=Hooks)  # test/debug hooks (train.hooks): off by default
     eval_set: Any = None           # train.evaluate.EvalSet, or None: no evaluation
     best_eval: dict | None = None  # {"step", "eval_loss"} of the lowest eval loss (--save-best)
+    sp: Any = None                 # train.sequence_parallel.SPGroup, or None (N = 1)
 
 
 def planned_steps(args: Namespace, stream: PackStream) -> int:
@@ -253,7 +254,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
                manifest=manifest, out=out, total_steps=total, backend=backend, dtype=dtype,
                ds_config=ds_config, keep_alive=keep_alive, model_path=str(model_path),
                manifest_sha256=data.manifest_sha256, datasets=data.datasets,
-               hooks=hooks or Hooks())
+               hooks=hooks or Hooks(), sp=sp)
 
 
 def seed_everything(seed: int) -> None:

@@ -167,7 +167,8 @@ for argv in json.load(open(sys.argv[1])):
         sys.exit(rc)
 '''
 COMMON = ["--dtype", "fp32", "--lr", "3e-3", "--schedule", "constant", "--grad-clip", "1.0",
-          "--seed", "0", "--grad-accum", "2", "--max-steps", "3", "--no-export"]
+          "--seed", "0", "--grad-accum", "2", "--max-steps", "3", "--no-export",
+          "--eval-every", "2", "--eval-max-packs", "5"]
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -199,7 +200,8 @@ def cli_runs(dataset, model_dir, tokenizer_dir, work):
     for case, (model, *zero) in cases.items():
         for kind, extra in (("sp", ["--sequence-parallel", "2"]), ("ref", [])):
             jobs[kind].append(["--shards", str(dataset), "--model", model, "--output",
-                               str(work / f"{case}-{kind}"), *COMMON, *zero, *extra])
+                               str(work / f"{case}-{kind}"), "--eval-shards", str(dataset),
+                               *COMMON, *zero, *extra])
     _driver(work, "sp", jobs["sp"], 2)
     _driver(work, "ref", jobs["ref"], 1)
     return {case: (work / f"{case}-sp", work / f"{case}-ref") for case in cases}
@@ -208,8 +210,14 @@ def cli_runs(dataset, model_dir, tokenizer_dir, work):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["llama-z1", "qwen3-z3"])
 def test_train_run_sp2_matches_one_rank(cli_runs, case):
-    sp, ref = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-               for d in cli_runs[case])
+    sp_all, ref_all = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+                       for d in cli_runs[case])
+    # the eval loss (steps 0, 2 and 3; 5 packs) is sliced over the group the same way
+    sp_eval, ref_eval = ([(m["step"], m["eval_tokens"], m["eval_loss"]) for m in lines
+                          if "eval_loss" in m] for lines in (sp_all, ref_all))
+    assert [e[:2] for e in sp_eval] == [e[:2] for e in ref_eval] and len(ref_eval) == 3
+    assert max(abs(a[2] - b[2]) / b[2] for a, b in zip(sp_eval, ref_eval)) < 1e-5
+    sp, ref = ([m for m in lines if "loss" in m] for lines in (sp_all, ref_all))
     assert len(sp) == len(ref) == 3
     for key in ("label_tokens", "tokens"):
         assert [m[key] for m in sp] == [m[key] for m in ref]
