@@ -118,6 +118,11 @@ class _Boundaries:
             self._value = (total, bounds, max_len, cu32)
         return bounds, max_len, cu32
 
+    def seed(self, cu: torch.Tensor, bounds: list[int]) -> None:
+        """Take `bounds` (checked on the host) as the values of `cu`: no read back from the device."""
+        self._value = (bounds[-1], bounds, max(e - s for s, e in zip(bounds[:-1], bounds[1:])), cu)
+        self._ref, self._version = weakref.ref(cu), cu._version
+
     @staticmethod
     def _convert(cu: torch.Tensor, total: int, backend: str):
         bounds = [int(x) for x in cu.tolist()]
@@ -582,6 +587,7 @@ def packed_forward_kwargs(
     position_ids: torch.Tensor,
     max_length: int | None = None,
     validate: bool = True,
+    bounds: list[int] | None = None,
 ) -> dict:
     """Keyword arguments for ``model(input_ids=..., **kwargs)`` on one packed row.
 
@@ -589,7 +595,9 @@ def packed_forward_kwargs(
     max_length_q/k (int), use_cache=False and attention_mask=None. ``max_length`` (the longest sample)
     is computed when not given (one host sync). With ``validate`` the boundaries are checked:
     cu_seqlens starts at 0, strictly increases and ends at T, and position_ids restart at 0 exactly at
-    each sample start and count up by one inside a sample.
+    each sample start and count up by one inside a sample. ``bounds``: cu_seqlens as ints, checked
+    on the host (the training step's packs): no validation, and the backends read no boundary back
+    from the device.
     """
     pos = torch.as_tensor(position_ids)
     if pos.dim() == 1:
@@ -599,6 +607,13 @@ def packed_forward_kwargs(
     pos = pos.to(torch.long)
     cu = torch.as_tensor(cu_seqlens).reshape(-1).to(device=pos.device, dtype=torch.int32)
     total = pos.shape[1]
+    if bounds is not None:
+        if len(bounds) != cu.numel() or bounds[-1] != total:
+            raise AttentionBackendError(f"host bounds {_short(bounds)} do not describe {total} tokens")
+        _BOUNDS.seed(cu, bounds)
+        validate = False
+        if max_length is None:
+            max_length = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     if validate or max_length is None:
         bounds = [int(x) for x in cu.tolist()]
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]

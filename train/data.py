@@ -43,7 +43,7 @@ a ``FormatError`` naming the shard, the row and the rule instead of training on 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -76,6 +76,10 @@ class MicroBatch:
     pack_ids: list[int] = field(default_factory=list)
     # mixtures only (train.mixture): the dataset of every token, [T] int64; None for one dataset
     token_groups: torch.Tensor | None = None
+    # known on the host from the checked packs (collate), so the step reads nothing back from the
+    # device for them (train.loop); None when unknown (then computed from the tensors)
+    bounds: list[int] | None = None  # cu_seqlens as ints
+    label_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -84,15 +88,17 @@ class MicroBatch:
     @property
     def num_label_tokens(self) -> int:
         """Tokens that carry a loss after the causal shift: labels[..., 1:] != -100."""
+        if self.label_tokens is not None:
+            return self.label_tokens
         return count_label_tokens(self.labels)
 
     def to(self, device) -> "MicroBatch":
-        return MicroBatch(self.input_ids.to(device, non_blocking=True),
-                          self.labels.to(device, non_blocking=True),
-                          self.position_ids.to(device, non_blocking=True),
-                          self.cu_seqlens.to(device, non_blocking=True),
-                          self.max_seqlen, self.pack_ids,
-                          None if self.token_groups is None else self.token_groups.to(device))
+        return replace(self, input_ids=self.input_ids.to(device, non_blocking=True),
+                       labels=self.labels.to(device, non_blocking=True),
+                       position_ids=self.position_ids.to(device, non_blocking=True),
+                       cu_seqlens=self.cu_seqlens.to(device, non_blocking=True),
+                       token_groups=None if self.token_groups is None
+                       else self.token_groups.to(device))
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -108,7 +114,8 @@ def epoch_order(num_packs: int, seed: int, epoch: int) -> np.ndarray:
 def collate(packs: list[dict[str, np.ndarray]], pack_ids: list[int] | None = None,
             groups: list[int] | None = None) -> MicroBatch:
     """Concatenate packs into one row; cu_seqlens merged with shifted offsets. `groups`: the
-    dataset of each pack (mixtures), spread to every token as `token_groups`."""
+    dataset of each pack (mixtures), spread to every token as `token_groups`. The host-side
+    `bounds` and `label_tokens` are trusted by the step (no re-validation): collate checked packs."""
     if not packs:
         raise ValueError("collate needs at least one pack")
     ids = np.concatenate([p["input_ids"] for p in packs]).astype(np.int64)
@@ -126,7 +133,8 @@ def collate(packs: list[dict[str, np.ndarray]], pack_ids: list[int] | None = Non
         token_groups = torch.from_numpy(np.repeat(np.asarray(groups, dtype=np.int64), lengths))
     return MicroBatch(torch.from_numpy(ids).unsqueeze(0), torch.from_numpy(labels).unsqueeze(0),
                       torch.from_numpy(pos).unsqueeze(0), torch.from_numpy(cu.astype(np.int32)),
-                      int(np.diff(cu).max()), list(pack_ids or []), token_groups)
+                      int(np.diff(cu).max()), list(pack_ids or []), token_groups,
+                      bounds=cu.tolist(), label_tokens=int((labels[1:] != IGNORE_INDEX).sum()))
 
 
 def checked_pack(ds: PackedDataset, i: int) -> dict[str, np.ndarray]:

@@ -47,7 +47,8 @@ def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int,
             return slice_loss(model, mb, chunk_size)
         groups = None if group_sums is None else (mb.token_groups, group_sums)
         return packed_loss(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
-                           chunk_size, max_length=mb.max_seqlen, groups=groups)
+                           chunk_size, max_length=mb.max_seqlen, groups=groups,
+                           bounds=mb.bounds, label_count=mb.label_tokens)
 
     with packed_forward(model, forward):
         return engine()

@@ -60,6 +60,7 @@ from train.forward import micro_loss
 from train.hooks import Hooks
 from train.mixture import local_counts, loss_sums, step_metrics
 from train.run_config import write_run_config
+from train.prefetch import device_batches, to_device
 from train.setup import Run, build
 from train.tracking import Trackers
 
@@ -125,62 +126,85 @@ class StepResult:
     per_dataset: dict = field(default_factory=dict)  # a mixture's loss/<name>, tokens/<name>, ...
 
 
-def _local_grad_norm(engine: Any) -> float | None:
+def _local_grad_norm(engine: Any) -> torch.Tensor | None:
     """ZeRO-0 fp32 does not record the norm: compute it from .grad (full on every rank), before
-    clipping, as the ZeRO optimizers report it."""
+    clipping, as the ZeRO optimizers report it. A float64 device tensor (read with the rest)."""
     # accumulate in float64: an fp32 norm over millions of elements is off by ~1e-5
-    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
-             for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    # one foreach kernel over all tensors, not a Python loop of kernels per parameter
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)))
+
+
+def _read(parts: list[torch.Tensor | None]) -> list[float]:
+    """THE host read of the step: every tensor (device scalars/vectors) concatenated, one copy."""
+    device = next(p.device for p in parts if p is not None)  # the counts': the compute device
+    flat = [p.detach().to(device, torch.float64).reshape(-1) for p in parts if p is not None]
+    return torch.cat(flat).tolist()
 
 
 def train_step(run: Run, micro_batches: list[MicroBatch],
                before_update: Callable[[Any], None] | None = None) -> StepResult:
     """One optimizer step over this rank's `grad_accum` micro-batches (see the module doc for
     the loss scaling). `before_update(engine)` runs after the last backward, before the update
-    (tests read gradients there)."""
+    (tests read gradients there).
+
+    Host reads (device-to-host syncs on CUDA), counted by tests/train/test_step_syncs.py: ONE in
+    packtrain's code per step. Label/token counts, sample boundaries and the longest sample come
+    from the packs on the host (collate); the loss scale is a device tensor from a device
+    all-reduce of those counts; micro-batch i + 1 is copied while i computes (train.prefetch).
+    The read: ZeRO 0 fp32 before the update (loss sum, counts, mixture sums, gradient norm:
+    the torch optimizer has no overflow check, so a non-finite step must be known before it
+    runs); otherwise after `engine.step()` (the same plus DeepSpeed's norm: its optimizers skip
+    a non-finite update themselves, and `was_step_applied` is checked). DeepSpeed's overflow
+    checks and transformers' packed-sequence detection make their own reads (the test states
+    how many)."""
     engine, dist = run.engine, run.dist
     ga = engine.gradient_accumulation_steps()
     if len(micro_batches) != ga:
         raise RuntimeError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps {ga}")
-    local_labels = sum(mb.num_label_tokens for mb in micro_batches)
-    local_tokens = sum(mb.num_tokens for mb in micro_batches)
     k = len(run.datasets)  # 0 unless a mixture: then per-dataset sums ride on the same reductions
-    n_total, tokens_total, *mix_counts = all_reduce_sum(
-        [local_labels, local_tokens, *local_counts(micro_batches, k)], dist.device)
+    counts = _summed(torch.tensor(
+        [sum(mb.num_label_tokens for mb in micro_batches),
+         sum(mb.num_tokens for mb in micro_batches), *local_counts(micro_batches, k)],
+        dtype=torch.float64), dist)
     group_sums = loss_sums(k, dist.device)
-    n_total, tokens_total = int(n_total), int(tokens_total)
-    scale = ga * dist.world_size / max(n_total, 1)
+    scale = (ga * dist.world_size / counts[0].clamp(min=1)).float()
     lr = float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") \
         else float(engine.get_lr()[0])
     loss_sum_local = torch.zeros((), dtype=torch.float64, device=dist.device)
-    grad_norm = skipped = None
+    grad_norm = skipped = vals = None
     zero0_fp32 = engine.zero_optimization_stage() == 0 and run.dtype == "fp32"
-    for i, mb in enumerate(micro_batches):
-        mb = mb.to(dist.device)
-        loss_sum, n = micro_loss(engine, mb, run.args.loss_chunk, group_sums)
-        if n != mb.num_label_tokens:
-            raise RuntimeError(f"packed_loss counted {n} label tokens, the data {mb.num_label_tokens}")
+    for i, mb in enumerate(device_batches(micro_batches, dist.device)):
+        loss_sum, _ = micro_loss(engine, mb, run.args.loss_chunk, group_sums)
         engine.backward(loss_sum * scale)
         loss_sum_local += loss_sum.detach().double()
         if i == len(micro_batches) - 1:
             if before_update is not None:
                 before_update(engine)
+            sums = _summed(torch.cat([loss_sum_local.reshape(1),
+                                      *([] if group_sums is None else [group_sums])]), dist)
             if zero0_fp32:
-                grad_norm = _local_grad_norm(engine)
-            # summed before the update, so that a non-finite loss never reaches the weights
-            loss_sum_total, *mix_sums = all_reduce_sum(
-                [float(loss_sum_local), *([] if group_sums is None else group_sums.tolist())],
-                dist.device)
-            skipped = _nonfinite(run, loss_sum_total, grad_norm if zero0_fp32 else 0.0)
-            if skipped and zero0_fp32:
-                _skip_torch_update(engine)
+                # before the update, so that a non-finite loss never reaches the weights
+                vals = _read([counts, sums, _local_grad_norm(engine)])
+                grad_norm = vals[len(counts) + len(sums)] if len(vals) > len(counts) + len(sums) \
+                    else None
+                skipped = _nonfinite(run, vals[len(counts)], grad_norm)
+                if skipped:
+                    _skip_torch_update(engine)
         engine.step()
     if zero0_fp32:
         _end_torch_skip(engine)
     else:
         gn = engine.get_global_grad_norm()
-        grad_norm = None if gn is None else float(gn)
+        vals = _read([counts, sums, gn if torch.is_tensor(gn) else None])
+        grad_norm = vals[len(counts) + len(sums)] if torch.is_tensor(gn) else \
+            (None if gn is None else float(gn))
+        skipped = _nonfinite(run, vals[len(counts)], 0.0)
+    n_total, tokens_total = int(vals[0]), int(vals[1])
+    loss_sum_total, mix_counts = vals[len(counts)], vals[2:len(counts)]
+    mix_sums = vals[len(counts) + 1:len(counts) + len(sums)]
     if skipped is None:
         # global, so every rank takes the same branch (ZeRO 0 fp32's norm is per rank)
         skipped = _nonfinite(run, 0.0, grad_norm)
@@ -196,6 +220,16 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
                       tokens=tokens_total, grad_norm=grad_norm, lr=lr, skipped=skipped,
                       per_dataset=step_metrics([d["name"] for d in run.datasets], mix_counts,
                                                mix_sums) if k else {})
+
+
+def _summed(t: torch.Tensor, dist: Any) -> torch.Tensor:
+    """`t` (host or device) on the device, summed over all ranks; nothing read back."""
+    import torch.distributed as tdist
+
+    t = to_device(t, dist.device) if t.device != dist.device else t
+    if dist.world_size > 1 and tdist.is_initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
 
 
 def _nonfinite(run: Run, loss_sum: float, grad_norm: float | None) -> str | None:

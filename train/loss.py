@@ -54,9 +54,26 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -
     targets[:-1] = labels[1:]
     if cu_seqlens is not None:
         ends = torch.as_tensor(cu_seqlens, device=labels.device).reshape(-1)[1:].to(torch.long) - 1
-        ends = ends[(ends >= 0) & (ends < labels.numel())]
-        targets[ends] = IGNORE_INDEX
+        n = labels.numel()
+        if n:
+            # out-of-range ends are ignored without a boolean index (data-dependent size: a sync
+            # on CUDA): they scatter the dtype's maximum, which the min keeps from winning
+            keep = torch.where((ends >= 0) & (ends < n), IGNORE_INDEX, torch.iinfo(targets.dtype).max)
+            targets.scatter_reduce_(0, ends.clamp(0, n - 1), keep.to(targets.dtype), reduce="amin")
     return targets
+
+
+def _label_positions(targets: torch.Tensor, label_count: int | None) -> tuple[torch.Tensor, int]:
+    """(positions of the label tokens, their number). `label_count`, when the host counted them
+    (checked packs), sizes the result without a read back from the device; a wrong count fails a
+    device-side assert instead of silently dropping or inventing tokens."""
+    mask = targets != IGNORE_INDEX
+    if label_count is None:
+        idx = torch.nonzero(mask).flatten()
+        return idx, int(idx.numel())
+    torch._assert_async(mask.sum() == label_count,
+                        f"the host counted {label_count} label tokens, the loss another number")
+    return torch.nonzero_static(mask, size=label_count).flatten(), label_count
 
 
 _FP32_OUT_ADDMM: dict = {}
@@ -182,6 +199,7 @@ def chunked_cross_entropy(
     softcap: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    label_count: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of ``hidden`` [T, H] under the head ``lm_head_weight`` [V, H]
     (+ ``bias`` [V]) against unshifted ``labels`` [T] (-100 ignored), without materialising [T, V].
@@ -192,6 +210,8 @@ def chunked_cross_entropy(
     Gradients w.r.t. hidden, weight and bias equal those of the naive full-logits computation.
     ``groups`` = (group of every position [T] int64, sums [K]): the CE of each label token is also
     added (without gradient) to ``sums`` at its position's group (a mixture's per-dataset loss).
+    ``label_count``: the label tokens as counted on the host from checked packs (labels in range):
+    then nothing is read back from the device (no count, no range check).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -210,11 +230,10 @@ def chunked_cross_entropy(
             "head_cross_entropy(head_module, ...) so the weight is gathered)"
         )
     targets = shift_labels(labels.to(hidden.device), cu_seqlens)
-    idx = torch.nonzero(targets != IGNORE_INDEX).flatten()
-    n = int(idx.numel())
+    idx, n = _label_positions(targets, label_count)
     sel_t = targets.index_select(0, idx).to(torch.long)
     vocab = lm_head_weight.shape[0]
-    if n and (int(sel_t.min()) < 0 or int(sel_t.max()) >= vocab):
+    if n and label_count is None and (int(sel_t.min()) < 0 or int(sel_t.max()) >= vocab):
         raise ValueError(
             f"labels must be -100 or in [0, {vocab}); got values in [{int(sel_t.min())}, {int(sel_t.max())}]"
         )
@@ -316,6 +335,7 @@ def head_cross_entropy(
     logit_scale: float | None = None,
     softcap: float | None = None,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    label_count: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """chunked_cross_entropy through a head *module*: the computation runs inside ``head(...)`` so
     that module hooks fire (DeepSpeed ZeRO-3 gathers a partitioned weight in its pre-forward hook and
@@ -328,7 +348,7 @@ def head_cross_entropy(
         def forward(h):
             loss, n = chunked_cross_entropy(
                 h, head.weight, labels, chunk_size, bias=head.bias, logit_scale=logit_scale, softcap=softcap,
-                cu_seqlens=cu_seqlens, groups=groups,
+                cu_seqlens=cu_seqlens, groups=groups, label_count=label_count,
             )
             result["n"] = n
             return loss
@@ -350,8 +370,7 @@ def head_cross_entropy(
     if hidden.dim() == 3:
         hidden = hidden[0]
     targets = shift_labels(labels.to(hidden.device), cu_seqlens)
-    idx = torch.nonzero(targets != IGNORE_INDEX).flatten()
-    n = int(idx.numel())
+    idx, n = _label_positions(targets, label_count)
     sel_h = hidden.index_select(0, idx)
     sel_t = targets.index_select(0, idx).to(torch.long)
     loss = sel_h.sum() * 0.0  # keeps the graph connected when there are no label tokens
@@ -382,6 +401,8 @@ def packed_loss(
     chunk_size: int = 1024,
     max_length: int | None = None,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bounds: list[int] | None = None,
+    label_count: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Run ``model`` (attention already switched with enable_packed_attention) on one packed row and
     return (sum of next-token CE over label tokens as an fp32 scalar, number of label tokens).
@@ -389,14 +410,17 @@ def packed_loss(
     input_ids/labels/position_ids: [T] or [1, T]; cu_seqlens: [n_samples + 1]. Passes use_cache=False,
     attention_mask=None and the cu_seqlens kwargs; hidden states come from the decoder so full logits
     are never built. The caller divides by the label-token count of the whole optimizer step.
-    ``groups``: see chunked_cross_entropy (per-dataset sums of a mixture).
+    ``groups``: see chunked_cross_entropy (per-dataset sums of a mixture). ``bounds`` (cu_seqlens
+    as ints) and ``label_count``: known on the host from checked packs; the row is then not
+    validated again and nothing is read back from the device (train.loop's step).
     """
     parts = model_hidden_and_head(model)
     ids = input_ids.reshape(1, -1)
-    kwargs = packed_forward_kwargs(cu_seqlens, position_ids.to(ids.device), max_length=max_length)
+    kwargs = packed_forward_kwargs(cu_seqlens, position_ids.to(ids.device), max_length=max_length,
+                                   bounds=bounds)
     out = parts.decoder(input_ids=ids, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return head_cross_entropy(
         parts.head, hidden[0], labels.reshape(-1), chunk_size, cu_seqlens=kwargs["cu_seq_lens_q"],
-        logit_scale=parts.logit_scale, softcap=parts.softcap, groups=groups,
+        logit_scale=parts.logit_scale, softcap=parts.softcap, groups=groups, label_count=label_count,
     )

@@ -79,10 +79,6 @@ class SeqSlice(MicroBatch):
     def num_tokens(self) -> int:
         return self.real_tokens
 
-    def to(self, device) -> "SeqSlice":
-        return SeqSlice(self.input_ids.to(device), self.labels.to(device),
-                        self.position_ids.to(device), self.cu_seqlens.to(device),
-                        self.max_seqlen, self.pack_ids, None, self.real_tokens)
 
 
 # ---------------------------------------------------------------- set-up
@@ -232,9 +228,11 @@ def slice_micro_batch(mb: MicroBatch, sp: SPGroup) -> SeqSlice:
     length = (total + pad) // n
     s, e = sp.rank * length, (sp.rank + 1) * length
     labels = torch.cat([targets.new_full((1,), IGNORE_INDEX), targets[s:e]]).unsqueeze(0)
+    # counted here, on the host: the step reads nothing back for it (train.loop)
+    n_labels = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return SeqSlice(ids[:, s:e].contiguous(), labels, pos[:, s:e].contiguous(), cu,
-                    max(mb.max_seqlen, pad), mb.pack_ids, None,
-                    max(0, min(e, total) - s))
+                    max(mb.max_seqlen, pad), mb.pack_ids, label_tokens=n_labels,
+                    real_tokens=max(0, min(e, total) - s))
 
 
 def shard_stream(stream: Any, sp: SPGroup) -> Any:
