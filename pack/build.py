@@ -63,6 +63,7 @@ from .errors import PacktrainError
 from .eval_split import EvalRule, eval_rule
 from .outdir import (TMP_SAMPLES, check_out_dir, cleanup, disk_full, prepare_out_dir, publish,
                      unlock_out_dirs)
+from .progress import ReadBar
 from .stats import Counts, build_stats, summary
 from .store import SampleStore
 from .tasks import PARTITION_BLOCK, Task, hash_sources, read_tasks, source_info
@@ -320,7 +321,8 @@ def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Cou
     lengths_parts: list[np.ndarray] = []
     index_parts: list[np.ndarray] = []
     per_sample: dict[str, list[np.ndarray]] | None = None if job.eval is None else {}
-    bar = ui.bar(desc="tokenize", unit="rec")  # after the fork: no tqdm thread in workers
+    # after the fork: no tqdm thread in workers
+    bar = ReadBar(ui.bar, sum(int(s.get("bytes") or 0) for s in job.sources))
     for task, res in results:
         base = counts.records
         _count(task, res, counts, job.sources, job.cfg.skip_invalid)
@@ -331,8 +333,8 @@ def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Cou
         if per_sample is not None and res.per_sample is not None:
             for k, v in res.per_sample.items():
                 per_sample.setdefault(k, []).append(v)
-        bar.update(res.n_records + len(res.parse_errors))
-    bar.close()
+        bar.update(task.end, res.n_records + len(res.parse_errors), res.lengths)
+    bar.finish()
     lengths = (np.concatenate(lengths_parts) if lengths_parts
                else np.zeros(0, np.int32)).astype(np.int64)
     sample_index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)

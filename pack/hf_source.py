@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from .errors import PacktrainError
 from .files import file_sha256
+from .progress import ReadPosition
 
 HUB_PREFIX = "hf://datasets/"
 BATCH_ROWS = 1024
@@ -128,16 +129,22 @@ def source_info(path: str | os.PathLike, split: str | None) -> dict[str, Any]:
             "files": listed}
 
 
-def iter_hf_records(path: str | os.PathLike, split: str | None) -> Iterator[tuple[str, dict]]:
+def iter_hf_records(path: str | os.PathLike, split: str | None,
+                    position: ReadPosition | None = None) -> Iterator[tuple[str, dict]]:
     """``("DIR:record N", record)`` for every row of the split (1-based), streaming one batch of
-    at most :data:`BATCH_ROWS` rows at a time from the memory-mapped Arrow files."""
+    at most :data:`BATCH_ROWS` rows at a time from the memory-mapped Arrow files. ``position``
+    follows the bytes read: the earlier files' sizes plus the offset in the current one."""
     import pyarrow as pa
 
     p = Path(path)
-    n = 0
+    n = before = 0
     for f in data_files(p, split):
         try:
-            reader = pa.ipc.open_stream(pa.memory_map(str(f)))
+            mapped = pa.memory_map(str(f))
+            if position is not None:
+                position.tell = lambda start=before, m=mapped: start + m.tell()
+            before += mapped.size()
+            reader = pa.ipc.open_stream(mapped)
             for batch in reader:
                 for start in range(0, batch.num_rows, BATCH_ROWS):
                     for record in batch.slice(start, BATCH_ROWS).to_pylist():

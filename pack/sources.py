@@ -4,14 +4,16 @@ API (used by ``pack.tasks``):
 
 ``expand_inputs(inputs) -> list[Path]``
     Files and glob patterns, in the order given (each glob's matches sorted), duplicates removed.
-``iter_records(path, skip_invalid=False, skipped=None, split=None, max_record_bytes=16MiB)``
+``iter_records(path, skip_invalid=False, skipped=None, split=None, max_record_bytes=16MiB,
+position=None)``
     Streams ``(where, record)`` pairs, ``where`` being ``"FILE:LINE"`` (JSON Lines, 1-based line) or
     ``"FILE:record N"`` (JSON array, Parquet; 1-based). Bad input raises a one-line
     :class:`PacktrainError` naming file and line; with ``skip_invalid=True`` a bad *record* is
     skipped and counted in ``skipped[reason]`` instead (reasons: ``invalid-json``,
     ``not-an-object``, ``invalid-utf8``, ``nul-byte``, ``too-large``: a JSON Lines line longer
     than ``max_record_bytes``, which is read no further than that). File-level problems
-    (missing, empty, corrupt compressed data, unsupported type) always raise.
+    (missing, empty, corrupt compressed data, unsupported type) always raise. A
+    :class:`pack.progress.ReadPosition` given as ``position`` tells how far the reader has got.
 ``detect_format(records, where) -> "alpaca" | "messages" | "text"``
     From the first few records' keys.
 
@@ -37,9 +39,10 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 from .errors import PacktrainError, json_type
+from .progress import ReadPosition
 
 SKIP_HINT = "fix it or pass --skip-invalid to skip bad records"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -224,6 +227,7 @@ class _ZstdRaw(io.RawIOBase):
         import zstandard
 
         self._zstd, self._f = zstandard, f
+        self.fileobj = f  # as GzipFile's: the compressed file (pack.progress reads its position)
         self._walker = _FrameWalker(f)
         self._reader = zstandard.ZstdDecompressor().stream_reader(
             self._walker, read_size=chunk, read_across_frames=True, closefd=False)
@@ -337,34 +341,39 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
 def iter_records(path: Path, skip_invalid: bool = False,
                  skipped: collections.Counter | None = None,
                  split: str | None = None,
-                 max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[str, dict]]:
+                 max_record_bytes: int = MAX_RECORD_BYTES,
+                 position: ReadPosition | None = None) -> Iterator[tuple[str, dict]]:
     """Yield ``(where, record)`` for every record of one file, streaming.
 
     ``where`` is ``"FILE:LINE"`` for JSON Lines (1-based, blank lines count) and
     ``"FILE:record N"`` (1-based) for JSON arrays and Parquet. Errors are PacktrainError with
     one line naming the place; with ``skip_invalid`` bad records are counted in
-    ``skipped[reason]`` and skipped. A file with no records at all raises ("no records")."""
+    ``skipped[reason]`` and skipped. A file with no records at all raises ("no records").
+    ``position`` is kept up to date with the bytes of the input read (:mod:`pack.progress`)."""
     path = Path(path)
     if path.is_dir():  # a Hugging Face save_to_disk directory (``split``: of a DatasetDict)
         from .hf_source import iter_hf_records
 
-        yield from iter_hf_records(path, split)
+        yield from iter_hf_records(path, split, position)
         return
     container, compression = _kind(path)
     if not path.is_file():
         raise PacktrainError(f"{path}: no such file; check the path")
     if container == "parquet":
-        yield from _iter_parquet(path)
+        yield from _iter_parquet(path, position)
         return
-    yield from _iter_json(path, container, compression, skip_invalid, skipped, max_record_bytes)
+    yield from _iter_json(path, container, compression, skip_invalid, skipped, max_record_bytes,
+                          position)
 
 
 def _iter_json(path: Path, container: str, compression: str | None, skip_invalid: bool,
-               skipped: collections.Counter | None, max_record_bytes: int
-               ) -> Iterator[tuple[str, dict]]:
+               skipped: collections.Counter | None, max_record_bytes: int,
+               position: ReadPosition | None = None) -> Iterator[tuple[str, dict]]:
     errors = _decompress_errors()
     what = f"{compression} " if compression else ""
     with _open_checked(path, compression, errors, what) as stream:
+        if position is not None:
+            position.tell = _disk_tell(stream)
         if container == "json":
             try:
                 start = stream.peek(4096)
@@ -373,7 +382,7 @@ def _iter_json(path: Path, container: str, compression: str | None, skip_invalid
             if start.startswith(b"\xef\xbb\xbf"):
                 start = start[3:]
             if start.lstrip()[:1] == b"[":
-                yield from _iter_json_array(path, stream, errors, what)
+                yield from _iter_json_array(path, stream, errors, what, position)
                 return
         first = True
         for lineno, raw in _nonblank_lines(path, stream, errors, what, max_record_bytes):
@@ -455,13 +464,14 @@ def is_jsonl(path: Path) -> bool:
     return not Path(path).is_dir() and _kind(Path(path))[0] == "jsonl"
 
 
-def iter_raw_lines(path: Path, max_record_bytes: int = MAX_RECORD_BYTES
+def iter_raw_lines(path: Path, max_record_bytes: int = MAX_RECORD_BYTES,
+                   position: ReadPosition | None = None
                    ) -> Iterator[tuple[int, bytes | LongLine]]:
     """``(line number, raw line)`` of every non-blank line of a JSON Lines file, unparsed (a
     UTF-8 byte-order mark at the start removed), with the same file-level checks and errors as
     :func:`iter_records`; :func:`parse_line` turns a line into its record (raising
     :class:`LineError`). A line longer than ``max_record_bytes`` comes as a :class:`LongLine`,
-    which :func:`parse_line` refuses."""
+    which :func:`parse_line` refuses. ``position`` follows the bytes of the file read."""
     path = Path(path)
     _, compression = _kind(path)
     if not path.is_file():
@@ -469,7 +479,17 @@ def iter_raw_lines(path: Path, max_record_bytes: int = MAX_RECORD_BYTES
     errors = _decompress_errors()
     what = f"{compression} " if compression else ""
     with _open_checked(path, compression, errors, what) as stream:
+        if position is not None:
+            position.tell = _disk_tell(stream)
         yield from _nonblank_lines(path, stream, errors, what, max_record_bytes)
+
+
+def _disk_tell(stream: IO[bytes]) -> Callable[[], int]:
+    """The position in the file on disk of a stream of :func:`_open_stream`: the stream's own
+    for a plain file, the compressed file's (read ahead of the lines by the decompressor's
+    buffer) for gzip and zstd."""
+    fileobj = getattr(getattr(stream, "raw", None), "fileobj", None)
+    return stream.tell if fileobj is None else fileobj.tell
 
 
 def _whole_json_object_hint(path: Path, stream: IO[bytes], first: bytes, errors) -> None:
@@ -486,8 +506,8 @@ def _whole_json_object_hint(path: Path, stream: IO[bytes], first: bytes, errors)
                              f"JSONL file (e.g. jq -c '.KEY[]' {path.name} > data.jsonl)")
 
 
-def _iter_json_array(path: Path, stream: IO[bytes], errors, what: str
-                     ) -> Iterator[tuple[str, dict]]:
+def _iter_json_array(path: Path, stream: IO[bytes], errors, what: str,
+                     position: ReadPosition | None = None) -> Iterator[tuple[str, dict]]:
     try:
         data = stream.read()
     except errors as e:
@@ -520,6 +540,10 @@ def _iter_json_array(path: Path, stream: IO[bytes], errors, what: str
     if not array:
         raise PacktrainError(f"{path}: no records (the JSON array is empty); remove it from the "
                              f"inputs")
+    i, n = 0, len(array)
+    if position is not None:  # the share of the records read: the array is parsed whole
+        size = path.stat().st_size
+        position.tell = lambda: size * i // n
     for i, record in enumerate(array, 1):
         if not isinstance(record, dict):
             raise PacktrainError(f"{path}:record {i}: expected a JSON object, got "
@@ -528,7 +552,8 @@ def _iter_json_array(path: Path, stream: IO[bytes], errors, what: str
         yield f"{path}:record {i}", record
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+def _iter_parquet(path: Path, position: ReadPosition | None = None
+                  ) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -540,7 +565,10 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict]]:
     if pf.metadata.num_rows == 0:
         raise PacktrainError(f"{path}: no records (the Parquet file has no rows); remove it from "
                              f"the inputs")
-    n = 0
+    n, rows = 0, pf.metadata.num_rows
+    if position is not None:  # the share of the rows read
+        size = path.stat().st_size
+        position.tell = lambda: size * n // rows
     try:
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             for record in batch.to_pylist():

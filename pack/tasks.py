@@ -10,6 +10,9 @@ the other blocks are still read (and parsed) so that record numbers, source coun
 errors are those of the whole build. Round-robin blocks make each partition a spread sample of
 the whole corpus, so it packs like the whole (benchmarks/partition_quality.py); contiguous
 ranges would save reading but give a partition of one kind of data when inputs differ.
+
+Each task also carries how far the reading had got when it was cut (``end``, in bytes of the
+inputs' total size on disk, :mod:`pack.progress`): what pack-build's bar counts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 from . import format as fmt_mod
 from .errors import PacktrainError
 from .files import file_sha256
+from .progress import ReadPosition, task_end
 from .sources import (MAX_RECORD_BYTES, LineError, detect_format, is_jsonl, iter_raw_lines,
                       iter_records, parse_line)
 
@@ -54,6 +58,8 @@ class Task:
     linenos: list[int] | None = None
     # invalid records the reader skipped around this task's records (parsed files only)
     skipped: Counter | None = None
+    # bytes of all the inputs (their sizes on disk, in order) read when the task was cut
+    end: int = 0
 
     def where(self, j: int) -> str:
         return self.wheres[j] if self.kind == "rec" else f"{self.path}:{self.linenos[j]}"
@@ -171,10 +177,12 @@ def read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Count
     A JSON Lines line longer than ``max_record_bytes`` is not read (an invalid record,
     ``too-large``)."""
     formats = _Formats(fmt)
-    iters = [_raw_tasks(i, p, formats, skip_invalid, chunk, chunk_bytes, max_record_bytes)
+    spans = _spans(sources)
+    iters = [_raw_tasks(i, p, formats, skip_invalid, chunk, chunk_bytes, max_record_bytes,
+                        spans[i])
              if is_jsonl(p)
              else _parsed_tasks(i, p, formats, skip_invalid, sources, chunk, split,
-                                max_record_bytes)
+                                max_record_bytes, spans[i])
              for i, p in enumerate(paths)]
     stream: Iterator[Task] = itertools.chain.from_iterable(iters)
     if formats.fmt is None:
@@ -192,18 +200,31 @@ def read_sources(paths: list[Path], fmt: str, skip_invalid: bool, skipped: Count
     return formats.fmt, stream
 
 
+def _spans(sources: list[dict]) -> list[tuple[int, int]]:
+    """``(start, size)`` of each input in the total of their sizes on disk."""
+    spans, start = [], 0
+    for info in sources:
+        size = int(info.get("bytes") or 0)
+        spans.append((start, size))
+        start += size
+    return spans
+
+
 def _raw_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool, chunk: int,
-               chunk_bytes: int | None, max_record_bytes: int) -> Iterator[Task]:
+               chunk_bytes: int | None, max_record_bytes: int,
+               span: tuple[int, int] = (0, 0)) -> Iterator[Task]:
     """The tasks of JSON Lines file ``i``: its raw lines, parsed by the workers (a line too
-    long to read travels as a :class:`pack.sources.LongLine`, of length 0)."""
-    lines: Iterator[tuple[int, Any]] = iter_raw_lines(path, max_record_bytes)
+    long to read travels as a :class:`pack.sources.LongLine`, of length 0); ``span``: the
+    file's (start, size) in the inputs' total bytes."""
+    position = ReadPosition()
+    lines: Iterator[tuple[int, Any]] = iter_raw_lines(path, max_record_bytes, position)
     if formats.auto:
         lines = _detect_from_lines(path, lines, formats, skip_invalid)
     sp = str(path)
 
-    def task(block: list[tuple[int, bytes]]) -> Task:
+    def task(block: list[tuple[int, bytes]], end: int) -> Task:
         return Task("raw", [r for _, r in block], file=i, path=sp,
-                    linenos=[n for n, _ in block])
+                    linenos=[n for n, _ in block], end=end)
 
     # with chunk_bytes, many short records per task: per-task costs fall, tasks stay small
     most = RAW_CHUNK_RECORDS if chunk_bytes else chunk
@@ -213,10 +234,10 @@ def _raw_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool, chunk:
         block.append(item)
         size += len(item[1])
         if len(block) >= most or (chunk_bytes and size >= chunk_bytes):
-            yield task(block)
+            yield task(block, task_end(*span, position))
             block, size = [], 0
     if block:
-        yield task(block)
+        yield task(block, sum(span))
 
 
 def _detect_from_lines(path: Path, lines: Iterator[tuple[int, Any]], formats: _Formats,
@@ -241,11 +262,13 @@ def _detect_from_lines(path: Path, lines: Iterator[tuple[int, Any]], formats: _F
 
 def _parsed_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool,
                   sources: list[dict], chunk: int, split: str | None,
-                  max_record_bytes: int) -> Iterator[Task]:
-    """The tasks of file ``i`` read here (JSON arrays, Parquet, Hugging Face datasets)."""
+                  max_record_bytes: int, span: tuple[int, int] = (0, 0)) -> Iterator[Task]:
+    """The tasks of file ``i`` read here (JSON arrays, Parquet, Hugging Face datasets);
+    ``span``: the file's (start, size) in the inputs' total bytes."""
     local: Counter = Counter()
+    position = ReadPosition()
     it = iter_records(path, skip_invalid=skip_invalid, skipped=local, split=split,
-                      max_record_bytes=max_record_bytes)
+                      max_record_bytes=max_record_bytes, position=position)
     if formats.auto:
         head, it = _peek(it, DETECT_RECORDS)
         if head:
@@ -260,13 +283,14 @@ def _parsed_tasks(i: int, path: Path, formats: _Formats, skip_invalid: bool,
         if prev is not None:
             yield prev
         prev = Task("rec", [r for _, r in block], wheres=[w for w, _ in block], file=i,
-                    skipped=local - seen)
+                    skipped=local - seen, end=task_end(*span, position))
         seen = local.copy()
     if prev is not None:
         prev.skipped = prev.skipped + (local - seen)
+        prev.end = sum(span)  # the file was read to its end
         yield prev
     elif local:  # every record invalid: an empty task still carries the count
-        yield Task("rec", [], wheres=[], file=i, skipped=local)
+        yield Task("rec", [], wheres=[], file=i, skipped=local, end=sum(span))
     sources[i]["records"] = n
 
 

@@ -335,7 +335,8 @@ def run_steps(run: Run, checkpointed: bool) -> tuple[dict | None, float]:
 
 class Progress:
     """Rank 0's record of the steps: a line per step in metrics.jsonl; a live bar on a terminal,
-    plain "step N/M ..." lines every --log-every steps otherwise."""
+    plain "step N/M ..." lines every --log-every steps otherwise. Both show the time left (the
+    bar's is tqdm's) and the last evaluation's loss until the next one."""
 
     def __init__(self, run: Run) -> None:
         from tqdm import tqdm
@@ -348,6 +349,7 @@ class Progress:
                         desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         self.steps_at_start = run.step
         self.metrics = open(run.out / METRICS_FILE, "a") if run.dist.is_main else None
+        self.last_eval: tuple[int, float] | None = None  # (step, eval loss) of the last one
 
     def log(self, m: dict, t_start: float) -> None:
         """Record step metrics `m`; `t_start`: perf_counter() at this process's first step."""
@@ -358,24 +360,35 @@ class Progress:
         self.metrics.flush()
         self.trackers.log(m)
         self.bar.update(m["step"] - self.bar.n)  # 0 for the step-0 evaluation
-        ev = f" eval_loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else ""
+        fresh = m.get("eval_loss") is not None
+        if fresh:
+            self.last_eval = (m["step"], m["eval_loss"])
+        ev = {} if self.last_eval is None else {"eval_loss": f"{self.last_eval[1]:.4f}"}
         if "loss" not in m:  # the step-0 evaluation
             if self.interactive:
-                self.bar.set_postfix(eval=ev.split()[-1] if ev else "n/a", refresh=False)
+                self.bar.set_postfix(eval_loss=ev.get("eval_loss", "n/a"), refresh=False)
             else:
-                print(f"step 0/{run.total_steps}{ev}", file=sys.stderr, flush=True)
+                print(f"step 0/{run.total_steps}{self._eval_text()}", file=sys.stderr, flush=True)
             return
-        if ev or run.step % run.args.log_every == 0 or run.step == run.total_steps:
-            extra = {"eval": f"{m['eval_loss']:.4f}"} if ev else {}
+        if fresh or run.step % run.args.log_every == 0 or run.step == run.total_steps:
             loss = "skipped" if m["loss"] is None else f"{m['loss']:.4f}"
             self.bar.set_postfix(loss=loss, lr=f"{m['lr']:.2e}",
-                                 tok_s=f"{m['tokens_per_s']:,.0f}", **extra, refresh=False)
+                                 tok_s=f"{m['tokens_per_s']:,.0f}", **ev, refresh=False)
             if not self.interactive:
+                from tqdm import tqdm
+
                 left = (run.total_steps - run.step) * (time.perf_counter() - t_start) \
                     / max(1, run.step - self.steps_at_start)
-                print(f"step {run.step}/{run.total_steps} loss {loss}{ev} "
+                print(f"step {run.step}/{run.total_steps} loss {loss}{self._eval_text()} "
                       f"lr {m['lr']:.3e} tokens/s {m['tokens_per_s']:,.0f} "
-                      f"eta {left:.0f}s", file=sys.stderr, flush=True)
+                      f"eta {tqdm.format_interval(left)}", file=sys.stderr, flush=True)
+
+    def _eval_text(self) -> str:
+        """' eval_loss L' of the last evaluation, with its step when it was not this one."""
+        if self.last_eval is None:
+            return ""
+        step, loss = self.last_eval
+        return f" eval_loss {loss:.4f}" + ("" if step == self.run.step else f" (step {step})")
 
     def close(self) -> None:
         self.bar.close()

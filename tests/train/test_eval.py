@@ -9,8 +9,11 @@ tests/conftest.py and one small eval set packed from other real records; the 2-r
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -108,12 +111,17 @@ def test_rank_rows_split_evenly_with_stand_ins():
 
 @pytest.fixture(scope="module")
 def full_run(inproc, dataset, model_dir, eval_set, work):
-    """4 steps, evaluated every 2 on 7 packs, --save-best, checkpoints every 3."""
+    """4 steps, evaluated every 2 on 7 packs, --save-best, checkpoints every 3; its plain
+    progress lines (a line a step) are kept in WORK/full.stderr."""
     from train.loop import train
 
     out = work / "full"
-    summary = train(run_args(dataset, model_dir, out, *EVAL, *eval_flags(eval_set),
-                             "--max-steps", "4", "--save-every", "3", "--save-best"))
+    err = io.StringIO()  # not a terminal: "step N/M ..." lines
+    with contextlib.redirect_stderr(err):
+        summary = train(run_args(dataset, model_dir, out, *EVAL, *eval_flags(eval_set),
+                                 "--max-steps", "4", "--save-every", "3", "--save-best",
+                                 "--log-every", "1"))
+    (work / "full.stderr").write_text(err.getvalue())
     return out, summary
 
 
@@ -140,6 +148,19 @@ def test_metrics_have_eval_at_start_every_n_and_end(full_run):
     assert len({m["eval_tokens"] for m in lines if "eval_tokens" in m}) == 1
     assert evals[4] < evals[0]  # training lowers the held-out loss
     assert summary["eval_loss"] == evals[4]
+
+
+def test_progress_lines_show_the_last_eval_loss_and_eta(full_run, work):
+    """Every line after an evaluation shows its loss (with its step until the next one), and
+    the time left."""
+    evals = eval_lines(full_run[0])
+    lines = {int(m.group(1)): m.group(0) for m in re.finditer(
+        r"^step (\d+)/4 .*$", (work / "full.stderr").read_text(), re.M)}
+    assert sorted(lines) == [0, 1, 2, 3, 4]
+    for step, at in ((0, 0), (1, 0), (2, 2), (3, 2), (4, 4)):
+        own = "" if step == at else f" (step {at})"
+        assert f" eval_loss {evals[at]:.4f}{own} " in lines[step] + " ", lines[step]
+    assert all(re.search(r" eta \d\d:\d\d$", lines[s]) for s in (1, 2, 3, 4)), lines
 
 
 def test_save_best_names_lowest_complete_checkpoint(full_run):
