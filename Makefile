@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python -m train.demo
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) .demo
