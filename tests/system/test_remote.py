@@ -359,7 +359,8 @@ def test_train_one_step_from_s3_equals_local(s3, published, local_ds, tokenizer_
     # OUTPUT/config.yaml records the URL, not the local cache view, so it repeats the run
     import yaml
 
-    assert yaml.safe_load((tmp_path / "from-s3" / "config.yaml").read_text())["shards"] == published
+    config = yaml.safe_load((tmp_path / "from-s3" / "config.yaml").read_text())
+    assert config["shards"] == [published]  # --shards repeats: a list
     assert Path(run["shards"]).parent == cache.resolve()
     # the stream fetched what it read (and the prefetch the rest); all of it checked
     assert len(list(Path(run["shards"]).glob("shard-*.arrow"))) == 4
