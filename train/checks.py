@@ -347,12 +347,30 @@ def preflight(shards_dir: str | os.PathLike, manifest: dict, model,
     allow_tokenizer_mismatch  downgrade tokenizer differences to warnings (token ids must still fit)
     """
     warnings = check_tokenizer(shards_dir, manifest, model_path, allow_tokenizer_mismatch)
-    warnings += check_token_range(shards_dir, manifest, model, None, allow_tokenizer_mismatch)
+    warnings += check_data(shards_dir, manifest, model, full_checksums, allow_tokenizer_mismatch)
+    warnings += check_context_length(manifest, model)
+    return warnings
+
+
+def check_data(shards_dir: str | os.PathLike, manifest: dict, model, full_checksums: bool,
+               allow_tokenizer_mismatch: bool = False) -> list[str]:
+    """The dataset's own checks (also the eval set's, train.evaluate): token ids the model's
+    embeddings hold, shard sizes/schemas/rows, sha256 (`full_checksums`), every pack invariant."""
     from pack.remote import scan_ready
 
+    warnings = check_token_range(shards_dir, manifest, model, None, allow_tokenizer_mismatch)
     # A streamed URL's shards are checked as each arrives (pack/remote.py), not all up front.
     if scan_ready(shards_dir, fetch_all=full_checksums):
         scan = check_dataset(shards_dir, manifest, full_checksums)
         check_token_range(shards_dir, manifest, model, scan.max_token_id, True)
-    warnings += check_context_length(manifest, model)
     return warnings
+
+
+def check_same_tokenizer(label: str, manifest: dict, ref_label: str, ref: dict,
+                         fix: str) -> None:
+    """A dataset trained or evaluated beside another must carry its tokenizer fingerprint: the
+    same token id would otherwise mean other text. `fix` ends the one-line refusal."""
+    want, got = ref["tokenizer"].get("fingerprint"), manifest["tokenizer"].get("fingerprint")
+    if got != want:
+        raise PacktrainError(f"{label}: packed with another tokenizer (fingerprint {got}) than "
+                             f"{ref_label} ({want}); {fix}")

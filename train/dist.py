@@ -177,12 +177,16 @@ def barrier() -> None:
 def all_reduce_sum(values: list[float], device: torch.device,
                    dtype: torch.dtype = torch.float64) -> list[float]:
     """`values` summed over all ranks (float64 by default: token counts stay exact)."""
+    return sum_over_ranks(torch.tensor(values, dtype=dtype, device=device)).tolist()
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over all ranks, in place, on its device: nothing is read back to the host."""
     import torch.distributed as tdist
 
-    t = torch.tensor(values, dtype=dtype, device=device)
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t.tolist()
+    return t
 
 
 def on_rank0(dist: Dist, fn: Callable[[], Any]) -> Any:

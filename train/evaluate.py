@@ -81,14 +81,12 @@ def open_eval_set(args: Namespace, manifest: dict, model: Any, dist: Dist) -> Ev
         return None
     from pack.remote import open_dataset
     from train.attention import unwrap_model
+    from train.checks import check_data, check_same_tokenizer
 
     where = args.eval_shards_url or str(args.eval_shards)
     em = read_manifest(args.eval_shards)
-    want, got = manifest["tokenizer"].get("fingerprint"), em["tokenizer"].get("fingerprint")
-    if got != want:
-        raise PacktrainError(f"--eval-shards {where}: packed with another tokenizer (fingerprint "
-                             f"{got}) than the training data ({want}); re-pack it with the "
-                             f"training data's tokenizer")
+    check_same_tokenizer(f"--eval-shards {where}", em, "the training data", manifest,
+                         "re-pack it with the training data's tokenizer")
     positions = getattr(unwrap_model(model).config, "max_position_embeddings", None) or 0
     limit = max(int(manifest["max_length"]), int(positions))
     if int(em["max_length"]) > limit:
@@ -96,7 +94,7 @@ def open_eval_set(args: Namespace, manifest: dict, model: Any, dist: Dist) -> Ev
                              f"more than this run takes ({limit}: the training data's max_length "
                              f"and the model's positions); re-pack it with --max-length {limit}")
     verify = args.verify if args.verify is not None else not args.eval_shards_url
-    on_rank0(dist, lambda: check_eval_data(args.eval_shards, em, model, verify))
+    on_rank0(dist, lambda: check_data(args.eval_shards, em, model, verify))
     ds = open_dataset(args.eval_shards, em)
     packs = min(len(ds), args.eval_max_packs or len(ds))
     if packs == 0:
@@ -105,18 +103,6 @@ def open_eval_set(args: Namespace, manifest: dict, model: Any, dist: Dist) -> Ev
          + (f", every {args.eval_every} steps" if args.eval_every else "") + " and at the end")
     sha = file_sha256(Path(args.eval_shards) / MANIFEST)
     return EvalSet(ds, packs, where, f"{sha}:{packs}")
-
-
-def check_eval_data(path: str, manifest: dict, model: Any, full_checksums: bool) -> None:
-    """train.checks' dataset checks for the eval set: token ids the model holds, shard sizes,
-    sha256 (`full_checksums`), every pack invariant; a URL's shards are checked on arrival."""
-    from pack.remote import scan_ready
-    from train.checks import check_dataset, check_token_range
-
-    check_token_range(path, manifest, model)
-    if scan_ready(path, fetch_all=full_checksums):
-        scan = check_dataset(path, manifest, full_checksums)
-        check_token_range(path, manifest, model, scan.max_token_id, True)
 
 
 # ---------------------------------------------------------------- the loss

@@ -54,13 +54,13 @@ from train.checkpoint import (resume_point, restore_checkpoint, safe_deepspeed_l
 from train.data import MicroBatch
 from train.dist import (DEFAULT_DIST_TIMEOUT, PREEMPTED_EXIT, PREEMPTED_FILE, Dist, Preempted,
                         StopRequest, all_reduce_sum, log0, on_rank0, setup_distributed,
-                        watch_launcher)
+                        sum_over_ranks, watch_launcher)
 from train.evaluate import best_after_resume, eval_due, evaluate, keep_best, open_eval_set
 from train.forward import micro_loss
 from train.hooks import Hooks
 from train.mixture import local_counts, loss_sums, step_metrics
-from train.run_config import write_run_config
 from train.prefetch import device_batches, to_device
+from train.run_config import write_run_config
 from train.setup import Run, build
 from train.tracking import Trackers
 
@@ -224,12 +224,7 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
 
 def _summed(t: torch.Tensor, dist: Any) -> torch.Tensor:
     """`t` (host or device) on the device, summed over all ranks; nothing read back."""
-    import torch.distributed as tdist
-
-    t = to_device(t, dist.device) if t.device != dist.device else t
-    if dist.world_size > 1 and tdist.is_initialized():
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t
+    return sum_over_ranks(to_device(t, dist.device) if t.device != dist.device else t)
 
 
 def _nonfinite(run: Run, loss_sum: float, grad_norm: float | None) -> str | None:

@@ -179,13 +179,11 @@ def read_manifests(args: Namespace) -> list[dict]:
     specs = shard_specs(args)
     manifests = [read_manifest(s) for s in specs]
     labels = dataset_labels(args)
-    first = manifests[0]["tokenizer"].get("fingerprint")
+    from train.checks import check_same_tokenizer
+
     for label, m in zip(labels[1:], manifests[1:]):
-        fp = m["tokenizer"].get("fingerprint")
-        if fp != first:
-            raise PacktrainError(f"--shards {label}: packed with another tokenizer (fingerprint "
-                                 f"{fp}) than --shards {labels[0]} ({first}); a mixture needs "
-                                 f"one tokenizer: re-pack it with the same tokenizer")
+        check_same_tokenizer(f"--shards {label}", m, f"--shards {labels[0]}", manifests[0],
+                             "a mixture needs one tokenizer: re-pack it with the same tokenizer")
     return manifests
 
 

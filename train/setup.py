@@ -36,8 +36,8 @@ def checksums_wanted(args: Namespace) -> bool:
     return not getattr(args, "shards_url", None)
 
 
-def preflight_checks(args: Namespace, manifest: dict, model: Any, model_path: str,
-                     dist: Dist) -> None:
+def preflight_checks(args: Namespace, shards: str, manifest: dict, model: Any,
+                     model_path: str, dist: Dist, full_checksums: bool) -> None:
     """train.checks.preflight on rank 0 (the others wait; a refusal stops every rank): shard
     sizes/schemas/rows and pack invariants, checksums (local datasets unless --no-verify), the
     model's tokenizer against the dataset's fingerprint (--allow-tokenizer-mismatch), token ids
@@ -45,7 +45,7 @@ def preflight_checks(args: Namespace, manifest: dict, model: Any, model_path: st
     from train.checks import preflight
 
     notes = on_rank0(dist, lambda: preflight(
-        args.shards, manifest, model, model_path, full_checksums=checksums_wanted(args),
+        shards, manifest, model, model_path, full_checksums=full_checksums,
         allow_tokenizer_mismatch=bool(args.allow_tokenizer_mismatch)))
     for w in notes or []:
         log0(f"warning: {w}")
@@ -223,17 +223,13 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
         backend = enable_ulysses(model, backend, sp)
     log0(f"attention backend: {backend} (--attn {args.attn}, {dist.device.type}, {dtype})")
 
-    preflight_checks(args, manifest, model, model_path, dist)
+    preflight_checks(args, args.shards, manifest, model, model_path, dist,
+                     checksums_wanted(args))
 
-    from train.checks import preflight
     from train.mixture import open_stream
 
     def check_more(path, m, full):  # a mixture's other datasets
-        notes = on_rank0(dist, lambda: preflight(
-            path, m, model, model_path, full_checksums=full,
-            allow_tokenizer_mismatch=bool(args.allow_tokenizer_mismatch)))
-        for w in notes or []:
-            log0(f"warning: {w}")
+        preflight_checks(args, path, m, model, model_path, dist, full)
     data = open_stream(args, manifest, dist, check_more)
     stream = data.stream if sp is None else shard_stream(data.stream, sp)
     total = planned_steps(args, stream)
