@@ -34,7 +34,7 @@ from pack.errors import PacktrainError
 from pack.format import IGNORE_INDEX
 
 __all__ = ["OBJECTIVES", "DEFAULT_BETA", "DEFAULT_SIMPO_GAMMA", "segment_logps", "segment_ids", "segment_label_counts",
-           "pair_losses", "add_pairs", "check_pairs", "Preference",
+           "pair_losses", "add_pairs", "Preference",
            "STATS", "policy_logps", "pair_step", "pair_metrics"]
 
 OBJECTIVES = ("sft", "dpo", "simpo")
@@ -110,35 +110,15 @@ def pair_losses(objective: str, policy: torch.Tensor, reference: torch.Tensor | 
 
 
 def add_pairs(mb: Any, packs: list[dict], labels: np.ndarray) -> None:
-    """Fill a collated micro-batch's preference fields from its packs (train.data.collate):
-    the pairs (checked: adjacent chosen/rejected segments of one pair), each segment's label
-    tokens, and the stored reference log-probs when every pack carries them (`ref_logps`)."""
-    roles = np.concatenate([p["role"] for p in packs])
-    pair_ids = np.concatenate([p["pair_id"] for p in packs])
-    where = f"packs {list(mb.pack_ids)}" if mb.pack_ids else "a preference pack"
-    if len(roles) != len(mb.bounds) - 1 or len(pair_ids) != len(roles):
-        raise PacktrainError(f"{where}: role/pair_id hold {len(roles)}/{len(pair_ids)} values for "
-                             f"{len(mb.bounds) - 1} segments; rebuild the dataset with pack-build")
-    check_pairs(roles, pair_ids, where)
-    mb.pairs = len(roles) // 2
+    """Fill a collated micro-batch's preference fields from its packs (train.data.collate; the
+    pair invariants are pack.format.check_pack's, checked as packs are read): the pairs, each
+    segment's label tokens, and the stored reference log-probs when every pack carries them
+    (`ref_logps`, pack.reference)."""
+    mb.pairs = (len(mb.bounds) - 1) // 2
     mb.segment_labels = torch.from_numpy(segment_label_counts(labels, mb.bounds))
     if all("ref_logps" in p for p in packs):
-        ref = np.concatenate([np.asarray(p["ref_logps"], dtype=np.float64) for p in packs])
-        if len(ref) != len(roles):
-            raise PacktrainError(f"{where}: {len(ref)} stored reference log-probs for "
-                                 f"{len(roles)} segments; rerun pack-ref")
-        mb.ref_logps = torch.from_numpy(ref)
-
-
-def check_pairs(roles: np.ndarray, pair_ids: np.ndarray, where: str) -> None:
-    """Refuse (one line) segments that are not adjacent chosen/rejected pairs."""
-    roles, pair_ids = np.asarray(roles), np.asarray(pair_ids)
-    if len(roles) % 2 or not (np.all(roles[0::2] == 0) and np.all(roles[1::2] == 1)):
-        raise PacktrainError(f"{where}: segment roles {roles[:8].tolist()} are not chosen, "
-                             f"rejected pairs (0, 1, 0, 1, ...); rebuild it with pack-build")
-    if not np.array_equal(pair_ids[0::2], pair_ids[1::2]):
-        raise PacktrainError(f"{where}: a pair's two segments have different pair_id; rebuild "
-                             f"it with pack-build")
+        mb.ref_logps = torch.from_numpy(
+            np.concatenate([np.asarray(p["ref_logps"], dtype=np.float64) for p in packs]))
 
 
 # ---------------------------------------------------------------- the run's objective

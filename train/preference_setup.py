@@ -25,19 +25,16 @@ from train.preference import DEFAULT_BETA, DEFAULT_SIMPO_GAMMA, Preference
 REF_MODES = ("auto", "stored", "live")
 
 
-def dataset_kind(manifest: dict) -> str:
-    """'preference' or 'sft' (format 2.0 datasets have no kind)."""
-    return manifest.get("kind") or "sft"
-
-
 def check_objective(args: Namespace, manifest: dict, where: str) -> None:
     """--objective against a dataset's kind, in one line naming both."""
-    objective, kind = args.objective, dataset_kind(manifest)
-    if objective == "sft" and kind == "preference":
+    from pack.format import is_preference
+
+    objective, pairs = args.objective, is_preference(manifest)
+    if objective == "sft" and pairs:
         raise PacktrainError(f"{where}: a preference dataset (chosen/rejected pairs); train it "
                              f"with --objective dpo or --objective simpo")
-    if objective != "sft" and kind != "preference":
-        raise PacktrainError(f"--objective {objective}: {where} is an SFT dataset (kind {kind!r}); "
+    if objective != "sft" and not pairs:
+        raise PacktrainError(f"--objective {objective}: {where} is an SFT dataset, not pairs; "
                              f"pack preference pairs with pack-build, or use --objective sft")
 
 
