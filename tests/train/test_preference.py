@@ -121,3 +121,103 @@ def test_pair_losses_formulas():
     loss, ch, rj = pair_losses("simpo", pol, None, n, beta=2.0, gamma=0.5)
     z = 2.0 * torch.tensor([-3 / 3 + 5 / 5, -2 / 2 + 1 / 1]) - 0.5
     assert torch.allclose(loss, -F.logsigmoid(z))
+
+
+# ---------------------------------------------------------------- train-run's step (1 rank)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from preference_cases import (COMMON, packed_step, rel_grad_error, step_packs,  # noqa: E402
+                              unpacked_reference)
+from test_loop import DIST_VARS, clean_env, inproc  # noqa: E402,F401
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def pairs_data(tokenizer_dir, work) -> Path:
+    """Real chat pairs packed at 256 tokens (several pairs in most packs), token id 0 not
+    special: a preference dataset made by pack-build."""
+    from helpers import make_preference_dataset
+
+    return make_preference_dataset(tokenizer_dir, work / "pairs", 256, 60)
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tokenizer_dir, work) -> Path:
+    """A second tiny Llama (another seed): the --ref-model of the live-reference cases."""
+    from train.tiny import make_tiny_model
+
+    return make_tiny_model("llama", tokenizer_dir, work / "ref", hidden=32, layers=2, heads=4,
+                           kv_heads=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def stored_data(pairs_data, model_dir, work) -> Path:
+    """A copy of the pairs with a stored reference sidecar for model_dir (pack.reference's
+    writer; the values are arbitrary log-probs, so that they differ from a live forward)."""
+    from pack.format import PackedDataset, read_manifest
+    from pack.reference import ReferenceWriter, model_fingerprint
+
+    out = work / "pairs-stored"
+    shutil.copytree(pairs_data, out)
+    writer = ReferenceWriter(out, str(model_dir), model_fingerprint(model_dir), "fp32")
+    ds = PackedDataset(out)
+    first = 0
+    for s, info in enumerate(read_manifest(out)["shards"]):
+        rows = [-(1.0 + 0.37 * np.arange(len(ds[i]["cu_seqlens"]) - 1) + 0.11 * i)
+                for i in range(first, first + info["packs"])]
+        writer.write_shard(s, rows)
+        first += info["packs"]
+    writer.commit()
+    return out
+
+
+def _args(data, model, out, *extra):
+    from train.cli import parse_run_args
+
+    return parse_run_args(["--shards", str(data), "--model", str(model), "--output", str(out),
+                           *COMMON, *extra])
+
+
+CASES = {  # name: (dataset fixture, extra options); one packed step vs the pairs unpacked
+    "dpo-live-model": ("pairs_data", ["--objective", "dpo", "--ref-model", "REF"]),
+    "dpo-stored": ("stored_data", ["--objective", "dpo", "--ref-logps", "stored"]),
+    "dpo-lora-base": ("pairs_data", ["--objective", "dpo", "--lora", "--lora-r", "4"]),
+    "simpo": ("pairs_data", ["--objective", "simpo"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_step_equals_pairs_unpacked(inproc, request, model_dir, ref_dir, tmp_path, case):
+    """One optimizer step (2 micro-steps x 2 packs, ZeRO 0, fp32) of packed pairs has the loss
+    and gradients of the same pairs run one at a time (rel. error < 1e-5): DPO with a live
+    --ref-model, with stored reference log-probs, with the frozen base under LoRA; SimPO."""
+    from train.setup import build
+
+    data = request.getfixturevalue(CASES[case][0])
+    extra = [str(ref_dir) if x == "REF" else x for x in CASES[case][1]]
+    args = _args(data, model_dir, tmp_path / "o", "--zero", "0", "--grad-accum", "2",
+                 "--micro-batch", "2", *extra)
+    reader = None
+    if args.ref_logps == "stored":
+        from preference_cases import _reader
+
+        reader = _reader(args)
+    ref_loss, ref_grads, pairs = unpacked_reference(args, step_packs(args, 1), reader)
+    run = build(args, inproc)
+    want = {"dpo-live-model": "model", "dpo-stored": "stored", "dpo-lora-base": "adapter",
+            "simpo": "none"}[case]
+    assert run.pref.reference == want
+    res, grads = packed_step(run)
+    assert res.pairs["pairs"] == pairs > 4  # several pairs per pack
+    assert abs(res.loss - ref_loss) / ref_loss < 1e-5, (res.loss, ref_loss)
+    assert rel_grad_error(grads, ref_grads) < 1e-5
+    assert 0.0 <= res.pairs["rewards/accuracy"] <= 1.0
+    margin = res.pairs["rewards/chosen"] - res.pairs["rewards/rejected"]
+    assert res.pairs["rewards/margin"] == pytest.approx(margin)
