@@ -140,15 +140,6 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def pairs_data(tokenizer_dir, work) -> Path:
-    """Real chat pairs packed at 256 tokens (several pairs in most packs), token id 0 not
-    special: a preference dataset made by pack-build."""
-    from helpers import make_preference_dataset
-
-    return make_preference_dataset(tokenizer_dir, work / "pairs", 256, 60)
-
-
-@pytest.fixture(scope="module")
 def ref_dir(tokenizer_dir, work) -> Path:
     """A second tiny Llama (another seed): the --ref-model of the live-reference cases."""
     from train.tiny import make_tiny_model
@@ -221,3 +212,48 @@ def test_packed_step_equals_pairs_unpacked(inproc, request, model_dir, ref_dir, 
     assert 0.0 <= res.pairs["rewards/accuracy"] <= 1.0
     margin = res.pairs["rewards/chosen"] - res.pairs["rewards/rejected"]
     assert res.pairs["rewards/margin"] == pytest.approx(margin)
+
+
+# ---------------------------------------------------------------- 2 ranks (slow)
+
+@pytest.fixture(scope="module")
+def two_rank_pairs(pairs_data, stored_data, model_dir, ref_dir, work) -> dict:
+    """One torchrun job of 2 ranks: one packed step per case, each against the same pairs run
+    unpacked (preference_cases.driver). ZeRO-3 cases last."""
+    z3 = work / "z3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    base = ["--model", str(model_dir), *COMMON, "--grad-accum", "2", "--objective", "dpo"]
+    cases = {
+        "live-model-z0": ["--shards", str(pairs_data), "--zero", "0", "--ref-model", str(ref_dir)],
+        "stored-z2": ["--shards", str(stored_data), "--zero", "2", "--ref-logps", "stored"],
+        "sp2-live-model-z1": ["--shards", str(pairs_data), "--zero", "1", "--ref-model",
+                              str(ref_dir), "--sequence-parallel", "2"],
+        "lora-base-z3": ["--shards", str(pairs_data), "--zero", "3", "--deepspeed", str(z3),
+                         "--lora", "--lora-r", "4"],
+        "live-model-z3": ["--shards", str(pairs_data), "--zero", "3", "--deepspeed", str(z3),
+                          "--ref-model", str(ref_dir)],
+    }
+    jobs = {name: [*argv, *base, "--output", str(work / f"r2-{name}")]
+            for name, argv in cases.items()}
+    (work / "pref-cases.json").write_text(json.dumps(jobs))
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(HERE / "preference_cases.py"),
+                        str(work / "pref-cases.json"), str(work / "pref-results.json")],
+                       capture_output=True, text=True, env=env, timeout=1200, cwd=work)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return json.loads((work / "pref-results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["live-model-z0", "stored-z2", "sp2-live-model-z1",
+                                  "lora-base-z3", "live-model-z3"])
+def test_two_ranks_packed_dpo_equals_unpacked(two_rank_pairs, case):
+    """2 ranks (ZeRO 0-3, stored or live reference, sequence parallel 2): the step's loss is
+    the mean over every pair of both ranks and both micro-steps, and its gradients are those
+    of the pairs run one at a time (rel. error < 1e-5)."""
+    r = two_rank_pairs[case]
+    assert r["pairs"] == r["ref_pairs"] > 4
+    assert r["reference"] == {"stored-z2": "stored", "lora-base-z3": "adapter"}.get(case, "model")
+    assert abs(r["loss"] - r["ref_loss"]) / r["ref_loss"] < 1e-5, r
+    assert r["grad_err"] < 1e-5, r
