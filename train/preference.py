@@ -133,9 +133,11 @@ class Preference:
     beta: float
     gamma: float = 0.0
     reference: str = "none"
+    ref_path: str = ""      # 'model': the reference model's directory
     ref_model: Any = None
     ref_engine: Any = None  # ZeRO-3: the DeepSpeed engine that partitions ref_model
-    eval_entry: Any = None  # 'stored': the eval set's manifest entry (pack.reference)
+    train_entry: Any = None  # 'stored': the training set's manifest entry (pack.reference)
+    eval_entry: Any = None  # 'stored': the eval set's
 
     def reference_logps(self, model: Any, mb: Any, chunk_size: int,
                         sp: Any) -> torch.Tensor | None:

@@ -206,13 +206,13 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     manifest = read_manifest(args.shards)
-    from train.preference_setup import check_objectives, setup_preference
-
-    check_objectives(args, manifest)
     model_path = args.model or manifest["tokenizer"]["path"]
     if not Path(model_path).is_dir():
         raise PacktrainError(f"{model_path}: no such model directory; pass --model PATH to a "
                              f"local Hugging Face model (default: the dataset's tokenizer path)")
+    from train.preference_setup import plan_preference, start_reference
+
+    pref = plan_preference(args, manifest, model_path)
     out = Path(args.output)
     sp = setup_sequence_parallel(args, dist.world_size, dist.rank)
     dtype = resolve_dtype(args.dtype, dist.device)
@@ -223,8 +223,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     model, keep_alive = load_model(args, model_path, dtype, ds_config)
     backend = select_backend(args.attn, dist.device, DTYPES[dtype])
     enable_packed_attention(model, backend)
-    pref, reference = setup_preference(args, manifest, model, model_path, dist, ds_config,
-                                       backend, sp)
+    reference = start_reference(pref, args, dist, ds_config, backend, sp)
     if sp is not None:
         backend = enable_ulysses(model, backend, sp)
     log0(f"attention backend: {backend} (--attn {args.attn}, {dist.device.type}, {dtype})")

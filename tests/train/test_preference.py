@@ -257,3 +257,58 @@ def test_two_ranks_packed_dpo_equals_unpacked(two_rank_pairs, case):
     assert r["reference"] == {"stored-z2": "stored", "lora-base-z3": "adapter"}.get(case, "model")
     assert abs(r["loss"] - r["ref_loss"]) / r["ref_loss"] < 1e-5, r
     assert r["grad_err"] < 1e-5, r
+
+
+# ---------------------------------------------------------------- train-run end to end
+
+def test_train_run_dpo_stored_reference_eval_and_best(inproc, stored_data, model_dir, tmp_path,
+                                                      capsys):
+    """train-run --objective dpo on a dataset with stored reference log-probs (auto picks them,
+    the eval set's too): metrics.jsonl has the pair metrics every step and the eval's at steps
+    0, 2 and 3; --save-best follows the eval loss."""
+    from train.cli import run_main
+
+    out = tmp_path / "o"
+    assert run_main(["--shards", str(stored_data), "--model", str(model_dir), "--output",
+                     str(out), *COMMON, "--objective", "dpo", "--beta", "0.5", "--max-steps",
+                     "3", "--eval-shards", str(stored_data), "--eval-every", "2",
+                     "--eval-max-packs", "6", "--save-best", "--lr", "3e-3"]) == 0
+    printed = capsys.readouterr().out
+    assert "reference: stored log-probs of" in printed and "beta 0.5" in printed
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        assert m["pairs"] > 0 and 0 <= m["rewards/accuracy"] <= 1
+        assert m["rewards/margin"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"])
+        assert m["logps/chosen"] < 0 and m["logps/rejected"] < 0
+    evals = [m for m in lines if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 2, 3]
+    assert all(m["eval_pairs"] == evals[0]["eval_pairs"] > 0 for m in evals)
+    assert all("eval_rewards/accuracy" in m for m in evals)
+    best = min(evals, key=lambda m: m["eval_loss"])
+    if best["step"]:
+        assert (out / "checkpoints" / "best").read_text().strip().endswith(f"{best['step']:08d}")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--objective", "dpo"], "is an SFT dataset"),
+    (["--objective", "sft", "PAIRS"], "a preference dataset"),
+    (["--beta", "0.2"], "--beta: only for --objective dpo or simpo"),
+    (["--objective", "simpo", "--ref-model", "X", "PAIRS"], "SimPO uses no reference"),
+    (["--objective", "dpo", "--simpo-gamma", "1", "PAIRS"], "--simpo-gamma: only for"),
+    (["--objective", "dpo", "--beta", "0", "PAIRS"], "--beta 0.0: must be"),
+    (["--objective", "dpo", "--ref-logps", "stored", "PAIRS"], "--ref-logps stored:"),
+    (["--objective", "dpo", "--shards", "PAIRS", "PAIRS"], "mixtures of datasets"),
+])
+def test_wrong_objective_options_are_one_line_errors(inproc, dataset, pairs_data, model_dir,
+                                                     tmp_path, capsys, flags, says):
+    from train.cli import run_main
+
+    shards = pairs_data if "PAIRS" in flags else dataset
+    flags = [str(pairs_data) if f == "PAIRS" and i and flags[i - 1] == "--shards" else f
+             for i, f in enumerate(flags) if f != "PAIRS" or (i and flags[i - 1] == "--shards")]
+    rc = run_main(["--shards", str(shards), "--model", str(model_dir), "--output",
+                   str(tmp_path / "o"), *COMMON, *flags])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and says in lines[0], lines
