@@ -459,6 +459,8 @@ def finish(run: Run, last: dict | None, elapsed: float) -> dict:
     # Release the engine and the ZeRO-3 config: with HfDeepSpeedConfig alive, a model built by
     # the export would be partitioned with collectives that only rank 0 enters (a hang).
     run.engine = run.model = run.keep_alive = None
+    if run.pref is not None:  # a live reference model (and its ZeRO-3 engine) goes too
+        run.pref.ref_model = run.pref.ref_engine = None
     _unset_hf_deepspeed_config()
     if args.export:
         summary["export"] = on_rank0(
