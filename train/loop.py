@@ -29,7 +29,13 @@ HF's own loss (reduction sum / label tokens) on the same samples unpacked and pa
 agree to ~4e-8), and 2 ranks x ZeRO 0-3 against 1 rank with the same global batch (losses to
 ~2e-7 over 8 steps).
 
-The forward goes through the engine (`micro_loss`, train.forward: why it must).
+Preference objectives (--objective dpo|simpo, train.preference) take the same path with pairs in
+place of label tokens: N counts the pairs of the step (all ranks, all micro-steps; under
+--sequence-parallel once per group), each micro-step backwards its summed pair loss times
+(grad_accum * world_size) / N, so the gradient is that of the mean pair loss of the step; the
+reward, accuracy and log-prob sums ride in the same reduction and the same host read.
+
+The forward goes through the engine (`micro_loss`, `micro_pairs`, train.forward: why it must).
 """
 
 from __future__ import annotations

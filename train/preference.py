@@ -94,19 +94,22 @@ def pair_losses(objective: str, policy: torch.Tensor, reference: torch.Tensor | 
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [P], chosen reward [P], rejected reward [P]) of P pairs from per-segment log-probs
     `policy` [2P] (chosen, rejected alternating), `reference` [2P] (dpo; constants) and the
-    segments' label-token counts `lengths` [2P] (simpo). The rewards carry no gradient."""
-    pc, pr = policy[0::2], policy[1::2]
+    segments' label-token counts `lengths` [2P] (simpo). The rewards carry no gradient.
+    Computed in float64: a log-prob sum of a long response is large, and the DPO margin is a
+    small difference of such sums (stored references are float64); the loss returns as fp32."""
+    pol = policy.double()
+    pc, pr = pol[0::2], pol[1::2]
     if objective == "dpo":
-        ref = reference.to(policy.dtype).detach()
+        ref = reference.to(pol.dtype).detach()
         chosen, rejected = pc - ref[0::2], pr - ref[1::2]
         logits = beta * (chosen - rejected)
     elif objective == "simpo":
-        n = lengths.to(policy.dtype).clamp(min=1)
+        n = lengths.to(pol.dtype).clamp(min=1)
         chosen, rejected = pc / n[0::2], pr / n[1::2]
         logits = beta * (chosen - rejected) - gamma
     else:
         raise ValueError(f"unknown preference objective {objective!r}")
-    return -F.logsigmoid(logits), (beta * chosen).detach(), (beta * rejected).detach()
+    return (-F.logsigmoid(logits)).float(), (beta * chosen).detach(), (beta * rejected).detach()
 
 
 def add_pairs(mb: Any, packs: list[dict], labels: np.ndarray) -> None:
