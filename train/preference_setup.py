@@ -150,7 +150,6 @@ def load_reference_model(ref_path: str, dist: Any, ds_config: dict, backend: str
     """(the frozen reference model, its ZeRO-3 engine or None): same dtype and attention as the
     policy; under ZeRO-3 partitioned at load (the policy's HfDeepSpeedConfig is alive) and
     wrapped in an optimizer-less DeepSpeed engine, as TRL prepares its reference model."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from train.attention import enable_packed_attention

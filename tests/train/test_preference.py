@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.attention import enable_packed_attention
-from train.preference import pair_losses, segment_label_counts, segment_logps
+from train.data import segment_label_counts
+from train.preference import pair_losses, segment_logps
 
 V = 64
 
@@ -134,7 +135,7 @@ from pathlib import Path  # noqa: E402
 
 from preference_cases import (COMMON, packed_step, rel_grad_error, step_packs,  # noqa: E402
                               unpacked_reference)
-from test_loop import DIST_VARS, clean_env, inproc  # noqa: E402,F401
+from test_loop import clean_env, inproc  # noqa: E402,F401
 
 HERE = Path(__file__).parent
 
