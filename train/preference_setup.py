@@ -108,9 +108,8 @@ def start_reference(pref: Preference | None, args: Namespace, dist: Any, ds_conf
     if pref is None:
         return None
     if pref.reference == "stored":
-        from pack.reference import ReferenceReader
-
-        return ReferenceReader(args.shards, pref.train_entry)
+        return open_reference(args.shards, pref.train_entry,
+                              getattr(args, "shards_url", None) or args.shards)
     if pref.reference == "model":
         pref.ref_model, pref.ref_engine = load_reference_model(pref.ref_path, dist, ds_config,
                                                                backend, sp)
@@ -140,9 +139,21 @@ def eval_reference(pref: Preference | None, eval_dir: str) -> Any:
     """The eval set's stored-reference reader (stored runs), else None."""
     if pref is None or pref.reference != "stored":
         return None
-    from pack.reference import ReferenceReader
+    return open_reference(eval_dir, pref.eval_entry, eval_dir)
 
-    return ReferenceReader(eval_dir, pref.eval_entry)
+
+def open_reference(data_dir: str, entry: dict, where: str) -> Any:
+    """A stored-reference reader over `data_dir`; a URL's cache view first fetches the entry's
+    sidecar files (size and sha256 checked, like shards; a lock per file shares the work
+    between ranks)."""
+    from pack.reference import ReferenceReader
+    from pack.remote import fetch_reference
+
+    problems = fetch_reference(data_dir, entry)
+    if problems:
+        raise PacktrainError(f"{where}: the stored reference log-probs of {entry['model']} did "
+                             f"not arrive intact ({problems[0]}); retry, or use --ref-logps live")
+    return ReferenceReader(data_dir, entry)
 
 
 def load_reference_model(ref_path: str, dist: Any, ds_config: dict, backend: str,

@@ -274,8 +274,11 @@ def test_train_run_dpo_stored_reference_eval_and_best(inproc, stored_data, model
                      str(out), *COMMON, "--objective", "dpo", "--beta", "0.5", "--max-steps",
                      "3", "--eval-shards", str(stored_data), "--eval-every", "2",
                      "--eval-max-packs", "6", "--save-best", "--lr", "3e-3"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "reference: stored log-probs of" in printed and "beta 0.5" in printed
+    step_lines = [x for x in captured.err.splitlines() if x.startswith("step 3/3 loss")]
+    assert step_lines and " margin " in step_lines[0] and " acc " in step_lines[0], captured.err
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
