@@ -125,6 +125,7 @@ def driver(cases_file: str, out_file: str) -> None:
     the unpacked reference of the same pairs; rank 0 writes the comparison."""
     from train.cli import parse_run_args
     from train.dist import setup_distributed
+    from train.evaluate import evaluate, open_eval_set
     from train.loop import _unset_hf_deepspeed_config
     from train.setup import build
 
@@ -136,11 +137,13 @@ def driver(cases_file: str, out_file: str) -> None:
         dp = dist.world_size // int(args.sequence_parallel or 1)
         ref_loss, ref_grads, pairs = unpacked_reference(args, step_packs(args, dp), reader)
         run = build(args, dist)
+        run.eval_set = open_eval_set(args, run.manifest, run.model, dist, run.pref)
+        before = evaluate(run) if run.eval_set is not None else None  # the initial weights
         res, grads = packed_step(run)
         if dist.is_main:
             results[name] = {"loss": res.loss, "ref_loss": ref_loss, "pairs": res.pairs["pairs"],
                              "ref_pairs": pairs, "grad_err": rel_grad_error(grads, ref_grads),
-                             "reference": run.pref.reference}
+                             "reference": run.pref.reference, "eval": before}
         run.engine = run.model = run.keep_alive = None
         _unset_hf_deepspeed_config()
     if dist.is_main:

@@ -181,6 +181,8 @@ CASES = {  # name: (dataset fixture, extra options); one packed step vs the pair
     "dpo-live-model": ("pairs_data", ["--objective", "dpo", "--ref-model", "REF"]),
     "dpo-stored": ("stored_data", ["--objective", "dpo", "--ref-logps", "stored"]),
     "dpo-lora-base": ("pairs_data", ["--objective", "dpo", "--lora", "--lora-r", "4"]),
+    "dpo-lora-base-ckpt": ("pairs_data", ["--objective", "dpo", "--lora", "--lora-r", "4",
+                                          "--gradient-checkpointing"]),
     "simpo": ("pairs_data", ["--objective", "simpo"]),
 }
 
@@ -204,7 +206,7 @@ def test_packed_step_equals_pairs_unpacked(inproc, request, model_dir, ref_dir, 
     ref_loss, ref_grads, pairs = unpacked_reference(args, step_packs(args, 1), reader)
     run = build(args, inproc)
     want = {"dpo-live-model": "model", "dpo-stored": "stored", "dpo-lora-base": "adapter",
-            "simpo": "none"}[case]
+            "dpo-lora-base-ckpt": "adapter", "simpo": "none"}[case]
     assert run.pref.reference == want
     res, grads = packed_step(run)
     assert res.pairs["pairs"] == pairs > 4  # several pairs per pack
@@ -224,15 +226,17 @@ def two_rank_pairs(pairs_data, stored_data, model_dir, ref_dir, work) -> dict:
     z3 = work / "z3.json"
     z3.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     base = ["--model", str(model_dir), *COMMON, "--grad-accum", "2", "--objective", "dpo"]
+    evals = ["--eval-shards", str(pairs_data), "--eval-max-packs", "5"]
     cases = {
-        "live-model-z0": ["--shards", str(pairs_data), "--zero", "0", "--ref-model", str(ref_dir)],
+        "live-model-z0": ["--shards", str(pairs_data), "--zero", "0", "--ref-model", str(ref_dir),
+                          *evals],
         "stored-z2": ["--shards", str(stored_data), "--zero", "2", "--ref-logps", "stored"],
         "sp2-live-model-z1": ["--shards", str(pairs_data), "--zero", "1", "--ref-model",
-                              str(ref_dir), "--sequence-parallel", "2"],
+                              str(ref_dir), "--sequence-parallel", "2", *evals],
         "lora-base-z3": ["--shards", str(pairs_data), "--zero", "3", "--deepspeed", str(z3),
                          "--lora", "--lora-r", "4"],
         "live-model-z3": ["--shards", str(pairs_data), "--zero", "3", "--deepspeed", str(z3),
-                          "--ref-model", str(ref_dir)],
+                          "--ref-model", str(ref_dir), *evals],
     }
     jobs = {name: [*argv, *base, "--output", str(work / f"r2-{name}")]
             for name, argv in cases.items()}
@@ -258,6 +262,21 @@ def test_two_ranks_packed_dpo_equals_unpacked(two_rank_pairs, case):
     assert r["reference"] == {"stored-z2": "stored", "lora-base-z3": "adapter"}.get(case, "model")
     assert abs(r["loss"] - r["ref_loss"]) / r["ref_loss"] < 1e-5, r
     assert r["grad_err"] < 1e-5, r
+
+
+@pytest.mark.slow
+def test_two_ranks_eval_pairs_agree(two_rank_pairs):
+    """The eval set's pair metrics before training (same weights, same reference) agree across
+    ZeRO 0, ZeRO 3 and sequence parallel 2 (each rank evaluating its piece of every row)."""
+    runs = {k: v["eval"] for k, v in two_rank_pairs.items() if v["eval"] is not None}
+    assert set(runs) == {"live-model-z0", "sp2-live-model-z1", "live-model-z3"}
+    want = runs.pop("live-model-z0")
+    assert want["eval_pairs"] > 4 and want["eval_loss"] > 0
+    for name, got in runs.items():
+        assert got["eval_pairs"] == want["eval_pairs"], name
+        for key in ("eval_loss", "eval_rewards/margin", "eval_logps/chosen"):
+            assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), (name, key, got, want)
+        assert got["eval_rewards/accuracy"] == want["eval_rewards/accuracy"], name
 
 
 # ---------------------------------------------------------------- train-run end to end
