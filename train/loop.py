@@ -181,9 +181,9 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
          sum(mb.num_tokens for mb in micro_batches), *local_counts(micro_batches, k),
          *([] if pref is None else [sum(mb.num_label_tokens for mb in micro_batches)])],
         dtype=torch.float64), dist)
-    group_sums = loss_sums(k, dist.device)
-    if pref is not None:
-        group_sums = torch.zeros(len(STATS) - 1, dtype=torch.float64, device=dist.device)
+    # a mixture's per-dataset CE sums, or a preference step's STATS sums (the loss apart)
+    group_sums = loss_sums(k, dist.device) if pref is None else \
+        torch.zeros(len(STATS) - 1, dtype=torch.float64, device=dist.device)
     scale = (ga * dist.world_size / counts[0].clamp(min=1)).float()
     lr = float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") \
         else float(engine.get_lr()[0])
