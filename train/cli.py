@@ -104,6 +104,10 @@ def run_parser() -> argparse.ArgumentParser:
                         "fails and the rank exits with code 1, even without a launcher")
     g = ap.add_argument_group("LoRA")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
+    g.add_argument("--qlora", action="store_true",
+                   help="QLoRA: load the base as bitsandbytes NF4 (double quantisation, compute "
+                        "dtype from --dtype) and train LoRA adapters on it; implies --lora "
+                        "(needs packtrain[qlora])")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=float, default=32)
     g.add_argument("--lora-dropout", type=float, default=0.05)
@@ -183,6 +187,9 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output = str(Path("runs") / Path(os.path.abspath(args.shards)).name)
     check_numbers(args)
     check_installed(args)
+    from train.qlora import check_args as check_qlora
+
+    check_qlora(args)
     for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir", "tracking_dir"):
         if getattr(args, flag) is not None and not str(getattr(args, flag)).strip():
             # an empty --output would train into the current directory
