@@ -272,9 +272,14 @@ def restore_checkpoint(run: Run, path: Path) -> DataState:
     state = json.loads(state_file.read_text())
     new_data = check_identity(run, path, state.get("identity"))
     try:
+        # --qlora: the saved module state also holds bitsandbytes' quant-state tensors of the
+        # 4-bit base (absmax, quant_map, ...), which load_state_dict calls unexpected; the base
+        # comes from --model (check_identity has matched model and LoRA settings), the LoRA
+        # weights and optimizer from here
         load_path, _ = run.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                   load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True,
+                                                  load_module_strict=not getattr(run.args, "qlora", False))
     except (RuntimeError, KeyError, ValueError) as e:  # a checkpoint older than its identity
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise PacktrainError(f"--resume {path}: the checkpoint does not fit this model ({msg}); "
