@@ -248,8 +248,8 @@ def pack_logits(model, dataset) -> torch.Tensor:
     from pack.format import PackedDataset, read_manifest
 
     pack = PackedDataset(dataset, read_manifest(dataset))[0]
-    ids = torch.as_tensor(pack["input_ids"], dtype=torch.long)[None]
-    pos = torch.as_tensor(pack["position_ids"], dtype=torch.long)[None]
+    ids = torch.tensor(pack["input_ids"], dtype=torch.long)[None]
+    pos = torch.tensor(pack["position_ids"], dtype=torch.long)[None]
     model.eval()
     with torch.no_grad():
         return model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
@@ -402,4 +402,5 @@ def test_two_ranks_bf16_zero2_zero3_resume_and_export(dataset, model_dir, work, 
     diff = float((got - want).abs().max())
     print(f"bf16 merged vs QLoRA logits: max diff {diff:.3g} (max |logit| "
           f"{float(want.abs().max()):.3g})")
-    assert diff < 0.05 * max(1.0, float(want.abs().max()))
+    # measured 0.0039 on logits up to 0.61: ~2 bf16 ulps (the merge rounds W + BA to bf16 once)
+    assert diff < 0.02
