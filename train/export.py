@@ -20,6 +20,11 @@ stage 0    ``mp_rank_00_model_states.pt['module']``: the whole model in its trai
 stage 1-3  DeepSpeed's own ``zero_to_fp32`` reassembly of the fp32 master partitions of every rank
            (frozen parameters, e.g. a LoRA base, come from the model-state files).
 
+QLoRA runs (``model_config/qlora.json``): only the LoRA tensors are read from the checkpoint. The
+adapter is written as for --lora; ``merge=True`` re-quantises the run's base model (run.json's
+``model_path``) with the same bitsandbytes settings, dequantises it to the compute dtype and
+merges the adapter into that, so the merged model computes what the QLoRA model did.
+
 Loading safety: every ``torch.load`` here uses ``weights_only=True``. DeepSpeed's ``zero_to_fp32``
 hard-codes ``weights_only=False`` (full pickle); we run it with its ``torch.load`` replaced by a
 ``weights_only=True`` load that allowlists only the few DeepSpeed classes its optimizer files hold
