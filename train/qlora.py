@@ -13,8 +13,10 @@ LoRA adapters trained on top, and the pieces export needs to rebuild that base.
 peft's prepare_model_for_kbit_training is not used: it casts every non-quantised parameter
 (embeddings, norms, lm_head) to fp32 and hooks the input embeddings to require grad. The hook is
 for reentrant gradient checkpointing, which packtrain never uses (use_reentrant=False); and with
---dtype bf16/fp16 DeepSpeed casts every floating parameter back to the training dtype at
-initialize, so the fp32 copies would only cost memory until then (and change nothing after).
+--dtype bf16 DeepSpeed casts every floating parameter back to the training dtype at initialize
+(engine._cast_module_mixed_precision), so the fp32 copies would only cost memory until then
+(measured on the tests' tiny Llama in bf16: non-quantised weights 15.7 -> 31.3 MiB) and change
+no number after; with --dtype fp32 it changes nothing at all.
 """
 
 from __future__ import annotations
