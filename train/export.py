@@ -532,7 +532,7 @@ def _qlora_model(model_config: Path, lora: dict, qlora: dict, base_path: str | N
                                  f"the base model it trained from, which is not there; restore "
                                  f"that model directory (run.json's model_path), or export the "
                                  f"adapter without --merge")
-        base = dequantized_base(base_path, qlora)
+        base, packed = dequantized_base(base_path, qlora)
         _check_same_config(base.config, model_config)
         config = base.config
         from peft import LoraConfig, get_peft_model
@@ -541,8 +541,27 @@ def _qlora_model(model_config: Path, lora: dict, qlora: dict, base_path: str | N
         lcfg.inference_mode = False
         model = get_peft_model(base, lcfg)
     state_dict, warnings = read_fp32_state_dict(ckpts, tag, model)
+    if merge:
+        _check_same_base(packed, state_dict, base_path, ckpts / tag)
     load_lora(model, state_dict, str(ckpts / tag))
     return config, model, warnings
+
+
+def _check_same_base(packed: dict, state_dict: dict, base_path: str, where: Path) -> None:
+    """The base re-quantised now must have the 4-bit bytes the checkpoint saved: a base model
+    directory changed since training (same config, other weights) is refused, never merged."""
+    from train.qlora import same_bytes
+
+    for name, fresh in packed.items():
+        key = "base_model.model." + name[:-len(".weight")] + ".base_layer.weight"
+        saved = state_dict.get(key)
+        if saved is None:
+            raise PacktrainError(f"{where}: holds no 4-bit weight {key}; not a checkpoint of this "
+                                 f"--qlora run's model")
+        if not same_bytes(fresh, saved):
+            raise PacktrainError(f"{base_path}: quantised again, its weight {name} differs from "
+                                 f"the one the run trained against ({where}); the base model "
+                                 f"changed since training — export with the original one")
 
 
 def _check_same_config(config, model_config: Path) -> None:

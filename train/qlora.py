@@ -123,13 +123,37 @@ def load_quantized(model_path: str | Path, s: dict, device: Any = "cpu", **kw) -
     return loaded
 
 
-def dequantized_base(model_path: str | Path, s: dict) -> Any:
-    """The base as trained against: quantised with `s`, then every 4-bit layer dequantised to an
-    nn.Linear in the compute dtype (not the original full-precision weights)."""
-    model = load_quantized(model_path, s, "cpu").dequantize()
+def dequantized_base(model_path: str | Path, s: dict) -> tuple[Any, dict]:
+    """(model, packed): the base as trained against, quantised with `s`, then every 4-bit layer
+    dequantised to an nn.Linear in the compute dtype (not the original full-precision weights);
+    `packed` maps each 4-bit weight's name to its stored bytes (what a checkpoint holds of it)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # export prints its own one-line result or error
+    try:
+        model = load_quantized(model_path, s, "cpu")
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+    packed = {f"{name}.weight": m.weight.data.clone() for name, m in model.named_modules()
+              if hasattr(getattr(m, "weight", None), "quant_state")}
+    model = model.dequantize()
     cfg = model.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(cfg, attr):
             delattr(cfg, attr)
-    cfg.__dict__.pop("quantization_config", None)
-    return model
+    return model, packed
+
+
+def same_bytes(fresh: Any, saved: Any) -> bool:
+    """Whether `saved` (a 4-bit weight as a checkpoint read back, floating storage upcast to
+    fp32) holds the bytes of `fresh` (the same weight quantised now). Compared as bit patterns:
+    the packed bytes read as floats may be NaN."""
+    import torch
+
+    if tuple(fresh.shape) != tuple(saved.shape):
+        return False
+    if not fresh.is_floating_point():
+        return bool(torch.equal(fresh, saved))
+    return bool(torch.equal(fresh.float().view(torch.int32), saved.float().view(torch.int32)))

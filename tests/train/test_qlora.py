@@ -316,21 +316,40 @@ def test_missing_bitsandbytes_is_one_line(dataset, model_dir, tmp_path, capsys, 
     assert rc == 2 and err == ["error: --qlora needs bitsandbytes: pip install 'packtrain[qlora]'"]
 
 
-def test_merge_without_base_model_is_one_line(qlora_run, tmp_path, capsys):
-    """--merge re-quantises the run's base; when run.json's model path is gone, one line."""
+def changed_base(model_dir: Path, out: Path) -> Path:
+    """A copy of the base model with the same config and one weight changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    sd = load_file(str(out / "model.safetensors"))
+    key = next(k for k in sd if k.endswith("layers.1.mlp.down_proj.weight"))
+    sd[key] = sd[key] + 0.1
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("base", ["gone", "changed"])
+def test_merge_needs_the_trained_base(qlora_run, model_dir, tmp_path, capsys, base):
+    """--merge re-quantises the run's base: when run.json's model path is gone, or holds a model
+    of the same config whose weights changed since training (its 4-bit bytes differ from the
+    checkpoint's), one line and no export."""
     import shutil
 
     from train.cli import export_main
 
     run = tmp_path / "run"
     shutil.copytree(qlora_run, run, ignore=shutil.ignore_patterns("export"))
+    path = tmp_path / "gone" if base == "gone" else changed_base(model_dir, tmp_path / "changed")
     info = json.loads((run / "run.json").read_text())
-    info["model_path"] = str(tmp_path / "gone")
-    info["args"]["model"] = str(tmp_path / "gone")
+    info["model_path"] = info["args"]["model"] = str(path)
     (run / "run.json").write_text(json.dumps(info))
     assert export_main([str(run), str(tmp_path / "m"), "--merge"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and "re-quantises the base model" in err[0]
+    want = "re-quantises the base model" if base == "gone" else "the base model changed"
+    assert len(err) == 1 and want in err[0], err
+    assert not (tmp_path / "m").exists()
 
 
 # ---------------------------------------------------------------- 2 ranks, bf16, ZeRO 2 and 3 (slow)
