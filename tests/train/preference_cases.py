@@ -133,7 +133,7 @@ def driver(cases_file: str, out_file: str) -> None:
     results = {}
     for name, argv in json.load(open(cases_file)).items():
         args = parse_run_args(argv)
-        reader = _reader(args)
+        reader = stored_reader(args)
         dp = dist.world_size // int(args.sequence_parallel or 1)
         ref_loss, ref_grads, pairs = unpacked_reference(args, step_packs(args, dp), reader)
         run = build(args, dist)
@@ -150,7 +150,7 @@ def driver(cases_file: str, out_file: str) -> None:
         Path(out_file).write_text(json.dumps(results))
 
 
-def _reader(args):
+def stored_reader(args):
     """The stored reference reader a --ref-logps stored run uses (for the unpacked side)."""
     if args.ref_logps != "stored":
         return None

@@ -200,9 +200,9 @@ def test_packed_step_equals_pairs_unpacked(inproc, request, model_dir, ref_dir, 
                  "--micro-batch", "2", *extra)
     reader = None
     if args.ref_logps == "stored":
-        from preference_cases import _reader
+        from preference_cases import stored_reader
 
-        reader = _reader(args)
+        reader = stored_reader(args)
     ref_loss, ref_grads, pairs = unpacked_reference(args, step_packs(args, 1), reader)
     run = build(args, inproc)
     want = {"dpo-live-model": "model", "dpo-stored": "stored", "dpo-lora-base": "adapter",
