@@ -51,7 +51,6 @@ import functools
 import importlib
 import inspect
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -98,20 +97,31 @@ _REQUIRE_CUDA = True  # tests switch it off to drive the CUDA adapters with a CP
 
 
 class _Boundaries:
-    """Single-slot cache of the last cu_seqlens tensor seen, keyed by identity and version, so a
-    forward over N layers converts and validates it once (not N times, each a device sync)."""
+    """Single-slot cache of the last cu_seqlens tensor seen, keyed by identity (or the same memory)
+    and version, so a forward over N layers converts and validates it once (not N times, each a
+    device sync)."""
 
     def __init__(self):
-        self._ref = None
+        self._cu = None
         self._version = None
         self._value = None
 
+    def _holds(self, cu: torch.Tensor) -> bool:
+        ref = self._cu
+        if ref is None or self._version != cu._version:
+            return False
+        # torch.compile hands the attention custom op (train.attention_op) another tensor object
+        # over the graph input's memory: the same memory, layout and version is the same tensor.
+        # The cache's strong reference keeps that memory from going to any other tensor meanwhile.
+        return ref is cu or (ref.data_ptr() == cu.data_ptr() and ref.device == cu.device
+                             and ref.dtype == cu.dtype and ref.shape == cu.shape
+                             and ref.stride() == cu.stride())
+
     def get(self, cu: torch.Tensor, total: int, backend: str, device: torch.device):
         """(bounds as ints, longest sample, cu_seqlens int32 on ``device``)."""
-        ref = self._ref() if self._ref is not None else None
-        if not (ref is cu and self._version == cu._version and self._value[0] == total):
+        if not (self._holds(cu) and self._value[0] == total):
             self._value = self._convert(cu, total, backend)
-            self._ref, self._version = weakref.ref(cu), cu._version
+            self._cu, self._version = cu, cu._version
         total, bounds, max_len, cu32 = self._value
         if cu32.device != device:
             cu32 = cu32.to(device)
@@ -121,7 +131,7 @@ class _Boundaries:
     def seed(self, cu: torch.Tensor, bounds: list[int]) -> None:
         """Take `bounds` (checked on the host) as the values of `cu`: no read back from the device."""
         self._value = (bounds[-1], bounds, max(e - s for s, e in zip(bounds[:-1], bounds[1:])), cu)
-        self._ref, self._version = weakref.ref(cu), cu._version
+        self._cu, self._version = cu, cu._version
 
     @staticmethod
     def _convert(cu: torch.Tensor, total: int, backend: str):
