@@ -125,7 +125,7 @@ def test_op_gradients_equal_the_backend():
 
 @pytest.mark.parametrize("arch,zero", [("llama", 0), ("qwen3", 2)])
 def test_train_run_compile_matches_eager(inproc, dataset, tokenizer_dir, tmp_path,  # noqa: F811
-                                         arch, zero):
+                                         capsys, arch, zero):
     """train-run's build and step with --compile vs without: the first step's gradients and
     three steps' losses (fp32, CPU). Llama at ZeRO 0 and Qwen3 at ZeRO 2."""
     from deepspeed.utils import safe_get_full_grad
@@ -155,6 +155,11 @@ def test_train_run_compile_matches_eager(inproc, dataset, tokenizer_dir, tmp_pat
         results.append((losses, grads))
         del run
     assert counters["stats"]["unique_graphs"] > graphs  # the compiled layers did run
+    started = capsys.readouterr().out  # the start-up lines say what was chosen, and why
+    assert "kernels: none (--kernels auto: liger-kernel's Triton kernels need CUDA; the device " \
+        "is cpu)" in started
+    assert "kernels: none (--kernels auto with --compile: inductor fuses the layers itself)" in started
+    assert "compile: 2 decoder layers (dynamic shapes), attention packtrain_sdpa_op" in started
     (l_ref, g_ref), (l_c, g_c) = results
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(l_c, l_ref)), (l_c, l_ref)
     flat_ref = torch.cat([g_ref[k].flatten() for k in sorted(g_ref)])
