@@ -73,6 +73,8 @@ __all__ = [
     "torch_varlen_available",
     "cu_seqlens_from_position_ids",
     "unwrap_model",
+    "refuse_unsupported",
+    "no_mask",
 ]
 
 
@@ -198,7 +200,9 @@ def _boundaries(backend: str, query: torch.Tensor, key: torch.Tensor, kwargs: di
     return _BOUNDS.get(cu, total, backend, query.device)
 
 
-def _refuse_unsupported(backend: str, module, kwargs: dict, *, softcap_ok: bool) -> None:
+def refuse_unsupported(backend: str, module, kwargs: dict, *, softcap_ok: bool) -> None:
+    """AttentionBackendError for what the packed backends do not do: non-causal attention, sinks,
+    an additive position bias, and logit softcapping unless `softcap_ok`."""
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -266,7 +270,7 @@ def packtrain_sdpa_attention(
     """Exact causal attention inside each sample of one packed row: a loop of SDPA calls over the
     samples (no T x T mask). Handles GQA, dropout, sliding windows and softcap (eager per sample)."""
     backend = "packtrain_sdpa"
-    _refuse_unsupported(backend, module, {**kwargs, "softcap": softcap}, softcap_ok=True)
+    refuse_unsupported(backend, module, {**kwargs, "softcap": softcap}, softcap_ok=True)
     bounds, _, _ = _boundaries(backend, query, key, kwargs)
     n_rep = _num_kv_groups(module, query, key)
     if scaling is None:
@@ -360,7 +364,7 @@ def packtrain_torch_attention(
     """PyTorch's varlen flash kernel over the packed row. Adapts to the varlen_attn signature of the
     installed torch (scale / window_size / enable_gqa keywords are newer than the function itself)."""
     backend = "packtrain_torch"
-    _refuse_unsupported(backend, module, {**kwargs, "softcap": softcap}, softcap_ok=False)
+    refuse_unsupported(backend, module, {**kwargs, "softcap": softcap}, softcap_ok=False)
     if dropout > 0.0:
         raise AttentionBackendError(
             f"{backend}: torch varlen_attn has no attention dropout (model attention_dropout={dropout}); "
@@ -447,7 +451,7 @@ def packtrain_flash_attention(
     fn, params = _flash_attn()
     if fn is None:
         raise AttentionBackendError(f"{backend}: {params}")
-    _refuse_unsupported(backend, module, kwargs, softcap_ok="softcap" in params)
+    refuse_unsupported(backend, module, kwargs, softcap_ok="softcap" in params)
     if query.device.type != "cuda" and _REQUIRE_CUDA:
         raise AttentionBackendError(f"{backend}: CUDA only; tensors are on {query.device}")
     _, max_len, cu = _boundaries(backend, query, key, kwargs)
@@ -469,7 +473,7 @@ def packtrain_flash_attention(
     return out.unsqueeze(0).to(out_dtype), None
 
 
-def _no_mask(*args, **kwargs):
+def no_mask(*args, **kwargs):
     """Mask builder for our backends: none needed, boundaries come from cu_seqlens."""
     return None
 
@@ -486,7 +490,7 @@ def register_backends() -> None:
     for name, fn in _FUNCTIONS.items():
         AttentionInterface.register(name, fn)
         if AttentionMaskInterface is not None:
-            AttentionMaskInterface.register(name, _no_mask)
+            AttentionMaskInterface.register(name, no_mask)
 
 
 register_backends()

@@ -22,9 +22,10 @@ from types import SimpleNamespace
 
 import torch
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from train.attention import (BACKEND_NAMES, AttentionBackendError, _FUNCTIONS, _no_mask,
-                             _refuse_unsupported, unwrap_model)
+from train.attention import (BACKEND_NAMES, AttentionBackendError, no_mask, refuse_unsupported,
+                             unwrap_model)
 
 try:  # transformers >= 4.53
     from transformers.masking_utils import AttentionMaskInterface
@@ -40,7 +41,7 @@ _CAUSAL = SimpleNamespace(is_causal=True)  # the backends read only is_causal fr
 def _run(query, key, value, cu_seqlens, backend, scaling, window, softcap):
     if backend not in BACKEND_NAMES:
         raise AttentionBackendError(f"packtrain::varlen_attention: unknown backend {backend!r}")
-    out, _ = _FUNCTIONS[backend](_CAUSAL, query, key, value, None, dropout=0.0, scaling=scaling,
+    out, _ = ALL_ATTENTION_FUNCTIONS[backend](_CAUSAL, query, key, value, None, dropout=0.0, scaling=scaling,
                                  sliding_window=window, softcap=softcap,
                                  cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens)
     # contiguous, as register_fake promises; every backend's output is a new tensor (a custom op
@@ -118,7 +119,7 @@ def _op_attention(backend: str):
             raise AttentionBackendError(
                 f"{name}: attention dropout ({dropout}) cannot be recomputed exactly in the "
                 "compiled backward; set the model's attention_dropout to 0 or train without --compile")
-        _refuse_unsupported(name, module, {**kwargs, "softcap": softcap}, softcap_ok=True)
+        refuse_unsupported(name, module, {**kwargs, "softcap": softcap}, softcap_ok=True)
         cu = kwargs.get("cu_seq_lens_q")
         if cu is None:
             raise AttentionBackendError(f"{name}: no cu_seq_lens_q: call the model with "
@@ -141,7 +142,7 @@ def enable_compiled_attention(model, backend: str) -> str:
     name = backend + OP_SUFFIX
     AttentionInterface.register(name, _op_attention(backend))
     if AttentionMaskInterface is not None:
-        AttentionMaskInterface.register(name, _no_mask)
+        AttentionMaskInterface.register(name, no_mask)
     base = unwrap_model(model)
     base.set_attn_implementation(name)
     if base.config._attn_implementation != name:
