@@ -723,7 +723,8 @@ def main(argv=None) -> int:
         try:
             from gpu_check_kernels import section_kernels
 
-            kern = section_kernels(args, device, small_model, backends, log)
+            kern = section_kernels(args, device, small_model, backends, log,
+                                   lambda: args.budget_s - elapsed())
             RESULTS["sections"]["kernels"] = kern
             if not kern["all_pass"]:
                 status = 1

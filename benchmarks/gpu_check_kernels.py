@@ -12,9 +12,10 @@ Rows (each: loss and gradient relative L2 errors, the tolerance, pass/fail):
                      kernel='chunked', both against fp32 full logits: loss, d/dhidden, d/dweight;
                      labels with -100 at sample starts and prompt spans, so ignored tokens are
                      exercised.
-  compile            Llama and Qwen3 (bf16), every available packtrain backend: compiled decoder
-                     layers (train.compile) vs eager; the number of graphs compiled over three
-                     packs of other lengths is reported (1 expected).
+  compile            Llama and Qwen3 (bf16), the backend --attn auto picks here (flash, else torch
+                     varlen, else sdpa): compiled decoder layers (train.compile) vs eager; the
+                     number of graphs compiled over three packs of other lengths is reported (1
+                     expected). --quick: Llama only.
 
 Tolerance (bf16 rows): 2 x the noise floor (the same eager computation in bf16 vs fp32) + 1e-3,
 as the correctness section. The liger rows are skipped (with the reason) where liger-kernel does
@@ -89,7 +90,7 @@ def _noise(base, row) -> dict:
     return {"loss": _rel(l16, l32), "grads": _rel(g16, g32)}
 
 
-def model_rows(args, device, small_model, backends, log) -> list[dict]:
+def model_rows(args, device, small_model, backends, log, time_left) -> list[dict]:
     from train.attention import enable_packed_attention
     from train.compile import compile_decoder_layers
     from torch._dynamo.utils import counters
@@ -97,7 +98,12 @@ def model_rows(args, device, small_model, backends, log) -> list[dict]:
     rows = []
     lengths = [13, 40, 1, 22, 7] if args.cpu_smoke else [37, 128, 300, 5, 211, 1, 64, 190]
     liger_ok, liger_why = liger_available(device)
-    for arch in ("llama", "qwen3"):
+    for arch in ("llama",) if args.quick else ("llama", "qwen3"):
+        if time_left() < args.min_section_s:
+            rows.append({"arch": arch, "check": "all",
+                         "skipped": f"time budget ({time_left():.0f}s left)"})
+            log(f"  {arch:6s} skipped: {rows[-1]['skipped']}")
+            continue
         torch.manual_seed(0)
         base = small_model(arch, args.cpu_smoke).to(device).float().train()
         enable_packed_attention(base, "packtrain_sdpa")
@@ -105,7 +111,7 @@ def model_rows(args, device, small_model, backends, log) -> list[dict]:
         noise = _noise(base, row_t)
         bf16 = copy.deepcopy(base).to(torch.bfloat16)
         ref = _loss_grads(bf16, row_t)
-        cases = [("liger model", "packtrain_sdpa")] + [("compile", b) for b in backends]
+        cases = [("liger model", "packtrain_sdpa"), ("compile", backends[-1])]
         for kind, backend in cases:
             row = {"arch": arch, "dtype": "bfloat16", "check": kind, "backend": backend}
             try:
@@ -194,9 +200,13 @@ def flce_row(args, device, log) -> dict:
     return row
 
 
-def section_kernels(args, device, small_model, backends, log) -> dict:
-    """The section's rows; all_pass is False when a row that ran failed (skips do not count)."""
-    rows = model_rows(args, device, small_model, backends, log)
-    rows.append(flce_row(args, device, log))
+def section_kernels(args, device, small_model, backends, log, time_left) -> dict:
+    """The section's rows; all_pass is False when a row that ran failed (skips do not count).
+    `backends`: the available packtrain backends, best last; `time_left()`: seconds of budget."""
+    rows = model_rows(args, device, small_model, backends, log, time_left)
+    if time_left() >= args.min_section_s:
+        rows.append(flce_row(args, device, log))
+    else:
+        rows.append({"check": "liger flce", "skipped": f"time budget ({time_left():.0f}s left)"})
     ran = [r for r in rows if "skipped" not in r]
     return {"rows": rows, "all_pass": all(r.get("pass") for r in ran)}

@@ -105,3 +105,39 @@ def test_loss_kernel_argument_is_checked():
         chunked_cross_entropy(h, w, labels, kernel="fast")
     with pytest.raises(ValueError, match="no per-dataset sums or logit scale"):
         chunked_cross_entropy(h, w, labels, kernel="liger", logit_scale=0.5)
+
+
+def test_liger_loss_kernel_gets_the_chunked_loss_tokens(monkeypatch):
+    """packed_loss(kernel='liger') hands liger's function the shifted, selected label tokens (a
+    stand-in computes plain CE on them): loss, count and gradients equal the chunked loss's."""
+    import torch.nn.functional as F
+    from train.attention import enable_packed_attention
+    from train.loss import packed_loss
+
+    seen = []
+
+    def stand_in(hidden, weight, targets, bias=None, softcap=None):
+        seen.append(targets)
+        return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+    monkeypatch.setattr(K, "liger_linear_cross_entropy", stand_in)
+    torch.manual_seed(0)
+    model = _tiny()
+    enable_packed_attention(model, "sdpa")
+    lengths = [7, 12, 5]
+    ids = torch.randint(0, 100, (sum(lengths),))
+    labels = ids.clone()
+    labels[[0, 1, 7, 8, 9, 19]] = -100  # sample starts and a prompt span
+    cu = torch.tensor([0, 7, 19, 24], dtype=torch.int32)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    out = {}
+    for kernel in ("chunked", "liger"):
+        model.zero_grad(set_to_none=True)
+        loss, n = packed_loss(model, ids, labels, pos, cu, chunk_size=4, kernel=kernel)
+        loss.backward()
+        out[kernel] = (loss.detach(), n, torch.cat([p.grad.flatten() for p in model.parameters()]))
+    (l_c, n_c, g_c), (l_l, n_l, g_l) = out["chunked"], out["liger"]
+    # 24 tokens; no target at t where labels[t + 1] is -100 (t = 0, 6, 7, 8, 18) or t ends a
+    # sample (6, 18, 23): 6 positions
+    assert n_c == n_l == len(seen[0]) == 24 - 6 and bool((seen[0] >= 0).all())
+    assert torch.allclose(l_l, l_c, rtol=1e-6) and torch.allclose(g_l, g_c, rtol=1e-5, atol=1e-7)
