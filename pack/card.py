@@ -71,7 +71,8 @@ def info_text(manifest: dict[str, Any]) -> str:
         f"{'yes' if tpl['train_on_prompt'] else 'no'})",
         f"max_length       {manifest['max_length']:,}",
         f"packing          {pk['strategy']}, seed {pk['seed']}, overlong: {pk['overlong']}",
-        f"records          {s['records']:,} read, {s['samples_packed']:,} packed",
+        f"records          {s['records']:,} read, {s['samples_packed']:,} "
+        f"{'segments ' if 'pairs' in s else ''}packed",
         f"  dropped        {_counts(s.get('dropped'))}",
         f"  skipped        {_counts(s.get('skipped_invalid'))}",
         f"  truncated      {s['truncated']:,} ({s.get('truncated_tokens', 0):,} tokens cut off)",
@@ -81,6 +82,13 @@ def info_text(manifest: dict[str, Any]) -> str:
         f"+{s['packs'] - s['lower_bound']:,}); fill {100 * s['fill']:.2f}%",
         f"shards           {len(shards)} ({fmt_bytes(size)})",
     ]
+    if "pairs" in s:
+        p = s["pairs"]
+        lines.insert(7, f"pairs            {p['in']:,} read, {p['packed']:,} packed (2 segments "
+                        f"each: chosen, rejected); dropped {_counts(p.get('dropped'))}")
+    for ref in manifest.get("reference_logps") or ():
+        lines.append(f"reference       {ref['model']} ({ref['dtype']}, fingerprint "
+                     f"{ref['fingerprint'][:16]}): log-probs in {ref['dir']}/")
     if partition_note(manifest):
         lines.append(f"partitions       {partition_note(manifest)}")
     if eval_note(manifest):
@@ -94,7 +102,7 @@ def info_text(manifest: dict[str, Any]) -> str:
     lines += check_lines(manifest.get("checks"))
     hist = s.get("length_histogram")
     if hist and hist.get("counts"):
-        lines.append("sample lengths (tokens)")
+        lines.append("pair lengths (tokens)" if "pairs" in s else "sample lengths (tokens)")
         lines += text_histogram(hist["edges"], hist["counts"], width=36)
     if "seconds" in s:
         lines.append(f"built in         {s['seconds']:.1f} s ({s.get('tokens_per_s', 0):,.0f} "
@@ -125,7 +133,10 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         f"{'yes' if tpl['train_on_prompt'] else 'no'}) |",
         f"| max_length | {manifest['max_length']:,} |",
         f"| packing | {pk['strategy']}, seed {pk['seed']}, overlong samples: {pk['overlong']} |",
-        f"| records | {s['records']:,} read, {s['samples_packed']:,} packed |",
+        f"| records | {s['records']:,} read, {s['samples_packed']:,} "
+        f"{'segments ' if 'pairs' in s else ''}packed |",
+        *([f"| pairs | {s['pairs']['packed']:,} packed, each two segments (chosen, then "
+           f"rejected; columns `pair_id`, `role`) |"] if "pairs" in s else []),
         f"| dropped | {_counts(s.get('dropped'))} |",
         f"| skipped invalid | {_counts(s.get('skipped_invalid'))} |",
         f"| truncated | {s['truncated']:,} ({s.get('truncated_tokens', 0):,} tokens cut off) |",
@@ -146,7 +157,8 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         out += ["", "## Checks", "", "```", *(c.strip() for c in checks[1:]), "```"]
     hist = s.get("length_histogram")
     if hist and hist.get("counts"):
-        out += ["", "## Sample lengths (tokens)", "", "```"]
+        out += ["", "## Pair lengths (tokens)" if "pairs" in s else "## Sample lengths (tokens)",
+                "", "```"]
         out += text_histogram(hist["edges"], hist["counts"], width=36)
         out.append("```")
     out += [

@@ -81,14 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record format (default: auto-detected per file)")
     p.add_argument("--template", choices=TEMPLATES, default="auto",
                    help="prompt template (default: alpaca for alpaca records, the tokenizer's "
-                        "chat template for messages, none for text)")
+                        "chat template for messages, none for text; for preference "
+                        "pairs the chat template, or none when the tokenizer has none)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template to use instead of the tokenizer's")
     p.add_argument("--train-on-prompt", action="store_true",
                    help="take loss on prompt tokens too (default: responses only)")
     p.add_argument("--overlong", choices=OVERLONG, default="truncate",
                    help="samples longer than --max-length: keep the first N tokens or drop them "
-                        "(counted either way; default: truncate)")
+                        "(counted either way; default: truncate); a preference pair is cut "
+                        "on both completions, never split")
     p.add_argument("--strategy", choices=STRATEGIES, default="bfd",
                    help="bin-packing strategy (default: bfd, best-fit decreasing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pack order (default: 0)")
@@ -226,7 +228,8 @@ def plot(manifest: dict, path: str) -> None:
     labels = [f"{lo}-{hi - 1}" for lo, hi in zip(h["edges"][:-1], h["edges"][1:])]
     a.bar(range(len(h["counts"])), h["counts"], color="tab:blue")
     a.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-    a.set_title(f"sample lengths ({s['samples_packed']:,} samples)")
+    a.set_title(f"pair lengths ({s['pairs']['packed']:,} pairs)" if "pairs" in s
+                else f"sample lengths ({s['samples_packed']:,} samples)")
     a.set_xlabel("tokens")
     a.set_ylabel("samples")
     f = s.get("fill_histogram")
@@ -284,6 +287,8 @@ def _verify(argv: Sequence[str] | None) -> int:
         what = "verified" if not ns.no_checksums else "verified (checksums skipped)"
         ev = m.get("eval")
         also = f"; eval split {ev['path']}/: {ev['packs']} packs, {ev['tokens']} tokens" if ev else ""
+        refs = m.get("reference_logps") or []
+        also += f"; reference log-probs of {len(refs)} model(s)" if refs else ""
         print(f"OK: {len(m['shards'])} shards, {m['stats']['packs']} packs, "
               f"{m['stats']['tokens']} tokens {what}{also}")
     return 0
