@@ -113,9 +113,11 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                ) -> torch.Tensor:
     """Summed CE of `hidden` [N, H] under the head `weight` [V, H] (+ `bias`) against `targets`
     [N] (already shifted and selected: all valid; -100 would be ignored) with liger-kernel's fused
-    linear cross-entropy; an fp32 scalar."""
+    linear cross-entropy; an fp32 scalar. The weight gradient accumulates over liger's chunks in
+    fp32, as the chunked loss's does (liger's default would accumulate in the weight's bf16)."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     loss = liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=-100,
-                                            reduction="sum", softcap=softcap)
+                                            reduction="sum", softcap=softcap,
+                                            accum_dtype=torch.float32)
     return loss.float()
