@@ -15,7 +15,8 @@ Rows (each: loss and gradient relative L2 errors, the tolerance, pass/fail):
   compile            Llama and Qwen3 (bf16), the backend --attn auto picks here (flash, else torch
                      varlen, else sdpa): compiled decoder layers (train.compile) vs eager; the
                      number of graphs compiled over three packs of other lengths is reported (1
-                     expected). --quick: Llama only.
+                     expected), and the boundary reads from the device in a step whose boundaries
+                     the host gave (0 expected). --quick: Llama only.
 
 Tolerance (bf16 rows): 2 x the noise floor (the same eager computation in bf16 vs fp32) + 1e-3,
 as the correctness section. The liger rows are skipped (with the reason) where liger-kernel does
@@ -51,10 +52,10 @@ def _row_tensors(lengths: list[int], vocab: int, device, seed: int):
     return ids.to(device), labels.to(device), pos.to(device), cu.to(device)
 
 
-def _loss_grads(model, row, chunk: int = 256):
+def _loss_grads(model, row, chunk: int = 256, bounds: list[int] | None = None):
     ids, labels, pos, cu = row
     model.zero_grad(set_to_none=True)
-    loss, _ = packed_loss(model, ids, labels, pos, cu, chunk_size=chunk)
+    loss, _ = packed_loss(model, ids, labels, pos, cu, chunk_size=chunk, bounds=bounds)
     loss.backward()
     grads = torch.cat([p.grad.detach().float().flatten() for p in model.parameters()
                        if p.grad is not None])
@@ -132,12 +133,14 @@ def model_rows(args, device, small_model, backends, log, time_left) -> list[dict
                         counters.clear()
                     loss, grads = _loss_grads(model, row_t)
                     if kind == "compile":
+                        row["boundary_reads"] = _boundary_reads(model, row_t)
                         for seed, other in enumerate(([50, 3, 11], [100], [31, 31, 5]), 1):
                             _loss_grads(model, _row_tensors(other, base.config.vocab_size, device, seed))
                         row["graphs_compiled"] = counters["stats"]["unique_graphs"]
                         row["graph_breaks"] = sum(counters["graph_break"].values())
                 _verdict(row, {"loss": _rel(loss, ref_b[0]), "grads": _rel(grads, ref_b[1])}, noise)
-                extra = f" graphs {row['graphs_compiled']}" if kind == "compile" else ""
+                extra = f" graphs {row['graphs_compiled']}, boundary reads " \
+                    f"{row['boundary_reads']}" if kind == "compile" else ""
                 log(f"  {arch:6s} {kind:12s} {backend:16s} loss {row['relerr']['loss']:.2e} grads "
                     f"{row['relerr']['grads']:.2e} (tol {row['tolerance']['grads']:.1e}){extra}  "
                     f"{'PASS' if row['pass'] else 'FAIL'}")
@@ -147,6 +150,20 @@ def model_rows(args, device, small_model, backends, log, time_left) -> list[dict
                 traceback.print_exc()
             rows.append(row)
     return rows
+
+
+def _boundary_reads(model, row) -> int:
+    """Reads of the sample boundaries back from the device in one compiled step whose boundaries
+    the host gave (train-run's case): 0 expected (each would be a sync per layer on CUDA)."""
+    import train.attention as A
+
+    reads, convert = [], A._Boundaries._convert
+    A._Boundaries._convert = staticmethod(lambda *a: reads.append(1) or convert(*a))
+    try:
+        _loss_grads(model, row, bounds=[int(x) for x in row[3].tolist()])
+    finally:
+        A._Boundaries._convert = staticmethod(convert)
+    return len(reads)
 
 
 def flce_row(args, device, log) -> dict:
