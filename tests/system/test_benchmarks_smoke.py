@@ -172,7 +172,7 @@ def test_pack_speed_quick_paired_medians(tmp_path):
     assert "pack-build (1 workers), first build" in p.stdout
 
 
-@pytest.mark.slow  # ~70 s alone on 2 cores (pack-build, three train-run start-ups, one compile); 250 s when busy
+@pytest.mark.slow  # ~45 s alone on 2 cores (pack-build, three train-run start-ups, one compile); 250 s when busy
 def test_gpu_check_train_run_cpu_smoke(tmp_path):
     """gpu_check.sh --cpu-smoke: pack-build, then train-run at ZeRO 2 and 3 on a tiny model and
     with --compile at ZeRO 2, the table printed and the JSON's rates those of the runs'
