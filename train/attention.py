@@ -51,7 +51,6 @@ import functools
 import importlib
 import inspect
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +73,8 @@ __all__ = [
     "torch_varlen_available",
     "cu_seqlens_from_position_ids",
     "unwrap_model",
+    "refuse_unsupported",
+    "no_mask",
 ]
 
 
@@ -98,20 +99,31 @@ _REQUIRE_CUDA = True  # tests switch it off to drive the CUDA adapters with a CP
 
 
 class _Boundaries:
-    """Single-slot cache of the last cu_seqlens tensor seen, keyed by identity and version, so a
-    forward over N layers converts and validates it once (not N times, each a device sync)."""
+    """Single-slot cache of the last cu_seqlens tensor seen, keyed by identity (or the same memory)
+    and version, so a forward over N layers converts and validates it once (not N times, each a
+    device sync)."""
 
     def __init__(self):
-        self._ref = None
+        self._cu = None
         self._version = None
         self._value = None
 
+    def _holds(self, cu: torch.Tensor) -> bool:
+        ref = self._cu
+        if ref is None or self._version != cu._version:
+            return False
+        # torch.compile hands the attention custom op (train.attention_op) another tensor object
+        # over the graph input's memory: the same memory, layout and version is the same tensor.
+        # The cache's strong reference keeps that memory from going to any other tensor meanwhile.
+        return ref is cu or (ref.data_ptr() == cu.data_ptr() and ref.device == cu.device
+                             and ref.dtype == cu.dtype and ref.shape == cu.shape
+                             and ref.stride() == cu.stride())
+
     def get(self, cu: torch.Tensor, total: int, backend: str, device: torch.device):
         """(bounds as ints, longest sample, cu_seqlens int32 on ``device``)."""
-        ref = self._ref() if self._ref is not None else None
-        if not (ref is cu and self._version == cu._version and self._value[0] == total):
+        if not (self._holds(cu) and self._value[0] == total):
             self._value = self._convert(cu, total, backend)
-            self._ref, self._version = weakref.ref(cu), cu._version
+            self._cu, self._version = cu, cu._version
         total, bounds, max_len, cu32 = self._value
         if cu32.device != device:
             cu32 = cu32.to(device)
@@ -121,7 +133,7 @@ class _Boundaries:
     def seed(self, cu: torch.Tensor, bounds: list[int]) -> None:
         """Take `bounds` (checked on the host) as the values of `cu`: no read back from the device."""
         self._value = (bounds[-1], bounds, max(e - s for s, e in zip(bounds[:-1], bounds[1:])), cu)
-        self._ref, self._version = weakref.ref(cu), cu._version
+        self._cu, self._version = cu, cu._version
 
     @staticmethod
     def _convert(cu: torch.Tensor, total: int, backend: str):
@@ -188,7 +200,9 @@ def _boundaries(backend: str, query: torch.Tensor, key: torch.Tensor, kwargs: di
     return _BOUNDS.get(cu, total, backend, query.device)
 
 
-def _refuse_unsupported(backend: str, module, kwargs: dict, *, softcap_ok: bool) -> None:
+def refuse_unsupported(backend: str, module, kwargs: dict, *, softcap_ok: bool) -> None:
+    """AttentionBackendError for what the packed backends do not do: non-causal attention, sinks,
+    an additive position bias, and logit softcapping unless `softcap_ok`."""
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -256,7 +270,7 @@ def packtrain_sdpa_attention(
     """Exact causal attention inside each sample of one packed row: a loop of SDPA calls over the
     samples (no T x T mask). Handles GQA, dropout, sliding windows and softcap (eager per sample)."""
     backend = "packtrain_sdpa"
-    _refuse_unsupported(backend, module, {**kwargs, "softcap": softcap}, softcap_ok=True)
+    refuse_unsupported(backend, module, {**kwargs, "softcap": softcap}, softcap_ok=True)
     bounds, _, _ = _boundaries(backend, query, key, kwargs)
     n_rep = _num_kv_groups(module, query, key)
     if scaling is None:
@@ -350,7 +364,7 @@ def packtrain_torch_attention(
     """PyTorch's varlen flash kernel over the packed row. Adapts to the varlen_attn signature of the
     installed torch (scale / window_size / enable_gqa keywords are newer than the function itself)."""
     backend = "packtrain_torch"
-    _refuse_unsupported(backend, module, {**kwargs, "softcap": softcap}, softcap_ok=False)
+    refuse_unsupported(backend, module, {**kwargs, "softcap": softcap}, softcap_ok=False)
     if dropout > 0.0:
         raise AttentionBackendError(
             f"{backend}: torch varlen_attn has no attention dropout (model attention_dropout={dropout}); "
@@ -437,7 +451,7 @@ def packtrain_flash_attention(
     fn, params = _flash_attn()
     if fn is None:
         raise AttentionBackendError(f"{backend}: {params}")
-    _refuse_unsupported(backend, module, kwargs, softcap_ok="softcap" in params)
+    refuse_unsupported(backend, module, kwargs, softcap_ok="softcap" in params)
     if query.device.type != "cuda" and _REQUIRE_CUDA:
         raise AttentionBackendError(f"{backend}: CUDA only; tensors are on {query.device}")
     _, max_len, cu = _boundaries(backend, query, key, kwargs)
@@ -459,7 +473,7 @@ def packtrain_flash_attention(
     return out.unsqueeze(0).to(out_dtype), None
 
 
-def _no_mask(*args, **kwargs):
+def no_mask(*args, **kwargs):
     """Mask builder for our backends: none needed, boundaries come from cu_seqlens."""
     return None
 
@@ -476,7 +490,7 @@ def register_backends() -> None:
     for name, fn in _FUNCTIONS.items():
         AttentionInterface.register(name, fn)
         if AttentionMaskInterface is not None:
-            AttentionMaskInterface.register(name, _no_mask)
+            AttentionMaskInterface.register(name, no_mask)
 
 
 register_backends()

@@ -198,20 +198,15 @@ def resume_point(arg: str | None, out: Path) -> Path | None:
     return resume_from
 
 
-# Model config keys that say nothing about the weights' shapes or meaning.
-_VOLATILE_CONFIG = {"_attn_implementation", "_attn_implementation_internal", "_name_or_path",
-                    "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash",
-                    "quantization_config", "_pre_quantization_dtype"}  # --qlora: its own key
-
-
 def run_identity(run: Run) -> dict:
     """What a checkpoint must share with the run that resumes it: the model (its config), the
     dataset (manifest hash, tokenizer fingerprint) and the arguments that shape the weights and
     optimizer state (LoRA, ZeRO stage)."""
     from train.attention import unwrap_model
+    from train.export import VOLATILE_CONFIG
 
     cfg = {k: v for k, v in unwrap_model(run.model).config.to_dict().items()
-           if k not in _VOLATILE_CONFIG}
+           if k not in VOLATILE_CONFIG}
     a = run.args
     return {
         "model_config_sha256": hashlib.sha256(

@@ -91,6 +91,13 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn", choices=("auto", "flash", "torch", "sdpa"), default="auto",
                    help="packed attention backend (auto: flash, then torch varlen on CUDA; "
                         "per-sample SDPA on CPU)")
+    g.add_argument("--kernels", choices=("auto", "none", "liger", "liger-flce"), default="auto",
+                   help="fused kernels: liger = liger-kernel's RMSNorm, RoPE and SwiGLU; "
+                        "liger-flce = those and its fused linear cross-entropy as the loss; "
+                        "auto: liger where it imports on CUDA, else none")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (dynamic shapes; the varlen attention "
+                        "as one custom op); not with --zero 3 or --sequence-parallel")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
                    help="split every packed row over N ranks (Ulysses all-to-all over attention "

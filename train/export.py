@@ -129,6 +129,13 @@ def _allowed_globals() -> list:
     return out
 
 
+# Model config keys that say nothing about the weights' shapes or meaning (a resume and an export
+# compare the rest: train.checkpoint.run_identity, _check_same_config).
+VOLATILE_CONFIG = {"_attn_implementation", "_attn_implementation_internal", "_name_or_path",
+                   "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash",
+                   "quantization_config", "_pre_quantization_dtype"}  # --qlora: its own key
+
+
 def safe_load(path: str | os.PathLike, mmap: bool = False, map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True, accepting only tensors, containers and DeepSpeed's
     allowlisted bookkeeping classes. Errors name the file. train.checkpoint also loads DeepSpeed
@@ -566,14 +573,12 @@ def _check_same_base(packed: dict, state_dict: dict, base_path: str, where: Path
 
 def _check_same_config(config, model_config: Path) -> None:
     """The base found at export must be the model the run trained (its config)."""
-    from train.checkpoint import _VOLATILE_CONFIG
-
     from transformers import AutoConfig
 
     want = AutoConfig.from_pretrained(str(model_config), local_files_only=True).to_dict()
     have = config.to_dict()
     diff = sorted(k for k in want.keys() | have.keys()
-                  if k not in _VOLATILE_CONFIG and want.get(k) != have.get(k))
+                  if k not in VOLATILE_CONFIG and want.get(k) != have.get(k))
     if diff:
         raise PacktrainError(f"{model_config / 'config.json'}: the run's base model has changed "
                              f"since training ({', '.join(diff[:4])} differ); export with the "

@@ -34,9 +34,11 @@ def packed_forward(model: Any, fn: Callable) -> Iterator[None]:
 
 
 def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int,
-               group_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+               group_sums: torch.Tensor | None = None, kernel: str = "chunked"
+               ) -> tuple[torch.Tensor, int]:
     """(loss_sum tensor, n_label_tokens) of one packed row, computed inside engine(...).
-    `group_sums`: a mixture's per-dataset CE sums, added to (train.mixture)."""
+    `group_sums`: a mixture's per-dataset CE sums, added to (train.mixture); `kernel`: the loss
+    kernel (train.loss.chunked_cross_entropy; --kernels liger-flce)."""
     from train.loss import packed_loss
     from train.sequence_parallel import SeqSlice, slice_loss
 
@@ -48,7 +50,7 @@ def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int,
         groups = None if group_sums is None else (mb.token_groups, group_sums)
         return packed_loss(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
                            chunk_size, max_length=mb.max_seqlen, groups=groups,
-                           bounds=mb.bounds, label_count=mb.label_tokens)
+                           bounds=mb.bounds, label_count=mb.label_tokens, kernel=kernel)
 
     with packed_forward(model, forward):
         return engine()

@@ -64,6 +64,7 @@ from train.dist import (DEFAULT_DIST_TIMEOUT, PREEMPTED_EXIT, PREEMPTED_FILE, Di
 from train.evaluate import best_after_resume, eval_due, evaluate, keep_best, open_eval_set
 from train.forward import micro_loss, micro_pairs
 from train.hooks import Hooks
+from train.kernels import loss_kernel
 from train.mixture import local_counts, loss_sums, step_metrics
 from train.preference import STATS, pair_metrics
 from train.prefetch import device_batches, to_device
@@ -192,7 +193,8 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
     zero0_fp32 = engine.zero_optimization_stage() == 0 and run.dtype == "fp32"
     for i, mb in enumerate(device_batches(micro_batches, dist.device)):
         if pref is None:
-            loss_sum, _ = micro_loss(engine, mb, run.args.loss_chunk, group_sums)
+            loss_sum, _ = micro_loss(engine, mb, run.args.loss_chunk, group_sums,
+                                     loss_kernel(run.kernels))
         else:
             loss_sum, stats = micro_pairs(engine, mb, run.args.loss_chunk, pref, run.sp)
             group_sums += stats[1:] * share

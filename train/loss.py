@@ -201,6 +201,7 @@ def chunked_cross_entropy(
     cu_seqlens: torch.Tensor | None = None,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     label_count: int | None = None,
+    kernel: str = "chunked",
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy of ``hidden`` [T, H] under the head ``lm_head_weight`` [V, H]
     (+ ``bias`` [V]) against unshifted ``labels`` [T] (-100 ignored), without materialising [T, V].
@@ -213,6 +214,8 @@ def chunked_cross_entropy(
     added (without gradient) to ``sums`` at its position's group (a mixture's per-dataset loss).
     ``label_count``: the label tokens as counted on the host from checked packs (labels in range):
     then nothing is read back from the device (no count, no range check).
+    ``kernel``: 'chunked' (this module's) or 'liger' (liger-kernel's fused linear cross-entropy
+    over the same selected label tokens; CUDA, no ``groups`` or ``logit_scale``: train.kernels).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -239,6 +242,14 @@ def chunked_cross_entropy(
             f"labels must be -100 or in [0, {vocab}); got values in [{int(sel_t.min())}, {int(sel_t.max())}]"
         )
     sel_h = hidden.index_select(0, idx)
+    if kernel == "liger":
+        if groups is not None or logit_scale is not None:
+            raise ValueError("the liger loss kernel has no per-dataset sums or logit scale")
+        from train.kernels import liger_linear_cross_entropy
+
+        return liger_linear_cross_entropy(sel_h, lm_head_weight, sel_t, bias=bias, softcap=softcap), n
+    if kernel != "chunked":
+        raise ValueError(f"unknown loss kernel {kernel!r}: chunked or liger")
     sel_g = None if groups is None else (_group_of(groups[0], idx), groups[1])
     dev = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lm_head_weight.dtype
@@ -337,19 +348,21 @@ def head_cross_entropy(
     softcap: float | None = None,
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     label_count: int | None = None,
+    kernel: str = "chunked",
 ) -> tuple[torch.Tensor, int]:
     """chunked_cross_entropy through a head *module*: the computation runs inside ``head(...)`` so
     that module hooks fire (DeepSpeed ZeRO-3 gathers a partitioned weight in its pre-forward hook and
     handles the gradient as for the module's own forward). A head that is not a plain nn.Linear (a peft
     LoRA layer, modules_to_save wrapper, ...) is called per chunk under activation checkpointing, so
-    its [chunk, V] logits are recomputed in backward instead of kept."""
+    its [chunk, V] logits are recomputed in backward instead of kept (``kernel`` applies to a
+    plain nn.Linear head only)."""
     if _is_plain_linear(head):
         result = {}
 
         def forward(h):
             loss, n = chunked_cross_entropy(
                 h, head.weight, labels, chunk_size, bias=head.bias, logit_scale=logit_scale, softcap=softcap,
-                cu_seqlens=cu_seqlens, groups=groups, label_count=label_count,
+                cu_seqlens=cu_seqlens, groups=groups, label_count=label_count, kernel=kernel,
             )
             result["n"] = n
             return loss
@@ -416,6 +429,7 @@ def packed_loss(
     groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     bounds: list[int] | None = None,
     label_count: int | None = None,
+    kernel: str = "chunked",
 ) -> tuple[torch.Tensor, int]:
     """Run ``model`` (attention already switched with enable_packed_attention) on one packed row and
     return (sum of next-token CE over label tokens as an fp32 scalar, number of label tokens).
@@ -436,4 +450,5 @@ def packed_loss(
     return head_cross_entropy(
         parts.head, hidden[0], labels.reshape(-1), chunk_size, cu_seqlens=kwargs["cu_seq_lens_q"],
         logit_scale=parts.logit_scale, softcap=parts.softcap, groups=groups, label_count=label_count,
+        kernel=kernel,
     )

@@ -194,6 +194,31 @@ class Run:
     best_eval: dict | None = None  # {"step", "eval_loss"} of the lowest eval loss (--save-best)
     sp: Any = None                 # train.sequence_parallel.SPGroup, or None (N = 1)
     pref: Any = None               # train.preference.Preference (--objective dpo|simpo), or None
+    kernels: str = "none"          # --kernels resolved (train.kernels): none, liger, liger-flce
+
+
+def use_kernels(args: Namespace, model: Any, device: torch.device) -> str:
+    """Resolve --kernels (train.kernels), patch the model, say what and why; returns the choice."""
+    from train.kernels import apply_kernels, select_kernels
+    from train.loss import model_hidden_and_head
+
+    kernels, why = select_kernels(args.kernels, device, compiled=bool(args.compile))
+    if kernels == "liger-flce":
+        if len(getattr(args, "shards_list", None) or []) > 1:
+            raise PacktrainError("--kernels liger-flce has no per-dataset losses for a mixture of "
+                                 "datasets; use --kernels liger")
+        if int(getattr(args, "sequence_parallel", 1) or 1) > 1:
+            raise PacktrainError("--kernels liger-flce: not with --sequence-parallel (its loss is "
+                                 "the chunked one); use --kernels liger")
+        if getattr(args, "objective", "sft") != "sft":
+            raise PacktrainError(f"--kernels liger-flce replaces the SFT cross-entropy; "
+                                 f"--objective {args.objective} takes per-segment log-probs; "
+                                 f"use --kernels liger")
+        if model_hidden_and_head(model).logit_scale is not None:
+            raise PacktrainError("--kernels liger-flce: the model scales its logits, which liger's "
+                                 "fused cross-entropy does not; use --kernels liger")
+    log0(f"kernels: {apply_kernels(model, kernels)} ({why})")
+    return kernels
 
 
 def planned_steps(args: Namespace, stream: PackStream) -> int:
@@ -210,6 +235,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     them weights-only before any resume."""
     import deepspeed
     from train.attention import enable_packed_attention, select_backend
+    from train.compile import check_compile, compile_decoder_layers
     from train.config import DTYPES, build_ds_config, resolve_dtype
     from train.sequence_parallel import enable_ulysses, setup_sequence_parallel, shard_stream
 
@@ -224,6 +250,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     pref = plan_preference(args, manifest, model_path)
     out = Path(args.output)
     sp = setup_sequence_parallel(args, dist.world_size, dist.rank)
+    check_compile(args, dist.device)
     dtype = resolve_dtype(args.dtype, dist.device)
     ds_config = build_ds_config(args, dtype, dist.device)
 
@@ -240,6 +267,9 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     if sp is not None:
         backend = enable_ulysses(model, backend, sp)
     log0(f"attention backend: {backend} (--attn {args.attn}, {dist.device.type}, {dtype})")
+    kernels = use_kernels(args, model, dist.device)
+    if args.compile:
+        log0(f"compile: {compile_decoder_layers(model, backend)}")
 
     preflight_checks(args, args.shards, manifest, model, model_path, dist,
                      checksums_wanted(args))
@@ -270,7 +300,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
                manifest=manifest, out=out, total_steps=total, backend=backend, dtype=dtype,
                ds_config=ds_config, keep_alive=keep_alive, model_path=str(model_path),
                manifest_sha256=data.manifest_sha256, datasets=data.datasets,
-               hooks=hooks or Hooks(), sp=sp, pref=pref)
+               hooks=hooks or Hooks(), sp=sp, pref=pref, kernels=kernels)
 
 
 def seed_everything(seed: int) -> None:

@@ -172,19 +172,24 @@ def test_pack_speed_quick_paired_medians(tmp_path):
     assert "pack-build (1 workers), first build" in p.stdout
 
 
-@pytest.mark.slow  # ~50 s alone on 2 cores (pack-build and two train-run start-ups), more when busy
+@pytest.mark.slow  # ~45 s alone on 2 cores (pack-build, three train-run start-ups, one compile); 250 s when busy
 def test_gpu_check_train_run_cpu_smoke(tmp_path):
-    """gpu_check.sh --cpu-smoke: pack-build, then train-run at ZeRO 2 and 3 on a tiny model, the
-    table printed and the JSON's rates those of the runs' metrics.jsonl."""
+    """gpu_check.sh --cpu-smoke: pack-build, then train-run at ZeRO 2 and 3 on a tiny model and
+    with --compile at ZeRO 2, the table printed and the JSON's rates those of the runs'
+    metrics.jsonl."""
     p = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path),
+                       text=True, timeout=540, env={**os.environ, "OUT": str(tmp_path),
                                                     "PYTHON": PY})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     r = json.loads((tmp_path / "gpu_train_run.json").read_text())
-    assert [(row["pack_size"], row["zero"]) for row in r["rows"]] == [(256, 2), (256, 3)]
+    assert [(row["pack_size"], row["zero"], row["variant"]) for row in r["rows"]] == \
+        [(256, 2, "base"), (256, 2, "compile"), (256, 3, "base")]
     for row in r["rows"]:
-        run = tmp_path / "gpu_train_run_work" / f"run-tiny-256-z{row['zero']}"
+        run = tmp_path / "gpu_train_run_work" / ("run-tiny-256-z{zero}{v}".format(
+            zero=row["zero"], v="" if row["variant"] == "base" else f"-{row['variant']}"))
         steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert len(steps) == row["steps"] == 3 and "mfu" not in row  # no MFU on CPU
         assert row["tokens_per_s"] == pytest.approx(statistics.median(s["tokens_per_s"] for s in steps[1:]))
     assert "train-run tok/s" in p.stdout and "n/a" in p.stdout
+    log = (tmp_path / "gpu_train_run_work" / "run-tiny-256-z2-compile.log").read_text()
+    assert "compile: 2 decoder layers" in log and "kernels: none (--kernels none)" in log
