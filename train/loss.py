@@ -38,6 +38,7 @@ __all__ = [
     "CausalLMParts",
     "model_hidden_and_head",
     "head_cross_entropy",
+    "head_token_losses",
     "packed_loss",
     "wgrad_accumulation_mode",
 ]
@@ -365,6 +366,29 @@ def head_cross_entropy(
                 del head.forward
         return loss, result["n"]
 
+    token_ce, idx = head_token_losses(head, hidden, labels, chunk_size, cu_seqlens=cu_seqlens,
+                                      logit_scale=logit_scale, softcap=softcap,
+                                      label_count=label_count)
+    if groups is not None:
+        groups[1].index_add_(0, _group_of(groups[0], idx), token_ce.detach().to(groups[1].dtype))
+    return token_ce.sum(), idx.numel()
+
+
+def head_token_losses(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    cu_seqlens: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    label_count: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE of every label token [n] fp32, with gradient; their positions in the row [n]) through
+    the head module, ``chunk_size`` tokens at a time under activation checkpointing: only one
+    chunk's [chunk, V] logits exist at once, in forward and again in backward (recomputed).
+    Unlike chunked_cross_entropy the result is per token, so any weighting of the tokens (a
+    mixture's, a preference loss's per-segment sums) back-propagates exactly."""
     from torch.utils.checkpoint import checkpoint
 
     if hidden.dim() == 3:
@@ -373,23 +397,12 @@ def head_cross_entropy(
     idx, n = _label_positions(targets, label_count)
     sel_h = hidden.index_select(0, idx)
     sel_t = targets.index_select(0, idx).to(torch.long)
-    loss = sel_h.sum() * 0.0  # keeps the graph connected when there are no label tokens
-    loss = loss.float()
-    sel_g = None if groups is None else _group_of(groups[0], idx)
-    for s in range(0, n, chunk_size):
-        if sel_g is None:
-            loss = loss + checkpoint(
-                _chunk_ce_generic, head, sel_h[s:s + chunk_size], sel_t[s:s + chunk_size], logit_scale, softcap,
-                use_reentrant=False,
-            )
-            continue
-        token_loss = checkpoint(
-            _chunk_ce_generic, head, sel_h[s:s + chunk_size], sel_t[s:s + chunk_size], logit_scale, softcap,
-            "none", use_reentrant=False,
-        )
-        loss = loss + token_loss.sum()
-        groups[1].index_add_(0, sel_g[s:s + chunk_size], token_loss.detach().to(groups[1].dtype))
-    return loss, n
+    pieces = [checkpoint(_chunk_ce_generic, head, sel_h[s:s + chunk_size],
+                         sel_t[s:s + chunk_size], logit_scale, softcap, "none",
+                         use_reentrant=False) for s in range(0, n, chunk_size)]
+    if not pieces:  # keeps the graph connected: an empty, differentiable result
+        return (sel_h.sum(-1) * 0.0).float(), idx
+    return torch.cat(pieces).float(), idx
 
 
 def packed_loss(

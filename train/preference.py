@@ -1,0 +1,118 @@
+"""Preference objectives over packed pairs (format 2.1, ``kind: preference``): per-segment
+log-probabilities and the DPO / SimPO losses built on them.
+
+A preference pack holds whole pairs: segment 2k is the chosen and 2k + 1 the rejected response of
+one pair (same prompt; labels only on the response). `segment_logps` runs the model once over the
+packed row (varlen attention: every segment sees only itself) and returns, per segment,
+
+    logp(segment) = sum over its label positions t of log p(input_ids[t] | the segment before t)
+
+from per-token log-probs of a chunked head (train.loss.head_token_losses: never [T, V] logits in
+fp32 at once), summed by segment with an index_add (differentiable). Token id 0 is an ordinary
+label: only -100 means "no loss".
+
+Losses per pair i (pc/pr: policy log-probs of chosen/rejected, rc/rr: the reference's, constants;
+|c|, |r|: label tokens of each segment, counted on the host):
+
+    dpo    -logsigmoid(beta * ((pc - rc) - (pr - rr)))          rewards beta*(pc-rc), beta*(pr-rr)
+    simpo  -logsigmoid(beta * (pc/|c| - pr/|r|) - gamma)        rewards beta*pc/|c|, beta*pr/|r|
+
+The step's loss is the mean over every pair of the optimizer step (all ranks, all micro-steps);
+train.loop scales each micro-step's summed pair loss like the SFT path scales its summed CE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pack.errors import PacktrainError
+from pack.format import IGNORE_INDEX
+
+__all__ = ["OBJECTIVES", "DEFAULT_BETA", "DEFAULT_SIMPO_GAMMA", "segment_logps", "segment_ids", "segment_label_counts",
+           "pair_losses", "check_pairs"]
+
+OBJECTIVES = ("sft", "dpo", "simpo")
+# DPO: beta 0.1 (Rafailov et al. 2023; TRL's DPOConfig). SimPO: beta 2.0 (the SimPO paper used
+# 2.0-2.5; torchtune's SimPOLoss default) and gamma 0.5, an absolute margin as in TRL's CPOTrainer
+# (loss_type="simpo": -logsigmoid(beta * delta - simpo_gamma), simpo_gamma default 0.5).
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
+DEFAULT_SIMPO_GAMMA = 0.5
+
+
+def segment_ids(bounds: list[int]) -> torch.Tensor:
+    """The segment of every position of a row with boundaries `bounds` (cu_seqlens as ints),
+    [T] int64 on the host."""
+    b = np.asarray(bounds, dtype=np.int64)
+    return torch.from_numpy(np.repeat(np.arange(len(b) - 1, dtype=np.int64), np.diff(b)))
+
+
+def segment_label_counts(labels: np.ndarray, bounds: list[int]) -> np.ndarray:
+    """Label tokens of each segment as the loss counts them: labels[s + 1:e] != -100 (the label
+    at a segment's first token is never predicted)."""
+    mask = np.asarray(labels).reshape(-1) != IGNORE_INDEX
+    mask[np.asarray(bounds[:-1], dtype=np.int64)] = False
+    return np.add.reduceat(mask.astype(np.int64), np.asarray(bounds[:-1], dtype=np.int64)) \
+        if len(bounds) > 1 else np.zeros(0, np.int64)
+
+
+def segment_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
+                  position_ids: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                  bounds: list[int] | None = None, max_seqlen: int | None = None,
+                  chunk_size: int = 1024, label_count: int | None = None) -> torch.Tensor:
+    """Per-segment summed log-probs of the labels of one packed row: [n_segments] float32, with
+    gradient when grad is enabled. `model`: a causal LM (any peft/DeepSpeed wrapper) whose
+    attention was switched with train.attention.enable_packed_attention. `bounds`/`max_seqlen`/
+    `label_count`: host facts of checked packs (train.data.collate); then nothing is read back
+    from the device. Without `bounds` cu_seqlens is read once (and validated)."""
+    from train.attention import packed_forward_kwargs
+    from train.loss import head_token_losses, model_hidden_and_head
+
+    parts = model_hidden_and_head(model)
+    ids = input_ids.reshape(1, -1)
+    if bounds is None:
+        bounds = [int(x) for x in torch.as_tensor(cu_seqlens).reshape(-1).tolist()]
+    kwargs = packed_forward_kwargs(cu_seqlens, position_ids.reshape(1, -1).to(ids.device),
+                                   max_length=max_seqlen, bounds=bounds)
+    out = parts.decoder(input_ids=ids, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    token_ce, idx = head_token_losses(parts.head, hidden[0], labels.reshape(-1), chunk_size,
+                                      cu_seqlens=kwargs["cu_seq_lens_q"],
+                                      logit_scale=parts.logit_scale, softcap=parts.softcap,
+                                      label_count=label_count)
+    seg = segment_ids(bounds).to(hidden.device, non_blocking=True).index_select(0, idx)
+    return token_ce.new_zeros(len(bounds) - 1).index_add(0, seg, -token_ce)
+
+
+def pair_losses(objective: str, policy: torch.Tensor, reference: torch.Tensor | None,
+                lengths: torch.Tensor | None, beta: float, gamma: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [P], chosen reward [P], rejected reward [P]) of P pairs from per-segment log-probs
+    `policy` [2P] (chosen, rejected alternating), `reference` [2P] (dpo; constants) and the
+    segments' label-token counts `lengths` [2P] (simpo). The rewards carry no gradient."""
+    pc, pr = policy[0::2], policy[1::2]
+    if objective == "dpo":
+        ref = reference.to(policy.dtype).detach()
+        chosen, rejected = pc - ref[0::2], pr - ref[1::2]
+        logits = beta * (chosen - rejected)
+    elif objective == "simpo":
+        n = lengths.to(policy.dtype).clamp(min=1)
+        chosen, rejected = pc / n[0::2], pr / n[1::2]
+        logits = beta * (chosen - rejected) - gamma
+    else:
+        raise ValueError(f"unknown preference objective {objective!r}")
+    return -F.logsigmoid(logits), (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def check_pairs(roles: np.ndarray, pair_ids: np.ndarray, where: str) -> None:
+    """Refuse (one line) a pack whose segments are not adjacent chosen/rejected pairs."""
+    roles, pair_ids = np.asarray(roles), np.asarray(pair_ids)
+    if len(roles) % 2 or not (np.all(roles[0::2] == 0) and np.all(roles[1::2] == 1)):
+        raise PacktrainError(f"{where}: segment roles {roles[:8].tolist()}... are not chosen, "
+                             f"rejected pairs (0, 1, 0, 1, ...); rebuild it with pack-build")
+    if not np.array_equal(pair_ids[0::2], pair_ids[1::2]):
+        raise PacktrainError(f"{where}: a pair's two segments have different pair_id; rebuild "
+                             f"it with pack-build")
