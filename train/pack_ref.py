@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
                     help="3: load the model partitioned over the ranks (DeepSpeed ZeRO-3); 0-2 "
                          "keep whole weights on every rank")
+    ap.add_argument("--deepspeed", metavar="CONFIG.json",
+                    help="DeepSpeed config merged over the generated one (as train-run's)")
     ap.add_argument("--attn", choices=("auto", "flash", "torch", "sdpa"), default="auto",
                     help="packed attention backend, as train-run --attn")
     ap.add_argument("--nproc", type=int, default=1,
@@ -93,7 +95,8 @@ def load_reference(args: Namespace, dist: Any, manifest: dict) -> tuple[Any, Any
     from train.config import DTYPES, build_ds_config
     from train.setup import load_model, preflight_checks
 
-    opts = Namespace(zero=args.zero, offload="none", grad_accum=1, grad_clip=1.0, deepspeed=None,
+    opts = Namespace(zero=args.zero, offload="none", grad_accum=1, grad_clip=1.0,
+                     deepspeed=args.deepspeed,
                      allow_new_weights=False, gradient_checkpointing=False, lora=False,
                      allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     ds_config = build_ds_config(opts, args.dtype, dist.device)
@@ -123,7 +126,8 @@ def _forward(engine: Any, model: Any, chunk: int, device: Any):
 
         def fn():
             return segment_logps(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
-                                 bounds=mb.bounds, max_seqlen=mb.max_seqlen, chunk_size=chunk)
+                                 bounds=mb.bounds, max_seqlen=mb.max_seqlen, chunk_size=chunk,
+                                 label_count=mb.label_tokens)
         with torch.no_grad():
             if engine is None:
                 out = fn()
