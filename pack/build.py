@@ -117,7 +117,8 @@ def _build_local(cfg: BuildConfig) -> dict:
     store: SampleStore | None = None
     # creating a writer writes nothing: it exists from here so that cleanup can always abort it
     writer = fmt_mod.ShardWriter(job.out, max_packs=job.settings.max_packs,
-                                 max_bytes=job.settings.max_bytes)
+                                 max_bytes=job.settings.max_bytes,
+                                 preference=reading.fmt == "preference")
     held_out = None
     try:
         store = SampleStore(job.out / TMP_SAMPLES)
@@ -127,7 +128,8 @@ def _build_local(cfg: BuildConfig) -> dict:
         if job.eval is not None:
             from .eval_held_out import HeldOut
 
-            held_out = HeldOut(job.out, job.settings.max_packs, job.settings.max_bytes)
+            held_out = HeldOut(job.out, job.settings.max_packs, job.settings.max_bytes,
+                               preference=reading.fmt == "preference")
             encoded, extra = held_out.write(job.eval, encoded, lambda enc, where, w, more: (
                 _manifest(job, reading, enc, *_pack_write(cfg, enc, store, w, ui), t0, where,
                           more)))
@@ -241,6 +243,9 @@ def _read(job: _Job) -> _Reading:
                              cfg.split, n_parts=s.n_parts, part=s.part,
                              max_record_bytes=s.max_record_bytes)
     template = TEMPLATE_FOR_FORMAT[fmt] if cfg.template == "auto" else cfg.template
+    if (fmt == "preference" and cfg.template == "auto" and not cfg.chat_template
+            and not getattr(job.tokenizer, "chat_template", None)):
+        template = "none"  # plain text: BOS + prompt, completion + EOS
     spec = EncodeSpec(s.tok_path, fmt, template, bool(cfg.train_on_prompt), s.chat_template_text,
                       int(cfg.max_length), cfg.overlong,
                       eval_seed=None if job.eval is None else job.eval.seed)
@@ -279,6 +284,8 @@ class _Encoded:
     per_sample: dict[str, np.ndarray] | None = None
     rows: np.ndarray | None = None  # None: sample i is row i
     store_lengths: np.ndarray | None = None  # every row's length, when rows is set
+    # preference pairs: each sample's chosen length (the sample is chosen + rejected)
+    splits: np.ndarray | None = None
 
 
 def _encode(job: _Job, reading: _Reading, store: SampleStore, ui: _Progress) -> _Encoded:
@@ -290,13 +297,15 @@ def _encode(job: _Job, reading: _Reading, store: SampleStore, ui: _Progress) -> 
         encoder = Encoder(reading.spec, reading.renderer)
         hashed = hash_sources(job.paths, job.sources)
         results = ((t, encoder.run(t.kind, t.payload)) for t in reading.stream)
-        lengths, sample_index, per_sample = _collect(results, job, counts, found, store, ui)
+        lengths, sample_index, per_sample, splits = _collect(results, job, counts, found,
+                                                             store, ui)
     else:
         with worker_pool(reading.spec, reading.renderer, s.workers) as pool:
             # after the fork: a child must not inherit a copy of a running thread
             hashed = hash_sources(job.paths, job.sources)
             results = ordered_map(pool, reading.stream, s.workers * IN_FLIGHT_PER_WORKER)
-            lengths, sample_index, per_sample = _collect(results, job, counts, found, store, ui)
+            lengths, sample_index, per_sample, splits = _collect(results, job, counts, found,
+                                                                 store, ui)
     store.finish_writing()
     if counts.records == 0:
         raise PacktrainError(f"{', '.join(str(p) for p in job.paths)}: no records found in the "
@@ -310,16 +319,18 @@ def _encode(job: _Job, reading: _Reading, store: SampleStore, ui: _Progress) -> 
         raise PacktrainError(f"{job.cfg.out}: none of the {counts.own_records} records left a "
                              f"sample to pack ({why or 'nothing kept'})")
     sanity.refuse_no_labels(found, counts.own_records, float(job.cfg.max_no_label_share))
-    return _Encoded(lengths, sample_index, counts, hashed, found, per_sample)
+    return _Encoded(lengths, sample_index, counts, hashed, found, per_sample, splits=splits)
 
 
 def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Counts,
              found: sanity.Findings, store: SampleStore, ui: _Progress
-             ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None, np.ndarray | None]:
     """Take the results in order into ``counts`` and ``store``; return the kept samples'
-    lengths and record numbers (int64) and, with an eval split, their per-sample arrays."""
+    lengths and record numbers (int64), with an eval split their per-sample arrays, and for
+    preference pairs each one's chosen length."""
     lengths_parts: list[np.ndarray] = []
     index_parts: list[np.ndarray] = []
+    split_parts: list[np.ndarray] = []
     per_sample: dict[str, list[np.ndarray]] | None = None if job.eval is None else {}
     # after the fork: no tqdm thread in workers
     bar = ReadBar(ui.bar, sum(int(s.get("bytes") or 0) for s in job.sources))
@@ -330,6 +341,8 @@ def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Cou
         store.append(res.lengths, res.ids, res.labels)
         lengths_parts.append(res.lengths)
         index_parts.append(res.keep + base)
+        if res.split is not None:
+            split_parts.append(res.split)
         if per_sample is not None and res.per_sample is not None:
             for k, v in res.per_sample.items():
                 per_sample.setdefault(k, []).append(v)
@@ -338,11 +351,12 @@ def _collect(results: Iterator[tuple[Task, ChunkResult]], job: _Job, counts: Cou
     lengths = (np.concatenate(lengths_parts) if lengths_parts
                else np.zeros(0, np.int32)).astype(np.int64)
     sample_index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
+    splits = np.concatenate(split_parts).astype(np.int64) if split_parts else None
     if per_sample is not None:
         from .encode import per_sample_arrays
 
-        return lengths, sample_index, per_sample_arrays(per_sample)
-    return lengths, sample_index, None
+        return lengths, sample_index, per_sample_arrays(per_sample), splits
+    return lengths, sample_index, None, splits
 
 
 def _count(task: Task, res: ChunkResult, counts: Counts, sources: list[dict],
@@ -407,20 +421,36 @@ def _write(writer: fmt_mod.ShardWriter, store: SampleStore, encoded: _Encoded, b
     # written in one go (per pack, the numpy calls cost more than the copying)
     in_order = [bins[b] for b in order]
     pack_samples = np.fromiter(map(len, in_order), dtype=np.int64, count=len(in_order))
+    pairs = encoded.splits is not None  # each sample is a pair: two segments
+    pack_segments = pack_samples * 2 if pairs else pack_samples
     all_idx = np.concatenate(in_order)
     first = np.zeros(len(in_order) + 1, dtype=np.int64)
     np.cumsum(pack_samples, out=first[1:])
     pack_tokens = np.add.reduceat(lengths[all_idx], first[:-1])
     del in_order
     wbar = ui.bar(desc="write", unit="pack", total=len(bins))
-    for a, z, close in writer.plan(pack_tokens, pack_samples):
+    for a, z, close in writer.plan(pack_tokens, pack_segments):
         idx = all_idx[first[a]:first[z]]
         ids, labels, cu = store.gather(idx if rows is None else rows[idx], store_lengths)
-        writer.add_batch(ids, labels, cu, pack_samples[a:z], encoded.sample_index[idx], close)
+        index = encoded.sample_index[idx]
+        if pairs:
+            cu, index = pair_segments(cu, encoded.splits[idx], labels, index)
+        writer.add_batch(ids, labels, cu, pack_segments[a:z], index, close)
         wbar.update(z - a)
     shards = writer.close()
     wbar.close()
     return shards, pack_tokens
+
+
+def pair_segments(cu: np.ndarray, splits: np.ndarray, labels: np.ndarray, index: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs' boundaries (``cu``) and record numbers -> their segments': each pair's chosen
+    side ends ``splits`` tokens into it; the rejected side's first label is set to -100."""
+    seg = np.empty(2 * len(cu) - 1, dtype=np.int64)
+    seg[0::2] = cu
+    seg[1::2] = cu[:-1] + splits
+    labels[seg[1:-1:2]] = fmt_mod.IGNORE_INDEX
+    return seg, np.repeat(index, 2)
 
 
 def _pack_write(cfg: BuildConfig, encoded: _Encoded, store: SampleStore,
@@ -445,13 +475,19 @@ def _manifest(job: _Job, reading: _Reading, encoded: _Encoded, pack_tokens: np.n
     seconds = time.perf_counter() - t0
     stats = build_stats(encoded.counts, encoded.lengths, pack_tokens, packs,
                         int(cfg.max_length), seconds)
+    preference = encoded.splits is not None
+    if preference:  # a sample is a pair; samples_packed counts segments, as the shards hold
+        stats["samples_packed"] = 2 * len(encoded.lengths)
+        stats["pairs"] = {"in": encoded.counts.own_records, "packed": len(encoded.lengths),
+                          "dropped": stats["dropped"]}
     arguments = dataclasses.asdict(cfg)
     arguments["tokenizer"] = s.tok_path
     arguments["workers"] = cfg.workers if cfg.workers else "auto"
     resolved_ct = getattr(reading.renderer, "chat_template", None)
     manifest = {
         "format": fmt_mod.FORMAT_NAME,
-        "format_version": fmt_mod.FORMAT_VERSION,
+        "format_version": fmt_mod.PREFERENCE_VERSION if preference else fmt_mod.FORMAT_VERSION,
+        **({"kind": fmt_mod.PREFERENCE} if preference else {}),
         "created_by": _versions(),
         "arguments": arguments,
         "max_length": int(cfg.max_length),

@@ -15,8 +15,10 @@ from .sanity import MAX_NO_LABEL_SHARE, check_share
 from .tasks import check_partition
 from .tokenize.choose import resolve_tokenizer
 
-TEMPLATE_FOR_FORMAT = {"alpaca": "alpaca", "messages": "chat", "text": "none"}
-FORMATS = ("auto", "alpaca", "messages", "text")
+# preference: "chat", or "none" for a tokenizer without a chat template (pack.build._read)
+TEMPLATE_FOR_FORMAT = {"alpaca": "alpaca", "messages": "chat", "text": "none",
+                       "preference": "chat"}
+FORMATS = ("auto", "alpaca", "messages", "text", "preference")
 TEMPLATES = ("auto", "alpaca", "chat", "none")
 OVERLONG = ("truncate", "drop")
 # --max-record-bytes: a JSON Lines line longer than this is refused (skipped and counted with

@@ -70,6 +70,8 @@ class ChunkResult:
     per_sample: dict[str, np.ndarray] | None = None
     # local record indices each sanity check flagged (pack.sanity.chunk_flags)
     flagged: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # preference pairs (int32): each kept pair's chosen length; its sample is chosen + rejected
+    split: np.ndarray | None = None
 
 
 def renderer_from_spec(spec: EncodeSpec, tokenizer: Any = None) -> Any:
@@ -139,6 +141,10 @@ class Encoder:
         once on the flat token arrays (a Python loop over records cost more than rendering
         short Alpaca records)."""
         spec = self.spec
+        if spec.fmt == "preference":
+            from .encode_pairs import encode_pairs
+
+            return encode_pairs(self, records)
         L = int(spec.max_length)
         out, ids, labels, starts, ends = self.renderer.encode_flat(records)
         errors: list[tuple[int, str, str]] = []

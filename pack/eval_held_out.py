@@ -28,10 +28,12 @@ WriteFn = Callable[[Any, Path, fmt_mod.ShardWriter, dict], dict]
 class HeldOut:
     """The eval dataset of one build, from creating ``OUT/eval/`` to publishing it."""
 
-    def __init__(self, out: Path, max_packs: int | None, max_bytes: int | None):
+    def __init__(self, out: Path, max_packs: int | None, max_bytes: int | None,
+                 preference: bool = False):
         self.out = out / EVAL_DIR
         self.writer: fmt_mod.ShardWriter | None = None
         self.max_packs, self.max_bytes = max_packs, max_bytes
+        self.preference = preference
 
     def write(self, rule: EvalRule, encoded: Any, write: WriteFn) -> tuple[Any, dict]:
         """Divide ``encoded`` (the whole build's samples), write the held-out side as
@@ -42,7 +44,7 @@ class HeldOut:
         split = rule.record(threshold)
         prepare_out_dir(self.out, overwrite=True)  # OUT's own preparation emptied it
         self.writer = fmt_mod.ShardWriter(self.out, max_packs=self.max_packs,
-                                          max_bytes=self.max_bytes)
+                                          max_bytes=self.max_bytes, preference=self.preference)
         manifest = write(_side(encoded, held, eval_counts), self.out, self.writer,
                          {"eval_of": {"parent": "..", "split": split}})
         sha = file_sha256(self.out / fmt_mod.MANIFEST)
@@ -61,7 +63,8 @@ def _side(encoded: Any, mask: np.ndarray, counts: Any) -> Any:
     rows = np.flatnonzero(mask)
     return dataclasses.replace(encoded, lengths=encoded.lengths[rows],
                                sample_index=encoded.sample_index[rows], counts=counts,
-                               per_sample=None, rows=rows, store_lengths=encoded.lengths)
+                               per_sample=None, rows=rows, store_lengths=encoded.lengths,
+                               splits=None if encoded.splits is None else encoded.splits[rows])
 
 
 def split_counts(counts: Counts, held: np.ndarray, sample_labels: np.ndarray,

@@ -10,6 +10,12 @@ used the IPC file format and is still read). One row is one pack:
     cu_seqlens   list<int32>  0, end of sample 1, ..., T
     sample_index list<int64>  the input record each sample came from
 
+Preference datasets (format 2.1, manifest ``"kind": "preference"``) add, one entry per sample
+(here: per segment):
+
+    pair_id      list<int64>  the pair's record number (equal to sample_index)
+    role         list<int8>   0 = chosen, 1 = rejected; segments 2k and 2k+1 are one pair
+
 Worked example: two samples, A = [a0 a1 a2] (prompt a0, response a1 a2) and B = [b0 b1]
 (prompt b0, response b1), packed together:
 
@@ -18,6 +24,13 @@ Worked example: two samples, A = [a0 a1 a2] (prompt a0, response a1 a2) and B = 
     position_ids = [0,    1,  2,  0,    1]      last token of A never learns to predict b0
     cu_seqlens   = [0, 3, 5]
     sample_index = [17, 4]                      (record numbers in the source order)
+
+A preference pack of one pair P (record 9): prompt p0 p1, chosen c0 c1, rejected r0:
+
+    input_ids    = [p0,   p1,   c0, c1, p0,   p1,   r0]
+    labels       = [-100, -100, c0, c1, -100, -100, r0]
+    cu_seqlens   = [0, 4, 7]
+    sample_index = [9, 9]   pair_id = [9, 9]   role = [0, 1]
 
 The manifest (validated against ``schemas/manifest.schema.json``) is written last and atomically:
 a directory without it is not a dataset. This module holds the schema, the shard writer, the
@@ -42,8 +55,14 @@ from .errors import FormatError
 from .files import HashingSink, file_sha256, fsync_dir, write_atomic
 
 FORMAT_NAME = "packtrain-packed"
-FORMAT_VERSION = "2.0"  # major.minor: readers refuse a newer major, accept any minor
+FORMAT_VERSION = "2.0"  # what SFT datasets are stamped with (2.0 readers read them)
+PREFERENCE_VERSION = "2.1"  # preference datasets: 2.0 + the pair_id and role columns
+# The newest format this reader reads. A newer minor is refused too: a minor adds meaning (2.1's
+# pairs) that an older reader would silently misread. Readers before 2.1 accepted any minor.
 FORMAT_MAJOR = 2
+FORMAT_MINOR = 1
+PREFERENCE = "preference"
+CHOSEN, REJECTED = 0, 1  # the role column's values
 # 2.0 moved shards from the Arrow IPC *file* to the IPC *stream* encoding, the one Hugging Face
 # datasets memory-maps (Dataset.from_file reads only streams). Both map zero-copy; this reader
 # still reads 1.x file-format shards, told apart by the file format's leading magic.
@@ -65,6 +84,22 @@ SHARD_SCHEMA = pa.schema(
     metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION},
 )
 COLUMNS = tuple(SHARD_SCHEMA.names)
+PAIR_COLUMNS = ("pair_id", "role")
+PREFERENCE_SCHEMA = pa.schema(
+    list(SHARD_SCHEMA) + [pa.field("pair_id", pa.list_(pa.int64()), nullable=False),
+                          pa.field("role", pa.list_(pa.int8()), nullable=False)],
+    metadata={"format": FORMAT_NAME, "format_version": PREFERENCE_VERSION},
+)
+
+
+def is_preference(manifest: dict) -> bool:
+    """Whether a manifest describes a preference dataset (``kind``; absent means SFT)."""
+    return manifest.get("kind") == PREFERENCE
+
+
+def shard_schema(preference: bool) -> pa.Schema:
+    """The Arrow schema of one shard of an SFT (2.0) or a preference (2.1) dataset."""
+    return PREFERENCE_SCHEMA if preference else SHARD_SCHEMA
 
 
 # ---------------------------------------------------------------- writing shards
@@ -92,17 +127,27 @@ class ShardWriter:
     Each shard is written under a temporary name and renamed when closed, so a shard file with
     its final name is always complete. Packs are buffered in record batches of `batch_packs`.
     Output bytes depend only on the packs written, so equal inputs give byte-identical shards.
+
+    ``preference=True`` writes format 2.1 shards: samples are the segments of pairs (chosen,
+    rejected, adjacent), and ``pair_id`` (= sample_index) and ``role`` (0, 1, 0, 1, ...) are
+    derived here from sample_index, as position_ids are from cu_seqlens.
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_packs: int | None = None,
-                 max_bytes: int | None = 256 << 20, batch_packs: int = 256):
+                 max_bytes: int | None = 256 << 20, batch_packs: int = 256,
+                 preference: bool = False):
         self.out_dir = Path(out_dir)
         self.max_packs, self.max_bytes, self.batch_packs = max_packs, max_bytes, batch_packs
+        self.preference = bool(preference)
+        self.schema = shard_schema(self.preference)
+        self.columns = tuple(self.schema.names)
+        # pair_id and role: 8 + 1 bytes per segment
+        self._seg_bytes = 9 if self.preference else 0
         self.shards: list[ShardInfo] = []
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._sink = None
         self._tmp: Path | None = None
-        self._buf: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
+        self._buf: dict[str, list[np.ndarray]] = {c: [] for c in self.columns}
         self._shard_packs = self._shard_tokens = self._shard_bytes = 0
 
     def add(self, input_ids: np.ndarray, labels: np.ndarray, cu_seqlens: np.ndarray,
@@ -113,11 +158,17 @@ class ShardWriter:
         self._buf["labels"].append(np.asarray(labels, dtype=np.int32))
         self._buf["position_ids"].append(positions_from_cu(cu))
         self._buf["cu_seqlens"].append(cu)
-        self._buf["sample_index"].append(np.asarray(sample_index, dtype=np.int64))
+        index = np.asarray(sample_index, dtype=np.int64)
+        self._buf["sample_index"].append(index)
+        if self.preference:
+            check_pairs(len(cu) - 1)
+            self._buf["pair_id"].append(index)
+            self._buf["role"].append(roles(len(index)))
         n = len(self._buf["input_ids"][-1])
         self._shard_packs += 1
         self._shard_tokens += n
-        self._shard_bytes += _pack_bytes(n, len(cu), len(sample_index))
+        self._shard_bytes += _pack_bytes(n, len(cu), len(sample_index)) \
+            + self._seg_bytes * len(index)
         if len(self._buf["input_ids"]) >= self.batch_packs:
             self._flush()
         if self._full(self._shard_packs, self._shard_bytes):
@@ -139,7 +190,7 @@ class ShardWriter:
         start, packs, size = 0, self._shard_packs, self._shard_bytes
         for i, (n, s) in enumerate(zip(pack_tokens.tolist(), pack_samples.tolist())):
             packs += 1
-            size += _pack_bytes(n, s + 1, s)
+            size += _pack_bytes(n, s + 1, s) + self._seg_bytes * s
             full = self._full(packs, size)
             if full or i + 1 - start >= self.batch_packs:
                 out.append((start, i + 1, full))
@@ -172,16 +223,22 @@ class ShardWriter:
         self._shard_packs += k
         self._shard_tokens += total
         n_samples = len(cu) - 1
-        self._shard_bytes += _pack_bytes(total, n_samples + k, n_samples, k)
+        self._shard_bytes += _pack_bytes(total, n_samples + k, n_samples, k) \
+            + self._seg_bytes * n_samples
         cols = {"input_ids": (tok_off, input_ids), "labels": (tok_off, labels),
                 "position_ids": (tok_off, positions), "cu_seqlens": (cu_off, cu_values),
                 "sample_index": (ps, sample_index)}
+        if self.preference:
+            for n in np.asarray(pack_samples).tolist():
+                check_pairs(n)
+            cols["pair_id"] = (ps, sample_index)
+            cols["role"] = (ps, roles(n_samples))  # every pack starts with a chosen segment
         arrays = [pa.ListArray.from_arrays(
             numpy_to_arrow(off.astype(np.int32), pa.int32()),
-            numpy_to_arrow(vals, SHARD_SCHEMA.field(c).type.value_type))
+            numpy_to_arrow(vals, self.schema.field(c).type.value_type))
             for c, (off, vals) in cols.items()]
         self._open_shard()
-        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SHARD_SCHEMA))
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
         if close_shard:
             self._close_shard()
 
@@ -189,15 +246,16 @@ class ShardWriter:
         if not self._buf["input_ids"]:
             return
         self._open_shard()
-        arrays = [_list_array(self._buf[c], SHARD_SCHEMA.field(c).type.value_type) for c in COLUMNS]
-        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SHARD_SCHEMA))
-        self._buf = {c: [] for c in COLUMNS}
+        arrays = [_list_array(self._buf[c], self.schema.field(c).type.value_type)
+                  for c in self.columns]
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        self._buf = {c: [] for c in self.columns}
 
     def _open_shard(self) -> None:
         if self._writer is None:
             self._tmp = self.out_dir / f".{shard_name(len(self.shards))}.tmp"
             self._sink = HashingSink(self._tmp)
-            self._writer = pa.ipc.new_stream(self._sink, SHARD_SCHEMA)
+            self._writer = pa.ipc.new_stream(self._sink, self.schema)
 
     def _close_shard(self) -> None:
         self._flush()
@@ -235,7 +293,18 @@ class ShardWriter:
             except FileNotFoundError:
                 pass
         self._writer = self._sink = self._tmp = None
-        self._buf = {c: [] for c in COLUMNS}
+        self._buf = {c: [] for c in self.columns}
+
+
+def roles(n_segments: int) -> np.ndarray:
+    """The role column of ``n_segments`` segments of whole pairs: chosen, rejected, ..."""
+    return (np.arange(n_segments, dtype=np.int64) % 2).astype(np.int8)
+
+
+def check_pairs(n_segments: int) -> None:
+    """A preference pack holds whole pairs: an even number of segments."""
+    if n_segments % 2:
+        raise ValueError(f"a preference pack holds whole pairs, got {n_segments} segments")
 
 
 def _pack_bytes(n_tokens: int, n_cu: int, n_index: int, n_packs: int = 1) -> int:
@@ -245,9 +314,10 @@ def _pack_bytes(n_tokens: int, n_cu: int, n_index: int, n_packs: int = 1) -> int
 
 
 def numpy_to_arrow(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """A numpy int array as an Arrow array without copying (beyond a dtype cast) and without
+    """A numpy int (or float64) array as an Arrow array without copying (beyond a dtype cast) and without
     ``pa.array``, whose first call imports pandas when it is installed (a second or more)."""
-    dtype = {pa.int32(): np.int32, pa.int64(): np.int64}[value_type]
+    dtype = {pa.int8(): np.int8, pa.int32(): np.int32, pa.int64(): np.int64,
+             pa.float64(): np.float64}[value_type]
     values = np.ascontiguousarray(values, dtype=dtype)
     return pa.Array.from_buffers(value_type, len(values), [None, pa.py_buffer(values)])
 
@@ -354,10 +424,14 @@ def check_version(manifest: dict, where: str = MANIFEST) -> None:
     if not m:
         raise FormatError(f"{where}: field format_version {ver!r} is not MAJOR.MINOR",
                           rule="format-version")
-    if int(m.group(1)) > FORMAT_MAJOR:
+    major, minor = int(m.group(1)), int(m.group(2))
+    if major > FORMAT_MAJOR or (major == FORMAT_MAJOR and minor > FORMAT_MINOR):
         raise FormatError(f"{where}: format_version {ver} is newer than this packtrain reads "
-                          f"({FORMAT_VERSION}); upgrade packtrain to one that reads format "
-                          f"{m.group(1)}.x", rule="format-version")
+                          f"(up to {FORMAT_MAJOR}.{FORMAT_MINOR}); upgrade packtrain to one "
+                          f"that reads format {ver}", rule="format-version")
+    if is_preference(manifest) and (major, minor) < (2, 1):
+        raise FormatError(f"{where}: kind preference needs format_version 2.1 or newer, got "
+                          f"{ver}; rebuild the dataset with pack-build", rule="format-version")
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
@@ -389,6 +463,8 @@ class PackedDataset:
         self.dir = Path(data_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.dir)
         self.shards = self.manifest["shards"]
+        self.preference = is_preference(self.manifest)
+        self.schema = shard_schema(self.preference)
         counts = np.array([s["packs"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self._tables: dict[int, pa.Table] = {}
@@ -409,7 +485,7 @@ class PackedDataset:
 
     def table(self, s: int) -> pa.Table:
         if s not in self._tables:
-            self._tables[s] = open_shard(self.dir, self.shards[s])
+            self._tables[s] = open_shard(self.dir, self.shards[s], self.schema)
         return self._tables[s]
 
     def _columns(self, s: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -438,10 +514,11 @@ class PackedDataset:
 
 
 def table_columns(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each format column of a shard table as (offsets, values) numpy arrays: pack r of column c
-    is ``values[offsets[r]:offsets[r + 1]]``."""
+    """Each format column of a shard table (the pair columns when it has them) as (offsets,
+    values) numpy arrays: pack r of column c is ``values[offsets[r]:offsets[r + 1]]``."""
     cols = {}
-    for c in COLUMNS:
+    names = table.schema.names
+    for c in COLUMNS + tuple(c for c in PAIR_COLUMNS if c in names):
         arr = table.column(c).combine_chunks()
         cols[c] = (arr.offsets.to_numpy(zero_copy_only=False),
                    arr.values.to_numpy(zero_copy_only=False))
@@ -482,8 +559,9 @@ def shard_path(data_dir: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def open_shard(data_dir: Path, info: dict) -> pa.Table:
-    """Memory-map one shard and check its size, schema and row count against the manifest."""
+def open_shard(data_dir: Path, info: dict, schema: pa.Schema = SHARD_SCHEMA) -> pa.Table:
+    """Memory-map one shard and check its size, columns (those of ``schema``: pass
+    :func:`shard_schema` of the manifest's kind) and row count against the manifest."""
     name = info["path"]
     path = shard_path(data_dir, name)
     if not path.is_file():
@@ -499,7 +577,7 @@ def open_shard(data_dir: Path, info: dict) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         raise FormatError(f"not a readable Arrow IPC shard ({e}); re-copy it or rebuild",
                           shard=name, rule="shard-arrow") from None
-    for field in SHARD_SCHEMA:
+    for field in schema:
         if field.name not in table.schema.names:
             raise FormatError(f"column {field.name} is missing", shard=name, rule="shard-schema")
         got = table.schema.field(field.name).type
@@ -518,7 +596,8 @@ def check_pack(row: dict[str, np.ndarray], max_length: int, vocab_size: int | No
     """Return the name of the first broken invariant of one pack, or None. Rules (DESIGN.md):
     cu_seqlens starts at 0, strictly increases, ends at T; position_ids restart exactly at
     cu_seqlens; ids below the vocabulary size; T <= max_length; labels are -100 or equal to
-    input_ids; labels at every sample start are -100; one sample_index per sample."""
+    input_ids; labels at every sample start are -100; one sample_index per sample; with pair
+    columns (format 2.1): whole pairs, roles 0, 1, ..., pair_id equal to sample_index."""
     ids, labels, pos, cu = row["input_ids"], row["labels"], row["position_ids"], row["cu_seqlens"]
     t = len(ids)
     if len(labels) != t or len(pos) != t:
@@ -540,6 +619,22 @@ def check_pack(row: dict[str, np.ndarray], max_length: int, vocab_size: int | No
         return "labels: every label is -100 or equals input_ids at the same place"
     if np.any(labels[cu[:-1]] != IGNORE_INDEX):
         return "labels-start: labels at each sample start must be -100"
+    if "pair_id" in row:
+        return _pair_problem(row, len(cu) - 1)
+    return None
+
+
+def _pair_problem(row: dict[str, np.ndarray], n: int) -> str | None:
+    """The broken pair invariant of a preference pack, or None."""
+    pair_id, role = row["pair_id"], row.get("role")
+    if role is None or len(pair_id) != n or len(role) != n:
+        return "pair-columns: one pair_id and one role per segment"
+    if n % 2:
+        return "pair-split: a preference pack holds whole pairs (an even number of segments)"
+    if not np.array_equal(role, roles(n)):
+        return "pair-roles: roles must alternate 0 (chosen), 1 (rejected)"
+    if np.any(pair_id[0::2] != pair_id[1::2]) or np.any(pair_id != row["sample_index"]):
+        return "pair-id: both segments of a pair carry its record number (= sample_index)"
     return None
 
 
@@ -554,6 +649,7 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
         return [str(e)]
     vocab = manifest["tokenizer"].get("vocab_size")
     max_length = int(manifest["max_length"])
+    schema = shard_schema(is_preference(manifest))
     tokens_total = samples_total = label_total = 0
     shards = manifest["shards"]
     it = shards
@@ -563,7 +659,7 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
     for info in it:
         name = info["path"]
         try:
-            table = open_shard(Path(data_dir), info)
+            table = open_shard(Path(data_dir), info, schema)
         except FormatError as e:
             problems.append(str(e))
             if len(problems) >= max_problems:
@@ -605,6 +701,17 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
                     f"shards hold {got} {key.replace('_', ' ')}, stats.{key} says {stats[key]}; "
                     f"the manifest was edited — rebuild the dataset", shard=MANIFEST,
                     rule=f"stats-{key.replace('_', '-')}")))
+        pairs = stats.get("pairs")
+        if invariants and pairs is not None and 2 * pairs["packed"] != samples_total:
+            problems.append(str(FormatError(
+                f"shards hold {samples_total} segments, stats.pairs.packed says "
+                f"{pairs['packed']} pairs; the manifest was edited — rebuild the dataset",
+                shard=MANIFEST, rule="stats-pairs")))
+    if manifest.get("reference_logps") and len(problems) < max_problems:
+        from .reference import reference_problems
+
+        problems += reference_problems(Path(data_dir), manifest, checksums,
+                                       max_problems - len(problems))
     if isinstance(manifest.get("eval"), dict) and len(problems) < max_problems:
         problems += _eval_problems(Path(data_dir), manifest["eval"], checksums, invariants,
                                    max_problems - len(problems), progress)

@@ -119,9 +119,12 @@ def _written_by_a_build(out: Path) -> list[Path]:
     try:
         from .format import read_manifest
 
-        listed = [s["path"] for s in read_manifest(out)["shards"]]
+        manifest = read_manifest(out)
     except PacktrainError:  # no readable manifest: nothing here is provably a build's
         return []
+    listed = [s["path"] for s in manifest["shards"]]
+    # reference log-probs of the old dataset (pack.reference) belong to it
+    listed += [s["path"] for e in manifest.get("reference_logps") or () for s in e["shards"]]
     return [out / MANIFEST, out / CARD, *(out / name for name in listed)]
 
 

@@ -14,7 +14,7 @@ position=None)``
     than ``max_record_bytes``, which is read no further than that). File-level problems
     (missing, empty, corrupt compressed data, unsupported type) always raise. A
     :class:`pack.progress.ReadPosition` given as ``position`` tells how far the reader has got.
-``detect_format(records, where) -> "alpaca" | "messages" | "text"``
+``detect_format(records, where) -> "alpaca" | "messages" | "text" | "preference"``
     From the first few records' keys.
 
 Supported files (by name, case-insensitive): ``.jsonl`` / ``.ndjson``; ``.json`` (a top-level
@@ -581,11 +581,14 @@ def _iter_parquet(path: Path, position: ReadPosition | None = None
 
 # ---------------------------------------------------------------- formats
 
-FORMATS = ("alpaca", "messages", "text")
+FORMATS = ("alpaca", "messages", "text", "preference")
 
 
 def record_format(record: dict) -> str | None:
-    """The format one record looks like, or None."""
+    """The format one record looks like, or None. ``chosen`` + ``rejected`` make a preference
+    record whatever else it holds (its prompt may be ``messages``)."""
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record or "conversations" in record:
         return "messages"
     if "instruction" in record and "output" in record:
@@ -598,7 +601,8 @@ def record_format(record: dict) -> str | None:
 def detect_format(records: list[dict], where: str) -> str:
     """Tell the format from the first few records (up to 8 are looked at):
     ``messages`` (``messages: [{role, content}]`` or ShareGPT ``conversations: [{from, value}]``),
-    ``alpaca`` (``instruction`` and ``output``), ``text`` (``text``). ``where`` names the
+    ``alpaca`` (``instruction`` and ``output``), ``text`` (``text``), ``preference``
+    (``chosen`` and ``rejected``, :mod:`pack.templates.preference`). ``where`` names the
     source in errors. Records that fit no format (a field missing) do not count: the renderer
     reports them. Raises PacktrainError listing the keys found when none fits, or when two of
     the first records fit different formats."""
@@ -611,7 +615,8 @@ def detect_format(records: list[dict], where: str) -> str:
         raise PacktrainError(
             f"{where}: cannot tell the record format from its keys "
             f"[{', '.join(map(str, keys))}]; expected 'messages' (or ShareGPT 'conversations'), "
-            f"'instruction' + 'output' (alpaca) or 'text'; rename the fields or pass --format")
+            f"'instruction' + 'output' (alpaca), 'text' or 'chosen' + 'rejected' (preference); "
+            f"rename the fields or pass --format")
     first_i, first = known[0]
     for i, fmt in known[1:]:
         if fmt != first:  # records with a field missing are left to the renderer's errors

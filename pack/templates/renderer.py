@@ -13,12 +13,15 @@ from . import records
 from .alpaca import AlpacaTemplate
 from .chat import ChatTemplate
 from .chat_render import resolve_source
+from .preference import PreferenceTemplate
 from .records import Message, NothingToTrain, Segment
 from .text import TextTemplate
 
 TEMPLATES = ("alpaca", "chat", "none")
-DEFAULT_TEMPLATE = {"alpaca": "alpaca", "messages": "chat", "text": "none"}
-ALLOWED = {"alpaca": ("alpaca", "chat"), "messages": ("chat", "alpaca"), "text": ("none",)}
+DEFAULT_TEMPLATE = {"alpaca": "alpaca", "messages": "chat", "text": "none",
+                    "preference": "chat"}
+ALLOWED = {"alpaca": ("alpaca", "chat"), "messages": ("chat", "alpaca"), "text": ("none",),
+           "preference": ("chat", "none")}
 
 
 class TemplateKind(Protocol):
@@ -34,7 +37,8 @@ class TemplateKind(Protocol):
 def _check_choice(fmt: str, template: str | None) -> str:
     """The template to render ``fmt`` records with (``auto``: the format's default)."""
     if fmt not in ALLOWED:
-        raise PacktrainError(f"unknown record format {fmt!r}; use alpaca, messages or text")
+        raise PacktrainError(f"unknown record format {fmt!r}; use alpaca, messages, text or "
+                             f"preference")
     if template in (None, "", "auto"):
         template = DEFAULT_TEMPLATE[fmt]
     if template not in TEMPLATES:
@@ -73,11 +77,19 @@ class Renderer:
             raise PacktrainError("the tokenizer has no eos_token, needed to end each sample; "
                                  "use a tokenizer that defines one")
         self.chat_template: str | None = None
+        self.chat: ChatTemplate | None = None
         if self.template == "chat":
             self.chat_template = resolve_source(tokenizer, chat_template)
-            self.kind: TemplateKind = ChatTemplate(
-                tokenizer, fmt, self.chat_template, verify_all=self.verify_all,
-                on_layout=self._offer_fixed_texts)
+            self.chat = ChatTemplate(tokenizer, "messages" if fmt == "preference" else fmt,
+                                     self.chat_template, verify_all=self.verify_all,
+                                     on_layout=self._offer_fixed_texts)
+        if fmt == "preference":
+            if self.train_on_prompt:
+                raise PacktrainError("--train-on-prompt does not apply to preference data "
+                                     "(only the completions are compared); drop the option")
+            self.kind: TemplateKind = PreferenceTemplate(self.chat, self.bos, self.eos)
+        elif self.chat is not None:
+            self.kind = self.chat
         elif self.template == "alpaca":
             self.kind = AlpacaTemplate(fmt, self.bos, self.eos)
         else:
@@ -131,11 +143,18 @@ class Renderer:
                ) -> str:
         """The chat template's text for messages (pairs or dicts), as apply_chat_template
         (``template="chat"`` only)."""
-        assert isinstance(self.kind, ChatTemplate), "render() needs the chat template"
-        return self.kind.render(msgs, add_generation_prompt)
+        assert self.chat is not None, "render() needs the chat template"
+        return self.chat.render(msgs, add_generation_prompt)
 
     def _segmented(self, recs: list[dict]) -> list[list[Segment] | Exception]:
         out: list[list[Segment] | Exception] = []
+        if self.fmt == "preference":  # two entries per record: chosen, rejected
+            for rec in recs:
+                try:
+                    out.extend(self.kind.pair_segments(records.require_object(rec)))
+                except PacktrainError as e:
+                    out += [e, e]
+            return out
         for rec in recs:
             try:
                 out.append(self.segments(rec))
@@ -152,5 +171,7 @@ class Renderer:
     def encode_flat(self, recs: list[dict]) -> Flat:
         """:meth:`encode_batch` without cutting the batch into per-record arrays (pack-build
         works on the flat arrays): ``(outcome, ids, labels, starts, ends)`` where outcome[i] is
-        record i's exception, or k: its tokens are ``ids[starts[k]:ends[k]]``."""
+        record i's exception, or k: its tokens are ``ids[starts[k]:ends[k]]``. Preference
+        records give two entries each, 2i the chosen and 2i+1 the rejected side (each side's
+        prompt is its own first segment, so both start with the same prompt ids)."""
         return self.encoder.encode_flat(self._segmented(recs))

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from pack import format as F
 from pack.build import build
 
-ARROW_TYPES = {"int32": pa.int32(), "int64": pa.int64()}
+ARROW_TYPES = {"int8": pa.int8(), "int32": pa.int32(), "int64": pa.int64()}
 
 
 def arrow_type(text: str) -> pa.DataType:
@@ -209,6 +209,17 @@ def test_shard_schema_matches_json_description():
         assert field.nullable == c["nullable"], c["name"]
     meta = {k.decode(): v.decode() for k, v in F.SHARD_SCHEMA.metadata.items()}
     assert meta == desc["schema_metadata"]
+    # format 2.1 (preference): the same columns, then the optional pair columns
+    pref = desc["preference"]
+    assert pref["format_version"] == F.PREFERENCE_VERSION
+    names = [c["name"] for c in cols + pref["columns"]]
+    assert names == F.PREFERENCE_SCHEMA.names == list(F.COLUMNS + F.PAIR_COLUMNS)
+    for c in pref["columns"]:
+        field = F.PREFERENCE_SCHEMA.field(c["name"])
+        assert field.type == arrow_type(c["type"]), c["name"]
+        assert field.nullable == c["nullable"], c["name"]
+    meta = {k.decode(): v.decode() for k, v in F.PREFERENCE_SCHEMA.metadata.items()}
+    assert meta == pref["schema_metadata"]
     assert desc["compression"] is None and desc["file_format"] == "arrow-ipc-stream"
 
 
@@ -254,9 +265,15 @@ def test_newer_major_version_refused(small_build, tmp_path):
     with pytest.raises(F.FormatError, match=rf"{F.FORMAT_MAJOR + 1}\.0") as e:
         F.read_manifest(tmp_path)
     assert e.value.rule == "format-version"
-    m["format_version"] = f"{F.FORMAT_MAJOR}.7"  # a newer minor is fine
+    # a newer minor is refused too (since 2.1: a minor adds meaning an older reader misreads)
+    m["format_version"] = f"{F.FORMAT_MAJOR}.{F.FORMAT_MINOR + 1}"
     (tmp_path / F.MANIFEST).write_text(json.dumps(m))
-    assert F.read_manifest(tmp_path)["format_version"] == f"{F.FORMAT_MAJOR}.7"
+    with pytest.raises(F.FormatError, match=r"newer than this packtrain reads .*upgrade"):
+        F.read_manifest(tmp_path)
+    for older in ("1.0", "2.0", f"{F.FORMAT_MAJOR}.{F.FORMAT_MINOR}"):  # older ones are read
+        m["format_version"] = older
+        (tmp_path / F.MANIFEST).write_text(json.dumps(m))
+        assert F.read_manifest(tmp_path)["format_version"] == older
 
 
 def test_format_1_file_encoded_shards_still_read(tmp_path):
