@@ -66,9 +66,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_inputs(args: Namespace) -> dict:
-    """The refusals that need no model: the dataset (exists, is a preference dataset), the model
-    directory, the numbers. Returns the manifest."""
+    """The refusals that need no model weights loaded: the dataset (exists, is a preference
+    dataset), the model directory, its tokenizer against the dataset's, the numbers. Returns the
+    manifest. Cheap: run before any rank starts."""
     from pack.format import is_preference, read_manifest
+    from train.checks import check_tokenizer
 
     if args.nproc < 1 or args.loss_chunk < 1:
         raise PacktrainError("--nproc and --loss-chunk must be >= 1")
@@ -80,6 +82,8 @@ def check_inputs(args: Namespace) -> dict:
     if not Path(args.model).is_dir():
         raise PacktrainError(f"{args.model}: no such model directory; give a local Hugging Face "
                              f"model directory")
+    for w in check_tokenizer(args.dataset, manifest, args.model, args.allow_tokenizer_mismatch):
+        print(f"warning: {w}", file=sys.stderr)
     return manifest
 
 
@@ -189,41 +193,42 @@ def compute_shard(ds: Any, s: int, logps, dist: Any, even: bool, tick) -> list[n
     return [rows[j] for j in range(n)]
 
 
-def run(args: Namespace, dist: Any, hooks: Any) -> dict:
-    """Compute and store the sidecar; returns the summary counts (rank 0's are complete)."""
-    from pack.format import PackedDataset
+def run(args: Namespace, dist: Any, hooks: Any, fingerprint: str | None = None) -> dict:
+    """Compute and store the sidecar; returns the summary counts (rank 0's are complete).
+    `fingerprint`: the model's, when the caller computed it already (one process)."""
+    from pack.format import PackedDataset, read_manifest
     from pack.reference import ReferenceWriter, model_fingerprint
     from train.dist import barrier, on_rank0
 
-    manifest = check_inputs(args)
-    fingerprint = broadcast(on_rank0(dist, lambda: model_fingerprint(args.model)), dist)
-    logps, model, keep_alive = load_reference(args, dist, manifest)
+    manifest = read_manifest(args.dataset)
+    fingerprint = fingerprint or broadcast(on_rank0(dist, lambda: model_fingerprint(args.model)), dist)
     ds = PackedDataset(args.dataset, manifest)
     writer = ReferenceWriter(args.dataset, args.model, fingerprint, args.dtype) if dist.is_main else None
     todo = shards_to_do(writer, len(ds.shards), dist)
-    n_todo = sum(int(ds.shards[s]["packs"]) for s in todo)
-    bar = _bar(n_todo, args.quiet or not dist.is_main)
-    t0 = time.perf_counter()
     stats = {"packs": 0, "segments": 0, "tokens": 0, "shards_done": 0,
-             "shards_reused": len(ds.shards) - len(todo)}
-    for k, s in enumerate(todo):
-        rows = compute_shard(ds, s, logps, dist, args.zero == 3, bar.update)
-        if dist.is_main:
-            writer.write_shard(s, rows)
-            stats["packs"] += len(rows)
-            stats["segments"] += sum(len(r) for r in rows)
-            stats["tokens"] += int(ds.shards[s].get("tokens", 0))
-            stats["shards_done"] += 1
-            bar.set_postfix_str(f"{stats['tokens'] / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s",
-                                refresh=False)
-        hooks.fault("kill-after-shard", k + 1, dist.rank)  # tests: an interrupted run
-    bar.close()
+             "shards_reused": len(ds.shards) - len(todo), "fingerprint": fingerprint}
+    t0 = time.perf_counter()
+    if todo:  # a finished earlier run needs no model: only the manifest entry, if it lacks it
+        logps, model, keep_alive = load_reference(args, dist, manifest)
+        bar = _bar(sum(int(ds.shards[s]["packs"]) for s in todo), args.quiet or not dist.is_main)
+        for k, s in enumerate(todo):
+            rows = compute_shard(ds, s, logps, dist, args.zero == 3, bar.update)
+            if dist.is_main:
+                writer.write_shard(s, rows)
+                stats["packs"] += len(rows)
+                stats["segments"] += sum(len(r) for r in rows)
+                stats["tokens"] += int(ds.shards[s].get("tokens", 0))
+                stats["shards_done"] += 1
+                rate = stats["tokens"] / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            hooks.fault("kill-after-shard", k + 1, dist.rank)  # tests: an interrupted run
+        bar.close()
+        del model, keep_alive
     barrier()
     if dist.is_main:
         writer.commit()
     barrier()
-    stats.update(seconds=time.perf_counter() - t0, fingerprint=fingerprint)
-    del model, keep_alive
+    stats["seconds"] = time.perf_counter() - t0
     return stats
 
 
@@ -251,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
         check_inputs(args)  # fail fast, in the parent, before any rank starts
+        from pack.reference import model_fingerprint
         from train.launch import in_launched_rank, launch_local
 
-        if args.nproc > 1 and not in_launched_rank():
+        launched = in_launched_rank()
+        if args.nproc > 1 and not launched:
             return launch_local(args.nproc, argv, module="train.pack_ref")
+        # one process: hash the weights here, before the slow imports (a directory without
+        # weights is refused at once); ranks of a launch leave it to rank 0
+        fingerprint = None if launched else model_fingerprint(args.model)
         import torch.distributed as tdist
 
         from train.attention import AttentionBackendError
@@ -264,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         hooks = Hooks.from_env()
         dist = setup_distributed()
         try:
-            stats = run(args, dist, hooks)
+            stats = run(args, dist, hooks, fingerprint)
         except AttentionBackendError as e:
             raise PacktrainError(str(e)) from None
         except tdist.DistError as e:

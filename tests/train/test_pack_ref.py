@@ -97,14 +97,23 @@ def test_stored_values_equal_live_segment_logps(stored, model_dir):
     model.config.use_cache = False
     enable_packed_attention(model, "sdpa")
     model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as pack-ref ran (OMP_NUM_THREADS=1): the same reduction order
+    try:
+        live = []
+        for i in range(len(ds)):
+            mb = collate([ds[i]])
+            with torch.no_grad():
+                live.append(segment_logps(model, mb.input_ids, mb.labels, mb.position_ids,
+                                          mb.cu_seqlens, bounds=mb.bounds, max_seqlen=mb.max_seqlen,
+                                          label_count=mb.label_tokens))
+    finally:
+        torch.set_num_threads(threads)
     for i in range(len(ds)):
         mb = collate([ds[i]])
-        with torch.no_grad():
-            live = segment_logps(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
-                                 bounds=mb.bounds, max_seqlen=mb.max_seqlen)
         got = ref[i]
         assert got.dtype == np.float64 and len(got) == len(mb.bounds) - 1
-        np.testing.assert_array_equal(got, live.double().numpy())  # exact in fp32
+        np.testing.assert_array_equal(got, live[i].double().numpy())  # exact in fp32
         assert (got < 0).all()
 
 
