@@ -81,6 +81,15 @@ def model_dir(tokenizer_dir, work) -> Path:
                            kv_heads=2, seed=0)
 
 
+@pytest.fixture(scope="module")
+def pairs_data(tokenizer_dir, work) -> Path:
+    """60 real chat preference pairs (pack-build, format 2.1) packed at 256 tokens: several
+    pairs in most packs."""
+    from helpers import make_preference_dataset
+
+    return make_preference_dataset(tokenizer_dir, work / "pairs", 256, 60)
+
+
 @pytest.fixture(scope="session")
 def chat_shards(tmp_path_factory, tokenizer_dir, chat_jsonl) -> Path:
     """The 200 chat conversations packed at 512 tokens into several shards of 40 packs: what

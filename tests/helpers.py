@@ -75,3 +75,35 @@ def rows_of(ds, index: int = 0) -> list[dict]:
     t = open_shard(ds, m["shards"][index])
     return [{c: np.array(t.column(c)[r].values.to_numpy()) for c in COLUMNS}
             for r in range(t.num_rows)]
+
+
+def preference_jsonl(path: Path, limit: int = 60) -> Path:
+    """TRL-style preference records from real chitchat exchanges: the user turn as the prompt,
+    its real reply as `chosen` and the next exchange's reply as `rejected`."""
+    rows = [json.loads(line)["messages"] for line in
+            exchanges_jsonl(path.with_suffix(".src.jsonl"), limit + 1).read_text().splitlines()]
+    with open(path, "w") as f:
+        for a, b in zip(rows, rows[1:]):
+            if a[1]["content"] == b[1]["content"]:
+                continue
+            f.write(json.dumps({"prompt": a[0]["content"], "chosen": a[1]["content"],
+                                "rejected": b[1]["content"]}) + "\n")
+    return path
+
+
+def make_preference_dataset(tokenizer_dir: Path, work: Path, max_length: int = 128,
+                            records: int = 60, *extra: str) -> Path:
+    """A preference dataset (format 2.1) of real chat pairs built by `pack-build`, verified."""
+    from pack.cli import build_main
+
+    work.mkdir(parents=True, exist_ok=True)
+    jsonl = preference_jsonl(work / "pairs.jsonl", records)
+    out = work / "packed"
+    if out.exists():
+        shutil.rmtree(out)
+    rc = build_main(["--tokenizer", str(tokenizer_dir), "--max-length", str(max_length),
+                     str(jsonl), str(out), "--quiet", *extra])
+    assert rc in (0, None), f"pack-build exited {rc}"
+    problems = verify(out)
+    assert not problems, problems
+    return out

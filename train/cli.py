@@ -102,6 +102,21 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=float, default=1800, metavar="SECONDS",
                    help="a collective that waits this long for its peers (a rank died or hangs) "
                         "fails and the rank exits with code 1, even without a launcher")
+    g = ap.add_argument_group("objective")
+    g.add_argument("--objective", choices=("sft", "dpo", "simpo"), default="sft",
+                   help="sft: next-token loss over label tokens (SFT datasets); dpo / simpo: "
+                        "preference pairs (datasets packed from chosen/rejected pairs)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="dpo / simpo: the reward scale beta (default: dpo 0.1, simpo 2.0)")
+    g.add_argument("--simpo-gamma", type=float, default=None,
+                   help="simpo: the target reward margin gamma (default 0.5)")
+    g.add_argument("--ref-model", metavar="PATH", default=None,
+                   help="dpo: the reference model (default: --model; under --lora the frozen "
+                        "base, with the adapters disabled)")
+    g.add_argument("--ref-logps", choices=("auto", "stored", "live"), default=None,
+                   help="dpo: reference log-probs from pack-ref's sidecar (stored) or a "
+                        "reference forward every step (live); auto (default): stored when the "
+                        "dataset has them for the reference model")
     g = ap.add_argument_group("LoRA")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
     g.add_argument("--lora-r", type=int, default=16)
@@ -147,6 +162,7 @@ NUMBERS = (
     ("lora_r", 1, 1 << 16, True), ("lora_alpha", 0.0, 1e9, False),
     ("lora_dropout", 0.0, 1.0, True), ("eval_every", 0, INT_LIMIT, True),
     ("eval_max_packs", 1, INT_LIMIT, True), ("sequence_parallel", 1, 4096, True),
+    ("beta", 0.0, 1e6, False), ("simpo_gamma", 0.0, 1e6, True),
 )
 
 
@@ -182,8 +198,12 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is None:
         args.output = str(Path("runs") / Path(os.path.abspath(args.shards)).name)
     check_numbers(args)
+    from train.preference_setup import check_preference_args
+
+    check_preference_args(args)
     check_installed(args)
-    for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir", "tracking_dir"):
+    for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir", "tracking_dir",
+                 "ref_model"):
         if getattr(args, flag) is not None and not str(getattr(args, flag)).strip():
             # an empty --output would train into the current directory
             raise PacktrainError(f"--{flag.replace('_', '-')}: empty; give a path or leave the "

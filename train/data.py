@@ -80,6 +80,11 @@ class MicroBatch:
     # device for them (train.loop); None when unknown (then computed from the tensors)
     bounds: list[int] | None = None  # cu_seqlens as ints
     label_tokens: int | None = None
+    # preference packs only (train.preference): segments 2k / 2k + 1 are pair k's chosen /
+    # rejected response; `pairs` is None for SFT data
+    pairs: int | None = None
+    segment_labels: torch.Tensor | None = None  # label tokens of each segment [n] (host count)
+    ref_logps: torch.Tensor | None = None       # stored reference log-probs per segment [n]
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +103,13 @@ class MicroBatch:
                        position_ids=self.position_ids.to(device, non_blocking=True),
                        cu_seqlens=self.cu_seqlens.to(device, non_blocking=True),
                        token_groups=None if self.token_groups is None
-                       else self.token_groups.to(device))
+                       else self.token_groups.to(device),
+                       segment_labels=_to(self.segment_labels, device),
+                       ref_logps=_to(self.ref_logps, device))
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -131,10 +142,15 @@ def collate(packs: list[dict[str, np.ndarray]], pack_ids: list[int] | None = Non
     if groups is not None:
         lengths = [len(p["input_ids"]) for p in packs]
         token_groups = torch.from_numpy(np.repeat(np.asarray(groups, dtype=np.int64), lengths))
-    return MicroBatch(torch.from_numpy(ids).unsqueeze(0), torch.from_numpy(labels).unsqueeze(0),
-                      torch.from_numpy(pos).unsqueeze(0), torch.from_numpy(cu.astype(np.int32)),
-                      int(np.diff(cu).max()), list(pack_ids or []), token_groups,
-                      bounds=cu.tolist(), label_tokens=int((labels[1:] != IGNORE_INDEX).sum()))
+    mb = MicroBatch(torch.from_numpy(ids).unsqueeze(0), torch.from_numpy(labels).unsqueeze(0),
+                    torch.from_numpy(pos).unsqueeze(0), torch.from_numpy(cu.astype(np.int32)),
+                    int(np.diff(cu).max()), list(pack_ids or []), token_groups,
+                    bounds=cu.tolist(), label_tokens=int((labels[1:] != IGNORE_INDEX).sum()))
+    if "role" in packs[0]:
+        from train.preference import add_pairs
+
+        add_pairs(mb, packs, labels)
+    return mb
 
 
 def checked_pack(ds: PackedDataset, i: int) -> dict[str, np.ndarray]:
@@ -149,6 +165,13 @@ def checked_pack(ds: PackedDataset, i: int) -> dict[str, np.ndarray]:
                           f"after the pre-flight check — re-copy or rebuild it, then resume",
                           shard=str(ds.dir / ds.shards[s]["path"]), row=r,
                           rule=rule.split(":")[0])
+    return pack
+
+
+def with_reference(pack: dict, reader, i: int) -> dict:
+    """`pack` with its stored reference log-probs (`ref_logps`) when `reader` is given."""
+    if reader is not None:
+        pack["ref_logps"] = reader[i]
     return pack
 
 
@@ -176,6 +199,8 @@ class PackStream:
         self.state = state or DataState()
         self._order_epoch: int | None = None
         self._order: np.ndarray | None = None
+        # stored reference log-probs (pack.reference.ReferenceReader), added to every pack read
+        self.reference = None
 
     @property
     def global_batch_packs(self) -> int:
@@ -216,7 +241,8 @@ class PackStream:
 
     def micro_batch_of(self, ids: list[int]) -> MicroBatch:
         """The packs `ids` (checked as they are read) collated into one micro-batch."""
-        return collate([checked_pack(self.ds, i) for i in ids], ids)
+        return collate([with_reference(checked_pack(self.ds, i), self.reference, i) for i in ids],
+                       ids)
 
     def _advance(self, state: DataState) -> DataState:
         index = state.index + self.global_batch_packs

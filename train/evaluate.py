@@ -54,9 +54,10 @@ from pack.errors import PacktrainError
 from pack.files import file_sha256, write_atomic
 from pack.format import MANIFEST, PackedDataset, read_manifest
 from train.checkpoint import save_checkpoint, tag_for
-from train.data import checked_pack, collate
+from train.data import checked_pack, collate, with_reference
 from train.dist import Dist, all_reduce_sum, log0, on_rank0
-from train.forward import micro_loss
+from train.forward import micro_loss, micro_pairs
+from train.preference import STATS, pair_metrics
 from train.setup import Run
 
 BEST = "best"  # checkpoints/best: the step directory of the lowest eval loss
@@ -72,9 +73,11 @@ class EvalSet:
     packs: int
     where: str  # for messages: the directory or the redacted URL
     identity: str  # manifest sha256 and pack count: which losses are comparable
+    reference: Any = None  # a preference run's stored reference log-probs (pack.reference)
 
 
-def open_eval_set(args: Namespace, manifest: dict, model: Any, dist: Dist) -> EvalSet | None:
+def open_eval_set(args: Namespace, manifest: dict, model: Any, dist: Dist,
+                  pref: Any = None) -> EvalSet | None:
     """Check and open args.eval_shards (None: no evaluation): the training data's tokenizer, a
     max_length the run takes, ids the model's embeddings hold, sound shards (rank 0 scans)."""
     if not getattr(args, "eval_shards", None):
@@ -102,7 +105,9 @@ def open_eval_set(args: Namespace, manifest: dict, model: Any, dist: Dist) -> Ev
     log0(f"eval set: {where}, {packs} of {len(ds)} packs, at step 0"
          + (f", every {args.eval_every} steps" if args.eval_every else "") + " and at the end")
     sha = file_sha256(Path(args.eval_shards) / MANIFEST)
-    return EvalSet(ds, packs, where, f"{sha}:{packs}")
+    from train.preference_setup import eval_reference
+
+    return EvalSet(ds, packs, where, f"{sha}:{packs}", eval_reference(pref, args.eval_shards))
 
 
 # ---------------------------------------------------------------- the loss
@@ -118,34 +123,47 @@ def rank_rows(packs: int, rank: int, world_size: int,
 
 def evaluate(run: Run) -> dict:
     """{"eval_loss", "eval_tokens"} of the eval set (the same on every rank), see the module
-    doc. eval_tokens: the label tokens the loss is over."""
+    doc. eval_tokens: the label tokens the loss is over. A preference run: the mean pair loss
+    and the pair metrics (train.preference.pair_metrics) over every pair of the eval packs."""
     es, engine, dist, sp = run.eval_set, run.engine, run.dist, run.sp
     # under --sequence-parallel a group shares its rows, each rank evaluating its piece
     rank, world = (sp.dp_rank, sp.dp_size) if sp is not None else (dist.rank, dist.world_size)
     rows, forwards = rank_rows(es.packs, rank, world, run.args.micro_batch)
     was_training = engine.module.training
     engine.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-    labels = 0
+    pref = run.pref
+    # the pairs of a sequence-parallel group are counted by its first rank (train.loop)
+    share = 0.0 if pref is not None and sp is not None and sp.rank else 1.0
+    sums = torch.zeros(len(STATS) if pref is not None else 1, dtype=torch.float64,
+                       device=dist.device)
+    count = 0
     try:
         with torch.no_grad():
             for k in range(forwards):
                 # past its own rows a rank runs a stand-in: ZeRO-3's gathers are collectives
                 ids = rows[k] if k < len(rows) else [0]
-                mb = collate([checked_pack(es.ds, i) for i in ids], ids)
+                mb = collate([with_reference(checked_pack(es.ds, i), es.reference, i)
+                              for i in ids], ids)
                 if sp is not None:
                     from train.sequence_parallel import slice_micro_batch
 
                     mb = slice_micro_batch(mb, sp)
                 mb = mb.to(dist.device)
-                loss, n = micro_loss(engine, mb, run.args.loss_chunk)
+                if pref is None:
+                    loss, n = micro_loss(engine, mb, run.args.loss_chunk)
+                    stats = loss.double().reshape(1)
+                else:
+                    _, stats = micro_pairs(engine, mb, run.args.loss_chunk, pref, sp)
+                    n = mb.pairs * share
                 if k < len(rows):
-                    loss_sum += loss.double()
-                    labels += n
+                    sums += stats * share
+                    count += n
     finally:
         engine.train(was_training)
-    total, n = all_reduce_sum([float(loss_sum), float(labels)], dist.device)
-    return {"eval_loss": total / n if n else None, "eval_tokens": int(n)}
+    *totals, n = all_reduce_sum([*sums.tolist(), float(count)], dist.device)
+    if pref is not None:
+        return pair_metrics(totals, n, prefix="eval_")
+    return {"eval_loss": totals[0] / n if n else None, "eval_tokens": int(n)}
 
 
 def eval_due(run: Run) -> bool:

@@ -52,3 +52,14 @@ def micro_loss(engine: Any, mb: MicroBatch, chunk_size: int,
 
     with packed_forward(model, forward):
         return engine()
+
+
+def micro_pairs(engine: Any, mb: MicroBatch, chunk_size: int, pref: Any,
+                sp: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed pair loss, STATS sums) of the preference pairs of one packed row (or this rank's
+    piece of it under --sequence-parallel), computed inside engine(...): train.preference."""
+    from train.preference import pair_step
+
+    model = engine.module
+    with packed_forward(model, lambda: pair_step(model, mb, chunk_size, pref, sp)):
+        return engine()

@@ -56,9 +56,10 @@ from train.dist import (DEFAULT_DIST_TIMEOUT, PREEMPTED_EXIT, PREEMPTED_FILE, Di
                         StopRequest, all_reduce_sum, log0, on_rank0, setup_distributed,
                         sum_over_ranks, watch_launcher)
 from train.evaluate import best_after_resume, eval_due, evaluate, keep_best, open_eval_set
-from train.forward import micro_loss
+from train.forward import micro_loss, micro_pairs
 from train.hooks import Hooks
 from train.mixture import local_counts, loss_sums, step_metrics
+from train.preference import STATS, pair_metrics
 from train.prefetch import device_batches, to_device
 from train.run_config import write_run_config
 from train.setup import Run, build
@@ -90,7 +91,7 @@ def start_run(args: Namespace, dist: Dist, hooks: Hooks) -> tuple[Run, bool]:
     out = Path(args.output)
     resume_from = resume_point(args.resume, out)
     run = build(args, dist, hooks)
-    run.eval_set = open_eval_set(args, run.manifest, run.model, dist)
+    run.eval_set = open_eval_set(args, run.manifest, run.model, dist, run.pref)
     safe_deepspeed_loads(run.engine)  # before any resume: DeepSpeed's own loads unpickle
     on_rank0(dist, lambda: write_run_files(run))
     on_rank0(dist, lambda: write_run_config(out, args))
@@ -124,6 +125,7 @@ class StepResult:
     lr: float
     skipped: str | None = None
     per_dataset: dict = field(default_factory=dict)  # a mixture's loss/<name>, tokens/<name>, ...
+    pairs: dict = field(default_factory=dict)  # a preference run's rewards/..., logps/..., pairs
 
 
 def _local_grad_norm(engine: Any) -> torch.Tensor | None:
@@ -165,11 +167,17 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
     if len(micro_batches) != ga:
         raise RuntimeError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps {ga}")
     k = len(run.datasets)  # 0 unless a mixture: then per-dataset sums ride on the same reductions
+    pref = run.pref  # a preference objective: the loss is a mean over pairs, not label tokens
+    share = _pair_share(run)
     counts = _summed(torch.tensor(
-        [sum(mb.num_label_tokens for mb in micro_batches),
-         sum(mb.num_tokens for mb in micro_batches), *local_counts(micro_batches, k)],
+        [sum(mb.num_label_tokens for mb in micro_batches) if pref is None
+         else share * sum(mb.pairs for mb in micro_batches),
+         sum(mb.num_tokens for mb in micro_batches), *local_counts(micro_batches, k),
+         *([] if pref is None else [sum(mb.num_label_tokens for mb in micro_batches)])],
         dtype=torch.float64), dist)
     group_sums = loss_sums(k, dist.device)
+    if pref is not None:
+        group_sums = torch.zeros(len(STATS) - 1, dtype=torch.float64, device=dist.device)
     scale = (ga * dist.world_size / counts[0].clamp(min=1)).float()
     lr = float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") \
         else float(engine.get_lr()[0])
@@ -177,9 +185,13 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
     grad_norm = skipped = vals = None
     zero0_fp32 = engine.zero_optimization_stage() == 0 and run.dtype == "fp32"
     for i, mb in enumerate(device_batches(micro_batches, dist.device)):
-        loss_sum, _ = micro_loss(engine, mb, run.args.loss_chunk, group_sums)
+        if pref is None:
+            loss_sum, _ = micro_loss(engine, mb, run.args.loss_chunk, group_sums)
+        else:
+            loss_sum, stats = micro_pairs(engine, mb, run.args.loss_chunk, pref, run.sp)
+            group_sums += stats[1:] * share
         engine.backward(loss_sum * scale)
-        loss_sum_local += loss_sum.detach().double()
+        loss_sum_local += loss_sum.detach().double() * share
         if i == len(micro_batches) - 1:
             if before_update is not None:
                 before_update(engine)
@@ -205,6 +217,12 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
     n_total, tokens_total = int(vals[0]), int(vals[1])
     loss_sum_total, mix_counts = vals[len(counts)], vals[2:len(counts)]
     mix_sums = vals[len(counts) + 1:len(counts) + len(sums)]
+    pairs = {}
+    if pref is not None:  # n_total counts pairs; the label tokens ride last in counts
+        pairs = pair_metrics([loss_sum_total, *mix_sums], n_total)
+        del pairs["loss"]
+        n_labels = int(vals[len(counts) - 1])
+        mix_counts = mix_sums = []
     if skipped is None:
         # global, so every rank takes the same branch (ZeRO 0 fp32's norm is per rank)
         skipped = _nonfinite(run, 0.0, grad_norm)
@@ -216,10 +234,18 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
         run.skipped_steps += 1
         log0(f"warning: step {run.step + 1} skipped: the {skipped} "
              f"({run.skipped_steps} of --skip-nonfinite {run.args.skip_nonfinite})")
-    return StepResult(loss=loss_sum_total / max(n_total, 1), label_tokens=n_total,
+    return StepResult(loss=loss_sum_total / max(n_total, 1),
+                      label_tokens=n_total if pref is None else n_labels,
                       tokens=tokens_total, grad_norm=grad_norm, lr=lr, skipped=skipped,
                       per_dataset=step_metrics([d["name"] for d in run.datasets], mix_counts,
-                                               mix_sums) if k else {})
+                                               mix_sums) if k else {}, pairs=pairs)
+
+
+def _pair_share(run: Run) -> float:
+    """The weight of this rank's pairs in the step's sums: under --sequence-parallel every rank
+    of a group computes the same pairs' loss (from the group's summed log-probs), so only the
+    group's first rank counts them; 1 otherwise."""
+    return 0.0 if run.pref is not None and run.sp is not None and run.sp.rank else 1.0
 
 
 def _summed(t: torch.Tensor, dist: Any) -> torch.Tensor:
@@ -295,9 +321,10 @@ def run_steps(run: Run, checkpointed: bool) -> tuple[dict | None, float]:
             last = {"step": run.step, "epoch": epoch, "loss": res.loss, "lr": res.lr,
                     "grad_norm": res.grad_norm, "tokens": res.tokens,
                     "label_tokens": res.label_tokens, "tokens_per_s": res.tokens / dt,
-                    "elapsed_s": round(elapsed, 3), **res.per_dataset}
+                    "elapsed_s": round(elapsed, 3), **res.per_dataset, **res.pairs}
             if res.skipped:  # metrics.jsonl stays JSON: no NaN or Infinity in it
-                last.update({k: None for k in last if k == "loss" or k.startswith("loss/")},
+                last.update({k: None for k in last
+                             if k == "loss" or k.startswith(("loss/", "rewards/", "logps/"))},
                             grad_norm=None, skipped=res.skipped)
             if eval_due(run):
                 last.update(evaluate(run))
@@ -367,14 +394,17 @@ class Progress:
             return
         if fresh or run.step % run.args.log_every == 0 or run.step == run.total_steps:
             loss = "skipped" if m["loss"] is None else f"{m['loss']:.4f}"
-            self.bar.set_postfix(loss=loss, lr=f"{m['lr']:.2e}",
-                                 tok_s=f"{m['tokens_per_s']:,.0f}", **ev, refresh=False)
+            pairs = _pair_text(m)
+            self.bar.set_postfix(loss=loss, **{k: f"{v:.3f}" for k, v in pairs.items()},
+                                 lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:,.0f}", **ev,
+                                 refresh=False)
             if not self.interactive:
                 from tqdm import tqdm
 
                 left = (run.total_steps - run.step) * (time.perf_counter() - t_start) \
                     / max(1, run.step - self.steps_at_start)
-                print(f"step {run.step}/{run.total_steps} loss {loss}{self._eval_text()} "
+                shown = "".join(f" {k} {v:.3f}" for k, v in pairs.items())
+                print(f"step {run.step}/{run.total_steps} loss {loss}{shown}{self._eval_text()} "
                       f"lr {m['lr']:.3e} tokens/s {m['tokens_per_s']:,.0f} "
                       f"eta {tqdm.format_interval(left)}", file=sys.stderr, flush=True)
 
@@ -391,6 +421,14 @@ class Progress:
             self.trackers.close()
         if self.metrics is not None:
             self.metrics.close()
+
+
+def _pair_text(m: dict) -> dict:
+    """A preference step's reward margin and accuracy for the console (none for SFT or a
+    skipped step)."""
+    if m.get("rewards/margin") is None:
+        return {}
+    return {"margin": m["rewards/margin"], "acc": m["rewards/accuracy"]}
 
 
 def _preempted(run: Run, signame: str) -> None:

@@ -23,6 +23,7 @@ train.loop scales each micro-step's summed pair loss like the SFT path scales it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,8 @@ from pack.errors import PacktrainError
 from pack.format import IGNORE_INDEX
 
 __all__ = ["OBJECTIVES", "DEFAULT_BETA", "DEFAULT_SIMPO_GAMMA", "segment_logps", "segment_ids", "segment_label_counts",
-           "pair_losses", "check_pairs"]
+           "pair_losses", "add_pairs", "Preference",
+           "STATS", "policy_logps", "pair_step", "pair_metrics"]
 
 OBJECTIVES = ("sft", "dpo", "simpo")
 # DPO: beta 0.1 (Rafailov et al. 2023; TRL's DPOConfig). SimPO: beta 2.0 (the SimPO paper used
@@ -107,12 +109,100 @@ def pair_losses(objective: str, policy: torch.Tensor, reference: torch.Tensor | 
     return -F.logsigmoid(logits), (beta * chosen).detach(), (beta * rejected).detach()
 
 
-def check_pairs(roles: np.ndarray, pair_ids: np.ndarray, where: str) -> None:
-    """Refuse (one line) a pack whose segments are not adjacent chosen/rejected pairs."""
-    roles, pair_ids = np.asarray(roles), np.asarray(pair_ids)
-    if len(roles) % 2 or not (np.all(roles[0::2] == 0) and np.all(roles[1::2] == 1)):
-        raise PacktrainError(f"{where}: segment roles {roles[:8].tolist()}... are not chosen, "
-                             f"rejected pairs (0, 1, 0, 1, ...); rebuild it with pack-build")
-    if not np.array_equal(pair_ids[0::2], pair_ids[1::2]):
-        raise PacktrainError(f"{where}: a pair's two segments have different pair_id; rebuild "
-                             f"it with pack-build")
+def add_pairs(mb: Any, packs: list[dict], labels: np.ndarray) -> None:
+    """Fill a collated micro-batch's preference fields from its packs (train.data.collate; the
+    pair invariants are pack.format.check_pack's, checked as packs are read): the pairs, each
+    segment's label tokens, and the stored reference log-probs when every pack carries them
+    (`ref_logps`, pack.reference)."""
+    mb.pairs = (len(mb.bounds) - 1) // 2
+    mb.segment_labels = torch.from_numpy(segment_label_counts(labels, mb.bounds))
+    if all("ref_logps" in p for p in packs):
+        mb.ref_logps = torch.from_numpy(
+            np.concatenate([np.asarray(p["ref_logps"], dtype=np.float64) for p in packs]))
+
+
+# ---------------------------------------------------------------- the run's objective
+
+@dataclass
+class Preference:
+    """A preference run's objective and where its reference log-probs come from:
+    'stored' (pack-ref's sidecar, on each micro-batch), 'adapter' (the frozen base under LoRA:
+    the adapters disabled), 'model' (`ref_model`, a frozen copy), or 'none' (SimPO)."""
+
+    objective: str
+    beta: float
+    gamma: float = 0.0
+    reference: str = "none"
+    ref_model: Any = None
+    ref_engine: Any = None  # ZeRO-3: the DeepSpeed engine that partitions ref_model
+    eval_entry: Any = None  # 'stored': the eval set's manifest entry (pack.reference)
+
+    def reference_logps(self, model: Any, mb: Any, chunk_size: int,
+                        sp: Any) -> torch.Tensor | None:
+        """The reference's per-segment log-probs of `mb` (constants), or None (SimPO)."""
+        if self.reference == "none":
+            return None
+        if self.reference == "stored":
+            if mb.ref_logps is None:
+                raise PacktrainError(f"packs {mb.pack_ids}: no stored reference log-probs "
+                                     f"(the reader was not attached); rerun pack-ref")
+            return mb.ref_logps
+        with torch.no_grad():
+            if self.reference == "adapter":
+                with model.disable_adapter():
+                    return policy_logps(model, mb, chunk_size, sp)
+            return policy_logps(self.ref_model, mb, chunk_size, sp)
+
+
+METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin",
+                "rewards/accuracy", "logps/chosen", "logps/rejected")
+# the per-micro-batch sums of a preference step, in this order (all reduced with the loss)
+STATS = ("loss", "rewards_chosen", "rewards_rejected", "correct", "logps_chosen",
+         "logps_rejected")
+
+
+def policy_logps(model: Any, mb: Any, chunk_size: int, sp: Any) -> torch.Tensor:
+    """Per-segment log-probs of the pairs of `mb` under `model` (this rank's piece under
+    --sequence-parallel, summed over the group): [2 * pairs]."""
+    if sp is not None:
+        from train.sequence_parallel import slice_segment_logps
+
+        out = slice_segment_logps(model, mb, chunk_size, sp)
+    else:
+        out = segment_logps(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
+                            bounds=mb.bounds, max_seqlen=mb.max_seqlen, chunk_size=chunk_size,
+                            label_count=mb.label_tokens)
+    return out[:2 * mb.pairs]  # a sequence-parallel padding segment carries no pair
+
+
+def pair_step(model: Any, mb: Any, chunk_size: int, pref: Preference,
+              sp: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed pair loss of `mb`, with gradient; its STATS sums, float64, no gradient). The
+    reference runs first, without gradient; its values enter the loss as constants."""
+    ref = pref.reference_logps(model, mb, chunk_size, sp)
+    pol = policy_logps(model, mb, chunk_size, sp)
+    lengths = None if mb.segment_labels is None else mb.segment_labels[:2 * mb.pairs]
+    losses, chosen, rejected = pair_losses(pref.objective, pol, ref, lengths, pref.beta,
+                                           pref.gamma)
+    p = pol.detach()
+    stats = torch.stack([losses.detach().sum(), chosen.sum(), rejected.sum(),
+                         (chosen > rejected).sum().to(chosen.dtype), p[0::2].sum(),
+                         p[1::2].sum()]).double()
+    return losses.sum(), stats
+
+
+def pair_metrics(sums: list[float], pairs: float, prefix: str = "") -> dict:
+    """Means over the pairs from the STATS sums: loss, rewards (chosen, rejected, margin),
+    accuracy (share of pairs whose chosen reward is higher), log-probs (TRL's names)."""
+    s = dict(zip(STATS, sums))
+    if not pairs:  # no pairs: no means (metrics.jsonl stays JSON)
+        return {f"{prefix}{k}": None for k in METRIC_NAMES} | {f"{prefix}pairs": 0}
+    n = float(pairs)
+    return {f"{prefix}loss": s["loss"] / n,
+            f"{prefix}rewards/chosen": s["rewards_chosen"] / n,
+            f"{prefix}rewards/rejected": s["rewards_rejected"] / n,
+            f"{prefix}rewards/margin": (s["rewards_chosen"] - s["rewards_rejected"]) / n,
+            f"{prefix}rewards/accuracy": s["correct"] / n,
+            f"{prefix}logps/chosen": s["logps_chosen"] / n,
+            f"{prefix}logps/rejected": s["logps_rejected"] / n,
+            f"{prefix}pairs": int(pairs)}

@@ -19,7 +19,7 @@ from pack.remote import REMOTE_INFO, is_remote
 CONFIG_FILE = "config.yaml"
 NOT_REPEATED = ("resume",)
 # recorded absolute, so that the file repeats the run from any directory
-PATHS = ("model", "output", "cache_dir", "deepspeed", "tracking_dir")
+PATHS = ("model", "output", "cache_dir", "deepspeed", "tracking_dir", "ref_model")
 
 
 def run_config(parser: ArgumentParser, args: Namespace) -> dict:

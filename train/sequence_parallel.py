@@ -55,7 +55,7 @@ from pack.format import IGNORE_INDEX
 from train.data import MicroBatch
 
 __all__ = ["SPGroup", "SeqSlice", "setup_sequence_parallel", "enable_ulysses", "shard_stream",
-           "slice_micro_batch", "slice_loss"]
+           "slice_micro_batch", "slice_loss", "slice_segment_logps"]
 
 
 @dataclass
@@ -230,8 +230,10 @@ def slice_micro_batch(mb: MicroBatch, sp: SPGroup) -> SeqSlice:
     labels = torch.cat([targets.new_full((1,), IGNORE_INDEX), targets[s:e]]).unsqueeze(0)
     # counted here, on the host: the step reads nothing back for it (train.loop)
     n_labels = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    bounds = None if mb.bounds is None else mb.bounds + ([total + pad] if pad else [])
     return SeqSlice(ids[:, s:e].contiguous(), labels, pos[:, s:e].contiguous(), cu,
-                    max(mb.max_seqlen, pad), mb.pack_ids, label_tokens=n_labels,
+                    max(mb.max_seqlen, pad), mb.pack_ids, bounds=bounds, label_tokens=n_labels,
+                    pairs=mb.pairs, segment_labels=mb.segment_labels, ref_logps=mb.ref_logps,
                     real_tokens=max(0, min(e, total) - s))
 
 
@@ -244,10 +246,11 @@ def shard_stream(stream: Any, sp: SPGroup) -> Any:
     return stream
 
 
-def slice_loss(model: Any, mb: SeqSlice, chunk_size: int) -> tuple[torch.Tensor, int]:
-    """(summed CE over this piece's label tokens, their count): the decoder on the piece with the
-    whole row's boundaries, then the chunked CE of the piece's pre-shifted targets."""
-    from train.loss import head_cross_entropy, model_hidden_and_head
+def _slice_hidden(model: Any, mb: SeqSlice) -> tuple[Any, torch.Tensor]:
+    """(the model's parts, hidden states of the piece [L + 1, H]): the decoder on the piece with
+    the whole row's boundaries, plus one zero row so that the loss's own shift maps
+    labels[t + 1] onto local token t."""
+    from train.loss import model_hidden_and_head
 
     parts = model_hidden_and_head(model)
     cu = mb.cu_seqlens.to(torch.int32)
@@ -255,7 +258,49 @@ def slice_loss(model: Any, mb: SeqSlice, chunk_size: int) -> tuple[torch.Tensor,
                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mb.max_seqlen,
                         max_length_k=mb.max_seqlen, use_cache=False, attention_mask=None)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    # one extra row so that the loss's own shift maps labels[t + 1] onto local token t
-    hidden = torch.cat([hidden[0], hidden.new_zeros(1, hidden.shape[-1])])
+    return parts, torch.cat([hidden[0], hidden.new_zeros(1, hidden.shape[-1])])
+
+
+class _SumForwardOnly(torch.autograd.Function):
+    """All-reduce (sum) over the SP group in forward; the gradient passes through unchanged.
+    Every rank of the group computes the same loss from the summed values, so rank r's share of
+    the gradient is d(loss)/d(sum) times its own partial sum's: the group's ranks together
+    back-propagate the loss exactly once (DeepSpeed then sums them as for the SFT loss)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.clone()
+        tdist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def slice_segment_logps(model: Any, mb: SeqSlice, chunk_size: int, sp: SPGroup) -> torch.Tensor:
+    """train.preference.segment_logps of the whole row, from this rank's piece: per-token
+    log-probs of the piece's label tokens summed per segment, then summed over the group (the
+    per-segment sums travel, never logits). [segments of the padded row] float32."""
+    from train.loss import head_token_losses
+    from train.preference import segment_ids
+
+    parts, hidden = _slice_hidden(model, mb)
+    token_ce, idx = head_token_losses(parts.head, hidden, mb.labels.reshape(-1), chunk_size,
+                                      logit_scale=parts.logit_scale, softcap=parts.softcap,
+                                      label_count=mb.label_tokens)
+    start = sp.rank * mb.input_ids.shape[1]  # the piece's first position in the row
+    seg = segment_ids(mb.bounds)[start:start + hidden.shape[0] - 1].to(hidden.device)
+    partial = token_ce.new_zeros(len(mb.bounds) - 1).index_add(0, seg.index_select(0, idx),
+                                                               -token_ce)
+    return _SumForwardOnly.apply(partial, sp.group)
+
+
+def slice_loss(model: Any, mb: SeqSlice, chunk_size: int) -> tuple[torch.Tensor, int]:
+    """(summed CE over this piece's label tokens, their count): the decoder on the piece with the
+    whole row's boundaries, then the chunked CE of the piece's pre-shifted targets."""
+    from train.loss import head_cross_entropy
+
+    parts, hidden = _slice_hidden(model, mb)
     return head_cross_entropy(parts.head, hidden, mb.labels.reshape(-1), chunk_size,
                               logit_scale=parts.logit_scale, softcap=parts.softcap)

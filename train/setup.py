@@ -184,6 +184,7 @@ class Run:
     eval_set: Any = None           # train.evaluate.EvalSet, or None: no evaluation
     best_eval: dict | None = None  # {"step", "eval_loss"} of the lowest eval loss (--save-best)
     sp: Any = None                 # train.sequence_parallel.SPGroup, or None (N = 1)
+    pref: Any = None               # train.preference.Preference (--objective dpo|simpo), or None
 
 
 def planned_steps(args: Namespace, stream: PackStream) -> int:
@@ -205,6 +206,9 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     manifest = read_manifest(args.shards)
+    from train.preference_setup import check_objectives, setup_preference
+
+    check_objectives(args, manifest)
     model_path = args.model or manifest["tokenizer"]["path"]
     if not Path(model_path).is_dir():
         raise PacktrainError(f"{model_path}: no such model directory; pass --model PATH to a "
@@ -219,6 +223,8 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     model, keep_alive = load_model(args, model_path, dtype, ds_config)
     backend = select_backend(args.attn, dist.device, DTYPES[dtype])
     enable_packed_attention(model, backend)
+    pref, reference = setup_preference(args, manifest, model, model_path, dist, ds_config,
+                                       backend, sp)
     if sp is not None:
         backend = enable_ulysses(model, backend, sp)
     log0(f"attention backend: {backend} (--attn {args.attn}, {dist.device.type}, {dtype})")
@@ -231,6 +237,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
     def check_more(path, m, full):  # a mixture's other datasets
         preflight_checks(args, path, m, model, model_path, dist, full)
     data = open_stream(args, manifest, dist, check_more)
+    data.stream.reference = reference  # stored reference log-probs, before any SP slicing
     stream = data.stream if sp is None else shard_stream(data.stream, sp)
     total = planned_steps(args, stream)
     if total <= 0:
@@ -251,7 +258,7 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
                manifest=manifest, out=out, total_steps=total, backend=backend, dtype=dtype,
                ds_config=ds_config, keep_alive=keep_alive, model_path=str(model_path),
                manifest_sha256=data.manifest_sha256, datasets=data.datasets,
-               hooks=hooks or Hooks(), sp=sp)
+               hooks=hooks or Hooks(), sp=sp, pref=pref)
 
 
 def seed_everything(seed: int) -> None:

@@ -121,3 +121,139 @@ def test_pair_losses_formulas():
     loss, ch, rj = pair_losses("simpo", pol, None, n, beta=2.0, gamma=0.5)
     z = 2.0 * torch.tensor([-3 / 3 + 5 / 5, -2 / 2 + 1 / 1]) - 0.5
     assert torch.allclose(loss, -F.logsigmoid(z))
+
+
+# ---------------------------------------------------------------- train-run's step (1 rank)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from preference_cases import (COMMON, packed_step, rel_grad_error, step_packs,  # noqa: E402
+                              unpacked_reference)
+from test_loop import DIST_VARS, clean_env, inproc  # noqa: E402,F401
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tokenizer_dir, work) -> Path:
+    """A second tiny Llama (another seed): the --ref-model of the live-reference cases."""
+    from train.tiny import make_tiny_model
+
+    return make_tiny_model("llama", tokenizer_dir, work / "ref", hidden=32, layers=2, heads=4,
+                           kv_heads=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def stored_data(pairs_data, model_dir, work) -> Path:
+    """A copy of the pairs with a stored reference sidecar for model_dir (pack.reference's
+    writer; the values are arbitrary log-probs, so that they differ from a live forward)."""
+    from pack.format import PackedDataset, read_manifest
+    from pack.reference import ReferenceWriter, model_fingerprint
+
+    out = work / "pairs-stored"
+    shutil.copytree(pairs_data, out)
+    writer = ReferenceWriter(out, str(model_dir), model_fingerprint(model_dir), "fp32")
+    ds = PackedDataset(out)
+    first = 0
+    for s, info in enumerate(read_manifest(out)["shards"]):
+        rows = [-(1.0 + 0.37 * np.arange(len(ds[i]["cu_seqlens"]) - 1) + 0.11 * i)
+                for i in range(first, first + info["packs"])]
+        writer.write_shard(s, rows)
+        first += info["packs"]
+    writer.commit()
+    return out
+
+
+def _args(data, model, out, *extra):
+    from train.cli import parse_run_args
+
+    return parse_run_args(["--shards", str(data), "--model", str(model), "--output", str(out),
+                           *COMMON, *extra])
+
+
+CASES = {  # name: (dataset fixture, extra options); one packed step vs the pairs unpacked
+    "dpo-live-model": ("pairs_data", ["--objective", "dpo", "--ref-model", "REF"]),
+    "dpo-stored": ("stored_data", ["--objective", "dpo", "--ref-logps", "stored"]),
+    "dpo-lora-base": ("pairs_data", ["--objective", "dpo", "--lora", "--lora-r", "4"]),
+    "simpo": ("pairs_data", ["--objective", "simpo"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_step_equals_pairs_unpacked(inproc, request, model_dir, ref_dir, tmp_path, case):
+    """One optimizer step (2 micro-steps x 2 packs, ZeRO 0, fp32) of packed pairs has the loss
+    and gradients of the same pairs run one at a time (rel. error < 1e-5): DPO with a live
+    --ref-model, with stored reference log-probs, with the frozen base under LoRA; SimPO."""
+    from train.setup import build
+
+    data = request.getfixturevalue(CASES[case][0])
+    extra = [str(ref_dir) if x == "REF" else x for x in CASES[case][1]]
+    args = _args(data, model_dir, tmp_path / "o", "--zero", "0", "--grad-accum", "2",
+                 "--micro-batch", "2", *extra)
+    reader = None
+    if args.ref_logps == "stored":
+        from preference_cases import _reader
+
+        reader = _reader(args)
+    ref_loss, ref_grads, pairs = unpacked_reference(args, step_packs(args, 1), reader)
+    run = build(args, inproc)
+    want = {"dpo-live-model": "model", "dpo-stored": "stored", "dpo-lora-base": "adapter",
+            "simpo": "none"}[case]
+    assert run.pref.reference == want
+    res, grads = packed_step(run)
+    assert res.pairs["pairs"] == pairs > 4  # several pairs per pack
+    assert abs(res.loss - ref_loss) / ref_loss < 1e-5, (res.loss, ref_loss)
+    assert rel_grad_error(grads, ref_grads) < 1e-5
+    assert 0.0 <= res.pairs["rewards/accuracy"] <= 1.0
+    margin = res.pairs["rewards/chosen"] - res.pairs["rewards/rejected"]
+    assert res.pairs["rewards/margin"] == pytest.approx(margin)
+
+
+# ---------------------------------------------------------------- 2 ranks (slow)
+
+@pytest.fixture(scope="module")
+def two_rank_pairs(pairs_data, stored_data, model_dir, ref_dir, work) -> dict:
+    """One torchrun job of 2 ranks: one packed step per case, each against the same pairs run
+    unpacked (preference_cases.driver). ZeRO-3 cases last."""
+    z3 = work / "z3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    base = ["--model", str(model_dir), *COMMON, "--grad-accum", "2", "--objective", "dpo"]
+    cases = {
+        "live-model-z0": ["--shards", str(pairs_data), "--zero", "0", "--ref-model", str(ref_dir)],
+        "stored-z2": ["--shards", str(stored_data), "--zero", "2", "--ref-logps", "stored"],
+        "sp2-live-model-z1": ["--shards", str(pairs_data), "--zero", "1", "--ref-model",
+                              str(ref_dir), "--sequence-parallel", "2"],
+        "lora-base-z3": ["--shards", str(pairs_data), "--zero", "3", "--deepspeed", str(z3),
+                         "--lora", "--lora-r", "4"],
+        "live-model-z3": ["--shards", str(pairs_data), "--zero", "3", "--deepspeed", str(z3),
+                          "--ref-model", str(ref_dir)],
+    }
+    jobs = {name: [*argv, *base, "--output", str(work / f"r2-{name}")]
+            for name, argv in cases.items()}
+    (work / "pref-cases.json").write_text(json.dumps(jobs))
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(HERE / "preference_cases.py"),
+                        str(work / "pref-cases.json"), str(work / "pref-results.json")],
+                       capture_output=True, text=True, env=env, timeout=1200, cwd=work)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return json.loads((work / "pref-results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["live-model-z0", "stored-z2", "sp2-live-model-z1",
+                                  "lora-base-z3", "live-model-z3"])
+def test_two_ranks_packed_dpo_equals_unpacked(two_rank_pairs, case):
+    """2 ranks (ZeRO 0-3, stored or live reference, sequence parallel 2): the step's loss is
+    the mean over every pair of both ranks and both micro-steps, and its gradients are those
+    of the pairs run one at a time (rel. error < 1e-5)."""
+    r = two_rank_pairs[case]
+    assert r["pairs"] == r["ref_pairs"] > 4
+    assert r["reference"] == {"stored-z2": "stored", "lora-base-z3": "adapter"}.get(case, "model")
+    assert abs(r["loss"] - r["ref_loss"]) / r["ref_loss"] < 1e-5, r
+    assert r["grad_err"] < 1e-5, r

@@ -39,6 +39,29 @@ def test_step_sync_count(inproc, dataset, model_dir, tmp_path, zero):
     assert res.grad_norm is not None and res.grad_norm > 0 and res.loss > 0
 
 
+@pytest.mark.parametrize("reference", ["model", "adapter"])
+def test_preference_step_sync_count(inproc, pairs_data, model_dir, tmp_path, reference):
+    """--objective dpo: still one packtrain read per step (loss, pairs, rewards, accuracy,
+    log-probs and the norm ride in it); transformers reads once per forward, and the live
+    reference is a second forward per micro-batch."""
+    from train.loop import train_step
+    from train.setup import build
+    from train.syncs import count_syncs
+
+    extra = ["--lora"] if reference == "adapter" else []
+    run = build(train_args(pairs_data, model_dir, tmp_path / "o", "--zero", "0",
+                           "--grad-accum", "2", "--objective", "dpo", *extra), inproc)
+    assert run.pref.reference == reference
+    train_step(run, run.stream.next_step()[0])
+    batches = run.stream.next_step()[0]
+    with count_syncs() as syncs:
+        res = train_step(run, batches)
+    assert syncs.by_origin() == {"packtrain": 1, "transformers": 4}, dict(syncs.calls)
+    assert res.pairs["pairs"] == sum(mb.pairs for mb in batches) > 0
+    assert res.label_tokens == sum(mb.num_label_tokens for mb in batches)
+    assert res.grad_norm > 0 and res.loss > 0
+
+
 def test_sync_counter_sees_reads_and_their_origin():
     from train.syncs import count_syncs
 
