@@ -81,6 +81,13 @@ def info_text(manifest: dict[str, Any]) -> str:
         f"+{s['packs'] - s['lower_bound']:,}); fill {100 * s['fill']:.2f}%",
         f"shards           {len(shards)} ({fmt_bytes(size)})",
     ]
+    if "pairs" in s:
+        p = s["pairs"]
+        lines.insert(7, f"pairs            {p['in']:,} read, {p['packed']:,} packed (2 segments "
+                        f"each: chosen, rejected); dropped {_counts(p.get('dropped'))}")
+    for ref in manifest.get("reference_logps") or ():
+        lines.append(f"reference       {ref['model']} ({ref['dtype']}, fingerprint "
+                     f"{ref['fingerprint'][:16]}): log-probs in {ref['dir']}/")
     if partition_note(manifest):
         lines.append(f"partitions       {partition_note(manifest)}")
     if eval_note(manifest):
@@ -94,7 +101,7 @@ def info_text(manifest: dict[str, Any]) -> str:
     lines += check_lines(manifest.get("checks"))
     hist = s.get("length_histogram")
     if hist and hist.get("counts"):
-        lines.append("sample lengths (tokens)")
+        lines.append("pair lengths (tokens)" if "pairs" in s else "sample lengths (tokens)")
         lines += text_histogram(hist["edges"], hist["counts"], width=36)
     if "seconds" in s:
         lines.append(f"built in         {s['seconds']:.1f} s ({s.get('tokens_per_s', 0):,.0f} "

@@ -226,7 +226,8 @@ def plot(manifest: dict, path: str) -> None:
     labels = [f"{lo}-{hi - 1}" for lo, hi in zip(h["edges"][:-1], h["edges"][1:])]
     a.bar(range(len(h["counts"])), h["counts"], color="tab:blue")
     a.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-    a.set_title(f"sample lengths ({s['samples_packed']:,} samples)")
+    a.set_title(f"pair lengths ({s['pairs']['packed']:,} pairs)" if "pairs" in s
+                else f"sample lengths ({s['samples_packed']:,} samples)")
     a.set_xlabel("tokens")
     a.set_ylabel("samples")
     f = s.get("fill_histogram")
@@ -284,6 +285,8 @@ def _verify(argv: Sequence[str] | None) -> int:
         what = "verified" if not ns.no_checksums else "verified (checksums skipped)"
         ev = m.get("eval")
         also = f"; eval split {ev['path']}/: {ev['packs']} packs, {ev['tokens']} tokens" if ev else ""
+        refs = m.get("reference_logps") or []
+        also += f"; reference log-probs of {len(refs)} model(s)" if refs else ""
         print(f"OK: {len(m['shards'])} shards, {m['stats']['packs']} packs, "
               f"{m['stats']['tokens']} tokens {what}{also}")
     return 0

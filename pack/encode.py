@@ -144,7 +144,7 @@ class Encoder:
         if spec.fmt == "preference":
             from .encode_pairs import encode_pairs
 
-            return encode_pairs(self, records)
+            return ChunkResult(**encode_pairs(self, records))
         L = int(spec.max_length)
         out, ids, labels, starts, ends = self.renderer.encode_flat(records)
         errors: list[tuple[int, str, str]] = []

@@ -32,9 +32,9 @@ def pair_caps(chosen: np.ndarray, rejected: np.ndarray, max_length: int) -> np.n
     return np.where(short <= half, max_length - short, half)
 
 
-def encode_pairs(encoder: Any, records: list[dict]) -> Any:
-    """:meth:`pack.encode.Encoder.__call__` for preference records."""
-    from .encode import ChunkResult
+def encode_pairs(encoder: Any, records: list[dict]) -> dict[str, Any]:
+    """:meth:`pack.encode.Encoder.__call__` for preference records: the fields of its
+    :class:`pack.encode.ChunkResult`."""
     from .templates import NothingToTrain
 
     spec = encoder.spec
@@ -93,13 +93,14 @@ def encode_pairs(encoder: Any, records: list[dict]) -> Any:
     at = np.repeat(seg_start - first, seg_len) + np.arange(total, dtype=np.int64)
     nl = (nlc + nlr)[keep]
     lost_tokens = (cn + rn) - m
-    res = ChunkResult(kept, m.astype(np.int32), ids[at], labels[at], int(nl.sum()),
-                      int(np.count_nonzero(cut)), int(lost_tokens.sum()),
-                      {k: v for k, v in dropped.items() if v}, errors, flagged=flagged,
-                      split=mc.astype(np.int32))
+    res = dict(keep=kept, lengths=m.astype(np.int32), ids=ids[at], labels=labels[at],
+               label_tokens=int(nl.sum()), truncated=int(np.count_nonzero(cut)),
+               truncated_tokens=int(lost_tokens.sum()),
+               dropped={k: v for k, v in dropped.items() if v}, errors=errors, flagged=flagged,
+               split=mc.astype(np.int32))
     if spec.eval_seed is not None:
         from .eval_split import record_hashes
 
-        res.per_sample = {"hash": record_hashes([records[j] for j in kept], spec.eval_seed),
-                          "labels": nl.astype(np.int64), "cut": lost_tokens.astype(np.int64)}
+        res["per_sample"] = {"hash": record_hashes([records[j] for j in kept], spec.eval_seed),
+                             "labels": nl.astype(np.int64), "cut": lost_tokens.astype(np.int64)}
     return res

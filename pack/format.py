@@ -34,7 +34,9 @@ A preference pack of one pair P (record 9): prompt p0 p1, chosen c0 c1, rejected
 
 The manifest (validated against ``schemas/manifest.schema.json``) is written last and atomically:
 a directory without it is not a dataset. This module holds the schema, the shard writer, the
-memory-mapped reader, manifest read/validate, invariant checks and verify.
+memory-mapped reader, manifest read/validate, invariant checks and verify, and the layout and
+checks of the reference log-prob sidecar of preference datasets (:mod:`pack.reference` writes
+and reads it).
 It imports no torch: `train` reads shards through it, `pack` writes through it.
 """
 
@@ -708,8 +710,6 @@ def verify(data_dir: str | os.PathLike, checksums: bool = True, invariants: bool
                 f"{pairs['packed']} pairs; the manifest was edited — rebuild the dataset",
                 shard=MANIFEST, rule="stats-pairs")))
     if manifest.get("reference_logps") and len(problems) < max_problems:
-        from .reference import reference_problems
-
         problems += reference_problems(Path(data_dir), manifest, checksums,
                                        max_problems - len(problems))
     if isinstance(manifest.get("eval"), dict) and len(problems) < max_problems:
@@ -733,3 +733,114 @@ def _eval_problems(data_dir: Path, entry: dict, checksums: bool, invariants: boo
                 f"manifest; the eval dataset was replaced or altered — rebuild both"]
     return [f"{where}: {p}" for p in verify(where, checksums, invariants, max_problems,
                                             progress)]
+
+
+# ---------------------------------------------------------------- reference log-probs
+# The sidecar's layout and checks are part of the contract (pack.reference writes and reads it).
+
+REFERENCE_DIR = "reference"
+REF_COLUMN = "ref_logps"
+SIDECAR_SCHEMA = pa.schema([pa.field(REF_COLUMN, pa.list_(pa.float64()), nullable=False)])
+
+
+def reference_dir(fingerprint: str) -> str:
+    """The sidecar's directory, relative to the dataset: ``reference/<fingerprint[:16]>``."""
+    return f"{REFERENCE_DIR}/{fingerprint[:16]}"
+
+
+def segments_per_pack(data: PackedDataset, shard_index: int) -> np.ndarray:
+    """Segments (samples) of every pack of one data shard, from its cu_seqlens offsets."""
+    off, _ = data._columns(shard_index)["cu_seqlens"]
+    return np.diff(off).astype(np.int64) - 1
+
+
+def sidecar_problem(table: pa.Table, segments: np.ndarray) -> str | None:
+    """What is wrong with a sidecar table for a data shard with ``segments`` per pack."""
+    if REF_COLUMN not in table.schema.names or table.schema.field(REF_COLUMN).type != \
+            SIDECAR_SCHEMA.field(REF_COLUMN).type:
+        return f"column {REF_COLUMN} list<double> is missing"
+    if table.num_rows != len(segments):
+        return f"{table.num_rows} rows, the data shard has {len(segments)} packs"
+    arr = table.column(REF_COLUMN).combine_chunks()
+    lens = np.diff(arr.offsets.to_numpy(zero_copy_only=False))
+    bad = np.flatnonzero(lens != segments)
+    if len(bad):
+        r = int(bad[0])
+        return f"row {r} holds {lens[r]} values, the pack has {segments[r]} segments"
+    values = arr.values.to_numpy(zero_copy_only=False)
+    if not np.all(np.isfinite(values) & (values <= 0)):
+        return "log-probs must be finite and <= 0"
+    return None
+
+
+def open_sidecar(data_dir: Path, info: dict) -> pa.Table:
+    """Memory-map one sidecar shard; check its size, column and row count against ``info``."""
+    name = info["path"]
+    path = shard_path(data_dir, name)
+    if not path.is_file():
+        raise FormatError("reference log-prob file is missing; recompute them (pack-ref)",
+                          shard=name, rule="reference-missing")
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        raise FormatError(f"size {size} bytes, manifest says {info['bytes']}; the file is "
+                          f"truncated or altered — recompute the reference log-probs",
+                          shard=name, rule="reference-size")
+    try:
+        table = read_arrow(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"not a readable Arrow IPC file ({e}); recompute the reference "
+                          f"log-probs", shard=name, rule="reference-arrow") from None
+    if REF_COLUMN not in table.schema.names or table.schema.field(REF_COLUMN).type != \
+            SIDECAR_SCHEMA.field(REF_COLUMN).type:
+        raise FormatError(f"column {REF_COLUMN} list<double> is missing", shard=name,
+                          rule="reference-schema")
+    if table.num_rows != info["packs"]:
+        raise FormatError(f"{table.num_rows} rows, manifest says {info['packs']}", shard=name,
+                          rule="reference-rows")
+    return table
+
+
+def reference_problems(data_dir: Path, manifest: dict, checksums: bool = True,
+                       max_problems: int = 20) -> list[str]:
+    """pack-verify's check of every ``reference_logps`` entry: its directory, one file per data
+    shard (size, sha256, rows), one value per segment, values finite and <= 0."""
+    problems: list[str] = []
+    data = PackedDataset(data_dir, manifest)
+    for entry in manifest.get("reference_logps") or ():
+        where = f"reference_logps[{entry['model']}]"
+        shards = entry["shards"]
+        if entry["dir"] != reference_dir(entry["fingerprint"]) or \
+                len(shards) != len(manifest["shards"]):
+            problems.append(f"{Path(data_dir) / MANIFEST}: {where}: expected dir "
+                            f"{reference_dir(entry['fingerprint'])} and one file per data "
+                            f"shard ({len(manifest['shards'])}); recompute the reference "
+                            f"log-probs [rule: reference-entry]")
+            continue
+        for i, info in enumerate(shards):
+            problems += _sidecar_problems(data_dir, data, i, info, checksums)
+            if len(problems) >= max_problems:
+                return problems[:max_problems]
+    return problems
+
+
+def _sidecar_problems(data_dir: Path, data: PackedDataset, i: int, info: dict,
+                      checksums: bool) -> list[str]:
+    """The problems of sidecar file ``info`` that belongs to data shard ``i``."""
+    name = info["path"]
+    if not name.startswith(f"{REFERENCE_DIR}/"):
+        return [str(FormatError("a reference log-prob file lies outside reference/",
+                                shard=name, rule="reference-entry"))]
+    try:
+        table = open_sidecar(data_dir, info)
+        segments = segments_per_pack(data, i)
+    except FormatError as e:
+        return [str(e)]
+    out = []
+    if checksums and file_sha256(data_dir / name) != info["sha256"]:
+        out.append(str(FormatError("sha256 does not match the manifest; the file is corrupt or "
+                                   "altered — recompute the reference log-probs", shard=name,
+                                   rule="reference-checksum")))
+    problem = sidecar_problem(table, segments)
+    if problem:
+        out.append(str(FormatError(problem, shard=name, rule="reference-rows")))
+    return out

@@ -178,11 +178,7 @@ def combine_stats(stats: list[dict], max_length: int) -> dict:
             out[key] = {"edges": edges,
                         "counts": [sum(c) for c in zip(*(v["counts"] for v in present))]}
         elif all(isinstance(v, dict) for v in present):
-            total: dict[str, int] = {}
-            for v in present:
-                for k, c in v.items():
-                    total[k] = total.get(k, 0) + c
-            out[key] = dict(sorted(total.items()))
+            out[key] = _sum_counts(present)
         # anything else (a field this version does not know how to add up) is not carried
     tokens, packs = out.get("tokens", 0), out.get("packs", 0)
     out["lower_bound"] = -(-tokens // max_length)
@@ -225,6 +221,18 @@ def merge(parts: Sequence[str], out: str, copy: bool = False, overwrite: bool = 
         return _merge_checked(parts, out, copy, overwrite)
     finally:
         unlock_out_dirs()
+
+
+def _sum_counts(dicts: list[dict]) -> dict:
+    """Counters summed key by key; nested counters (stats.pairs.dropped) alike."""
+    total: dict[str, Any] = {}
+    for v in dicts:
+        for k, c in v.items():
+            if isinstance(c, dict):
+                total[k] = _sum_counts([total.get(k, {}), c])
+            else:
+                total[k] = total.get(k, 0) + c
+    return dict(sorted(total.items()))
 
 
 def _merge_checked(parts: Sequence[str], out: str, copy: bool, overwrite: bool) -> dict:
@@ -279,6 +287,7 @@ def _merge_checked(parts: Sequence[str], out: str, copy: bool, overwrite: bool) 
                               "rule": m0["partition"]["rule"], "shard_files": files,
                               "packtrain": __version__, "parts": part_info}
         manifest.pop("eval", None)  # part 0's; replaced by the merged eval split's
+        manifest.pop("reference_logps", None)  # the parts' sidecars are not merged: recompute
         manifest.update(_merge_eval(loaded, out_p, copy))
         fmt_mod.validate_manifest(manifest)
         publish(out_p, manifest, dataset_card(manifest))

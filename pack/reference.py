@@ -16,8 +16,9 @@ temporary name and renamed, and records in its Arrow metadata the sha256 of the 
 belongs to and the model's fingerprint, so a rerun skips the files an interrupted run finished
 (:meth:`ReferenceWriter.done`) and never reuses one of another dataset or model. The manifest
 entry is added last (:meth:`ReferenceWriter.commit`), by atomically rewriting manifest.json.
-:class:`ReferenceReader` reads them aligned with :class:`pack.format.PackedDataset`;
-:func:`reference_problems` is pack-verify's part.
+:class:`ReferenceReader` reads them aligned with :class:`pack.format.PackedDataset`. The
+sidecar's layout and its checks (:func:`pack.format.reference_problems`, pack-verify's part) are
+part of the contract, in :mod:`pack.format`; this module re-exports them.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ import numpy as np
 import pyarrow as pa
 
 from . import format as fmt
-from .errors import FormatError, PacktrainError
+from .errors import FormatError
 from .files import file_sha256, fsync_dir, write_atomic
+from .format import (REF_COLUMN, REFERENCE_DIR, SIDECAR_SCHEMA, open_sidecar,  # noqa: F401
+                     reference_dir, reference_problems)
 
-REFERENCE_DIR = "reference"
-COLUMN = "ref_logps"
-SIDECAR_SCHEMA = pa.schema([pa.field(COLUMN, pa.list_(pa.float64()), nullable=False)])
 _META_DATA_SHA = b"data_sha256"
 _META_FINGERPRINT = b"fingerprint"
 
@@ -68,11 +68,6 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def reference_dir(fingerprint: str) -> str:
-    """The sidecar's directory, relative to the dataset: ``reference/<fingerprint[:16]>``."""
-    return f"{REFERENCE_DIR}/{fingerprint[:16]}"
-
-
 def find_reference(manifest: dict, fingerprint: str) -> dict | None:
     """The manifest's ``reference_logps`` entry for this model fingerprint, or None."""
     for entry in manifest.get("reference_logps") or ():
@@ -97,7 +92,7 @@ class ReferenceWriter:
         if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
             raise ValueError(f"fingerprint must be a sha256 hex digest, got {fingerprint!r}")
         self.model, self.fingerprint, self.dtype = str(model), fingerprint, str(dtype)
-        self.rel = reference_dir(fingerprint)
+        self.rel = fmt.reference_dir(fingerprint)
         self.out = self.dir / self.rel
         self.data = fmt.PackedDataset(self.dir, self.manifest)
 
@@ -121,12 +116,12 @@ class ReferenceWriter:
         meta = table.schema.metadata or {}
         if any(meta.get(k) != v for k, v in self._meta(shard_index).items()):
             return False
-        return _row_problem(table, segments_per_pack(self.data, shard_index)) is None
+        return fmt.sidecar_problem(table, fmt.segments_per_pack(self.data, shard_index)) is None
 
     def write_shard(self, shard_index: int, rows: list[np.ndarray]) -> None:
         """Write shard ``shard_index``'s sidecar: one array per pack, as many values as the
         pack has segments, finite and <= 0. Atomic (temporary name, then rename)."""
-        want = segments_per_pack(self.data, shard_index)
+        want = fmt.segments_per_pack(self.data, shard_index)
         if len(rows) != len(want):
             raise ValueError(f"shard {shard_index}: {len(rows)} rows, the data shard has "
                              f"{len(want)} packs")
@@ -144,7 +139,7 @@ class ReferenceWriter:
         np.cumsum(lens, out=offsets[1:])
         column = pa.ListArray.from_arrays(fmt.numpy_to_arrow(offsets, pa.int32()),
                                           fmt.numpy_to_arrow(values, pa.float64()))
-        schema = SIDECAR_SCHEMA.with_metadata(self._meta(shard_index))
+        schema = fmt.SIDECAR_SCHEMA.with_metadata(self._meta(shard_index))
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, schema) as w:
             w.write_batch(pa.RecordBatch.from_arrays([column], schema=schema))
@@ -195,31 +190,6 @@ def _update_parent(data_dir: Path, manifest: dict) -> None:
         fmt.write_manifest(parent, pm)
 
 
-def segments_per_pack(data: fmt.PackedDataset, shard_index: int) -> np.ndarray:
-    """Segments (samples) of every pack of one data shard, from its cu_seqlens offsets."""
-    off, _ = data._columns(shard_index)["cu_seqlens"]
-    return np.diff(off).astype(np.int64) - 1
-
-
-def _row_problem(table: pa.Table, segments: np.ndarray) -> str | None:
-    """What is wrong with a sidecar table for a data shard with ``segments`` per pack."""
-    if COLUMN not in table.schema.names or table.schema.field(COLUMN).type != \
-            SIDECAR_SCHEMA.field(COLUMN).type:
-        return f"column {COLUMN} list<double> is missing"
-    if table.num_rows != len(segments):
-        return f"{table.num_rows} rows, the data shard has {len(segments)} packs"
-    arr = table.column(COLUMN).combine_chunks()
-    lens = np.diff(arr.offsets.to_numpy(zero_copy_only=False))
-    bad = np.flatnonzero(lens != segments)
-    if len(bad):
-        r = int(bad[0])
-        return f"row {r} holds {lens[r]} values, the pack has {segments[r]} segments"
-    values = arr.values.to_numpy(zero_copy_only=False)
-    if not np.all(np.isfinite(values) & (values <= 0)):
-        return "log-probs must be finite and <= 0"
-    return None
-
-
 # ---------------------------------------------------------------- reading
 
 class ReferenceReader:
@@ -240,8 +210,8 @@ class ReferenceReader:
 
     def _column(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         if s not in self._cols:
-            table = open_sidecar(self.dir, self.shards[s])
-            arr = table.column(COLUMN).combine_chunks()
+            table = fmt.open_sidecar(self.dir, self.shards[s])
+            arr = table.column(fmt.REF_COLUMN).combine_chunks()
             self._cols[s] = (arr.offsets.to_numpy(zero_copy_only=False),
                              arr.values.to_numpy(zero_copy_only=False))
         return self._cols[s]
@@ -258,78 +228,3 @@ class ReferenceReader:
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):
             yield self[i]
-
-
-def open_sidecar(data_dir: Path, info: dict) -> pa.Table:
-    """Memory-map one sidecar shard; check its size, column and row count against ``info``."""
-    name = info["path"]
-    path = fmt.shard_path(data_dir, name)
-    if not path.is_file():
-        raise FormatError("reference log-prob file is missing; recompute them (pack-ref)",
-                          shard=name, rule="reference-missing")
-    size = path.stat().st_size
-    if size != info["bytes"]:
-        raise FormatError(f"size {size} bytes, manifest says {info['bytes']}; the file is "
-                          f"truncated or altered — recompute the reference log-probs",
-                          shard=name, rule="reference-size")
-    try:
-        table = fmt.read_arrow(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise FormatError(f"not a readable Arrow IPC file ({e}); recompute the reference "
-                          f"log-probs", shard=name, rule="reference-arrow") from None
-    if COLUMN not in table.schema.names or table.schema.field(COLUMN).type != \
-            SIDECAR_SCHEMA.field(COLUMN).type:
-        raise FormatError(f"column {COLUMN} list<double> is missing", shard=name,
-                          rule="reference-schema")
-    if table.num_rows != info["packs"]:
-        raise FormatError(f"{table.num_rows} rows, manifest says {info['packs']}", shard=name,
-                          rule="reference-rows")
-    return table
-
-
-# ---------------------------------------------------------------- verify
-
-def reference_problems(data_dir: Path, manifest: dict, checksums: bool = True,
-                       max_problems: int = 20) -> list[str]:
-    """pack-verify's check of every ``reference_logps`` entry: its directory, one file per data
-    shard (size, sha256, rows), one value per segment, values finite and <= 0."""
-    problems: list[str] = []
-    data = fmt.PackedDataset(data_dir, manifest)
-    for entry in manifest.get("reference_logps") or ():
-        where = f"reference_logps[{entry['model']}]"
-        shards = entry["shards"]
-        if entry["dir"] != reference_dir(entry["fingerprint"]) or \
-                len(shards) != len(manifest["shards"]):
-            problems.append(f"{Path(data_dir) / fmt.MANIFEST}: {where}: expected dir "
-                            f"{reference_dir(entry['fingerprint'])} and one file per data "
-                            f"shard ({len(manifest['shards'])}); recompute the reference "
-                            f"log-probs [rule: reference-entry]")
-            continue
-        for i, info in enumerate(shards):
-            problems += _sidecar_problems(data_dir, data, i, info, checksums)
-            if len(problems) >= max_problems:
-                return problems[:max_problems]
-    return problems
-
-
-def _sidecar_problems(data_dir: Path, data: fmt.PackedDataset, i: int, info: dict,
-                      checksums: bool) -> list[str]:
-    """The problems of sidecar file ``info`` that belongs to data shard ``i``."""
-    name = info["path"]
-    if not name.startswith(f"{REFERENCE_DIR}/"):
-        return [str(FormatError("a reference log-prob file lies outside reference/",
-                                shard=name, rule="reference-entry"))]
-    try:
-        table = open_sidecar(data_dir, info)
-        segments = segments_per_pack(data, i)
-    except PacktrainError as e:
-        return [str(e)]
-    out = []
-    if checksums and file_sha256(data_dir / name) != info["sha256"]:
-        out.append(str(FormatError("sha256 does not match the manifest; the file is corrupt or "
-                                   "altered — recompute the reference log-probs", shard=name,
-                                   rule="reference-checksum")))
-    problem = _row_problem(table, segments)
-    if problem:
-        out.append(str(FormatError(problem, shard=name, rule="reference-rows")))
-    return out

@@ -92,6 +92,10 @@ def summary(manifest: dict, where: dict[str, str] | None = None) -> str:
         f"{100 * s['fill']:.2f}% of {manifest['max_length']:,})",
         f"shards          {len(manifest['shards'])} ({fmt_bytes(size)})",
     ]
+    if "pairs" in s:  # a preference dataset: its samples are the segments of pairs
+        p = s["pairs"]
+        lines.insert(2, f"pairs           {p['packed']:,} packed of {p['in']:,} (dropped "
+                        f"{counts(p['dropped'])}); 2 segments each, chosen then rejected")
     if "seconds" in s:
         lines.append(f"time            {s['seconds']:.1f} s ({s.get('tokens_per_s', 0):,.0f} "
                      f"tokens/s)")
