@@ -246,11 +246,11 @@ def run_trl(work: Path, model: Path, tok: Path, steps: list, a, precompute: bool
 
 # ------------------------------------------------------------------ the train-run rows
 
-def run_train(work: Path, data: Path, model: Path, steps: list, a, env: dict, tag: str) -> dict:
+def run_train(work: Path, data: Path, model: Path, steps: list, a, env: dict, tag: str, ref: str) -> dict:
     out = work / tag
     shutil.rmtree(out, ignore_errors=True)
     wall = sh([*cli("train.cli", "run_main"), "--shards", str(data), "--model", str(model), "--output", str(out),
-               "--objective", "dpo", "--beta", str(a.beta), "--lr", str(a.lr), "--schedule", "constant",
+               "--objective", "dpo", "--ref-logps", ref, "--beta", str(a.beta), "--lr", str(a.lr), "--schedule", "constant",
                "--weight-decay", "0", "--grad-clip", "1.0", "--dtype", "fp32", "--max-steps", str(len(steps)),
                "--seed", "0", "--no-export", "--log-every", "1000"], work / f"{tag}.log", env)
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -403,10 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                 elif kind == "trl_pre":
                     r = run_trl(work, model, tok, steps, a, True, env, tag)
                 elif kind == "live":
-                    r = run_train(work, data, model, steps, a, env, tag)
+                    r = run_train(work, data, model, steps, a, env, tag, "live")
                 else:
                     ref = run_pack_ref(work, data, model, env, f"ref-{rnd}")
-                    r = run_train(work, ref["data"], model, steps, a, env, tag)
+                    r = run_train(work, ref["data"], model, steps, a, env, tag, "stored")
                     r.update(ref_pass_s=ref["wall_s"], pack_ref_summary=ref["summary"])
                 rounds[kind].append(r)
                 x = rates(r, a.warmup)

@@ -205,3 +205,29 @@ def test_refuses_other_tokenizer(pref, tmp_path):
     ds = tmp_path / "ds"
     shutil.copytree(pref, ds)
     one_line_refusal(pack_ref(model, ds), "tokenizer mismatch")
+
+
+@pytest.mark.slow  # two train-run processes (~25 s each on 2 busy cores)
+def test_train_run_stored_reference_gives_live_losses(stored, model_dir, tmp_path):
+    """train-run --objective dpo with pack-ref's values (--ref-logps stored; auto picks them too,
+    the fingerprint matching) trains exactly as with a reference forward in every step."""
+    runs = {}
+    for mode in ("live", "stored", "auto"):
+        out = tmp_path / mode
+        r = subprocess.run([sys.executable, "-m", "train.cli", "--shards", str(stored), "--model",
+                            str(model_dir), "--output", str(out), "--objective", "dpo",
+                            "--ref-logps", mode, "--dtype", "fp32", "--lr", "1e-3", "--schedule",
+                            "constant", "--max-steps", "4", "--no-export", "--log-every", "100"],
+                           capture_output=True, text=True, env=env(), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        if mode == "auto":
+            break
+    live, stored_, auto = runs["live"], runs["stored"], runs["auto"]
+    assert len(live) == len(stored_) == 4
+    assert abs(live[0]["loss"] - np.log(2)) < 1e-6  # policy == reference at the first step
+    for a, b, c in zip(live, stored_, auto):
+        for k in ("loss", "logps/chosen", "logps/rejected", "rewards/margin"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a, b)
+        assert c["loss"] == b["loss"]  # auto: the stored values
+    assert live[-1]["loss"] != live[0]["loss"]  # it trained: later losses depend on the reference
