@@ -241,6 +241,8 @@ def run_trl(work: Path, model: Path, tok: Path, steps: list, a, precompute: bool
     wall = sh([sys.executable, __file__, "--trl-worker", str(spec)], work / f"{tag}.log", env)
     r = json.loads(out.read_text())
     r["wall_s"] = wall
+    if r.get("ref_pass_s"):
+        r["ref_tokens"] = sum(p["tokens"] for batch in steps for p in batch)
     return r
 
 
@@ -277,7 +279,8 @@ def rates(r: dict, warmup: int) -> dict:
     s, t, p = r["step_s"][warmup:], r["step_tokens"][warmup:], r["step_pairs"][warmup:]
     return {"tokens_per_s": sum(t) / sum(s), "pairs_per_s": sum(p) / sum(s), "timed_steps": len(s),
             "timed_tokens": sum(t), "timed_pairs": sum(p), "wall_s": r["wall_s"],
-            "ref_pass_s": r.get("ref_pass_s")}
+            "ref_pass_s": r.get("ref_pass_s"),
+            "ref_tokens_per_s": r["ref_tokens"] / r["ref_pass_s"] if r.get("ref_pass_s") else None}
 
 
 def summarize(rounds: dict, a, meta: dict) -> dict:
@@ -291,10 +294,12 @@ def summarize(rounds: dict, a, meta: dict) -> dict:
         med = lambda k: statistics.median(x[k] for x in per)  # noqa: E731
         rng = lambda k: [min(x[k] for x in per), max(x[k] for x in per)]  # noqa: E731
         refs = [x["ref_pass_s"] for x in per if x["ref_pass_s"] is not None]
+        ref_rates = [x["ref_tokens_per_s"] for x in per if x["ref_tokens_per_s"] is not None]
         row = {"kind": kind, "mode": label, "rounds_run": len(rs), "tokens_per_s": med("tokens_per_s"),
                "tokens_per_s_range": rng("tokens_per_s"), "pairs_per_s": med("pairs_per_s"),
                "pairs_per_s_range": rng("pairs_per_s"), "wall_s": med("wall_s"),
                "ref_pass_s": statistics.median(refs) if refs else None,
+               "ref_tokens_per_s": statistics.median(ref_rates) if ref_rates else None,
                "loss": rs[0]["loss"][:LOSS_STEPS], "rounds": rs}
         rows.append(row)
         if kind == "trl":
@@ -324,10 +329,13 @@ def render(res: dict) -> str:
             f"{res['steps']} steps ({res['warmup']} warm-up) x {res['rounds']} rounds, beta {res['beta']}, lr {res['lr']}")
     body = table(rows, [("mode", "row", "s"), ("tok", "tokens/s median (range)", "s"),
                         ("prs", "pairs/s median (range)", "s"), ("x_trl", "x TRL", ".2f"),
-                        ("ref_pass_s", "ref pass s", ".1f"), ("wall_s", "process s", ".1f"),
+                        ("ref_pass_s", "ref pass s", ".1f"), ("ref_tokens_per_s", "ref pass tok/s", ",.0f"),
+                        ("wall_s", "process s", ".1f"),
                         ("losses", f"loss, steps 1-{LOSS_STEPS}", "s")])
     notes = [f"x TRL: pairs/s over TRL DPOTrainer's (live reference). ref pass: TRL's precompute inside its "
-             f"process; pack-ref's own process wall (a separate command, run once per dataset and model).",
+             f"process (over the pairs of the steps); pack-ref's own process wall, start-up included (a separate "
+             f"command, run once per dataset and model, over every pack); ref pass tok/s: the tokens it covered "
+             f"over those seconds.",
              f"padding_free: {res['trl_padding_free']}",
              f"machine: {res['cpu']} ({res['cpus']} cores, shared), torch {res['torch']}, transformers "
              f"{res['transformers']}, trl {res['trl']}; total {res['total_s']:.0f}s"]
@@ -341,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="small", choices=sorted(SIZES))
     ap.add_argument("--pairs", type=int, default=320)
     ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per row, warm-up included")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="optimizer steps per row, warm-up included (0: one epoch, every pack once, so "
+                         "both reference passes cover the pairs trained on)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -355,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         return trl_worker(Path(a.trl_worker))
     if a.smoke:
         a.size, a.pairs, a.max_length, a.steps, a.warmup, a.rounds = "tiny", 40, 512, 3, 1, 1
-    if a.steps <= a.warmup or a.rounds < 1 or a.pairs < 2 or a.threads < 1:
+    if (a.steps and a.steps <= a.warmup) or a.rounds < 1 or a.pairs < 2 or a.threads < 1:
         ap.error("need --steps > --warmup, --rounds >= 1, --pairs >= 2, --threads >= 1")
     t_start = time.perf_counter()
     import torch
@@ -375,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         pack_s = sh([*cli("pack.cli", "build_main"), str(pairs), str(data), "--tokenizer", str(tok),
                      "--max-length", str(a.max_length), "--quiet", "--workers", "1"], work / "pack-build.log", env)
         n_packs = len(PackedDataset(data))
+        a.steps = a.steps or n_packs
+        if a.steps <= a.warmup:
+            raise SystemExit(f"{n_packs} packs: fewer steps than --warmup {a.warmup} + 1; more --pairs")
         if n_packs < a.steps:
             raise SystemExit(f"{a.pairs} pairs make {n_packs} packs at {a.max_length}, fewer than --steps "
                              f"{a.steps}: more --pairs")
@@ -407,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     ref = run_pack_ref(work, data, model, env, f"ref-{rnd}")
                     r = run_train(work, ref["data"], model, steps, a, env, tag, "stored")
-                    r.update(ref_pass_s=ref["wall_s"], pack_ref_summary=ref["summary"])
+                    r.update(ref_pass_s=ref["wall_s"], pack_ref_summary=ref["summary"],
+                             ref_tokens=int(PackedDataset(data).manifest["stats"]["tokens"]))
                 rounds[kind].append(r)
                 x = rates(r, a.warmup)
                 print(f"  [round {rnd + 1}/{a.rounds}] {label}: {x['tokens_per_s']:,.0f} tok/s, "
