@@ -309,6 +309,9 @@ def summarize(rounds: dict, a, meta: dict) -> dict:
             row["x_trl"] = row["pairs_per_s"] / base["pairs_per_s"]
             n = min(len(row["loss"]), len(base["loss"]))
             row["max_loss_diff_vs_trl"] = max(abs(x - y) for x, y in zip(row["loss"][:n], base["loss"][:n]))
+        live = next((x for x in rows if x["kind"] == "live"), None)
+        if live:
+            row["x_live"] = row["pairs_per_s"] / live["pairs_per_s"]
         tokens = [r["step_tokens"] for r in row["rounds"]]
         row["same_tokens_as_trl"] = bool(base) and tokens[0] == base["rounds"][0]["step_tokens"]
     return {**meta, "rows": rows}
@@ -329,10 +332,11 @@ def render(res: dict) -> str:
             f"{res['steps']} steps ({res['warmup']} warm-up) x {res['rounds']} rounds, beta {res['beta']}, lr {res['lr']}")
     body = table(rows, [("mode", "row", "s"), ("tok", "tokens/s median (range)", "s"),
                         ("prs", "pairs/s median (range)", "s"), ("x_trl", "x TRL", ".2f"),
+                        ("x_live", "x live", ".2f"),
                         ("ref_pass_s", "ref pass s", ".1f"), ("ref_tokens_per_s", "ref pass tok/s", ",.0f"),
                         ("wall_s", "process s", ".1f"),
                         ("losses", f"loss, steps 1-{LOSS_STEPS}", "s")])
-    notes = [f"x TRL: pairs/s over TRL DPOTrainer's (live reference). ref pass: TRL's precompute inside its "
+    notes = [f"x TRL / x live: pairs/s over TRL DPOTrainer's (live reference) / over train-run's live row. ref pass: TRL's precompute inside its "
              f"process (over the pairs of the steps); pack-ref's own process wall, start-up included (a separate "
              f"command, run once per dataset and model, over every pack); ref pass tok/s: the tokens it covered "
              f"over those seconds.",
@@ -357,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", default=",".join(k for k, _ in ROWS),
+                    help="rows to run, comma-separated: " + ", ".join(k for k, _ in ROWS))
     ap.add_argument("--smoke", action="store_true", help="tiny model, 40 pairs at 512, 3 steps, 1 round")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--trl-worker", metavar="SPEC", help=argparse.SUPPRESS)
@@ -365,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return trl_worker(Path(a.trl_worker))
     if a.smoke:
         a.size, a.pairs, a.max_length, a.steps, a.warmup, a.rounds = "tiny", 40, 512, 3, 1, 1
+    chosen = [k for k in a.rows.split(",") if k.strip()]
+    if not chosen or set(chosen) - {k for k, _ in ROWS}:
+        ap.error(f"--rows {a.rows}: choose from {', '.join(k for k, _ in ROWS)}")
     if (a.steps and a.steps <= a.warmup) or a.rounds < 1 or a.pairs < 2 or a.threads < 1:
         ap.error("need --steps > --warmup, --rounds >= 1, --pairs >= 2, --threads >= 1")
     t_start = time.perf_counter()
@@ -409,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds: dict[str, list] = {k: [] for k, _ in ROWS}
         out = Path(a.out)
         for rnd in range(a.rounds):
-            for kind, label in ROWS:
+            for kind, label in [(k, x) for k, x in ROWS if k in chosen]:
                 tag = f"{kind}-{rnd}"
                 if kind == "trl":
                     r = run_trl(work, model, tok, steps, a, False, env, tag)

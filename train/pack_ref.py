@@ -93,8 +93,6 @@ def load_reference(args: Namespace, dist: Any, manifest: dict) -> tuple[Any, Any
     """(callable pack -> per-segment log-probs, the model, keep_alive): loaded as train-run loads
     it (train.setup.load_model, attention backend registration), checked as train-run checks it
     (rank 0: tokenizer fingerprint, token ids, shards), in eval mode."""
-    import torch
-
     from train.attention import enable_packed_attention, select_backend
     from train.config import DTYPES, build_ds_config
     from train.setup import load_model, preflight_checks
@@ -185,7 +183,7 @@ def compute_shard(ds: Any, s: int, logps, dist: Any, even: bool, tick) -> list[n
         v = logps(checked_pack(ds, start + j))
         if k < len(mine):
             values[j] = v
-        tick(dist.world_size)
+        tick(min(dist.world_size, n - k * dist.world_size))  # real packs of all ranks
     parts = gather(values, dist)
     if not dist.is_main:
         return None

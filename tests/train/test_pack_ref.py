@@ -71,7 +71,8 @@ def sidecar_files(ds: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def stored(pref, model_dir, work) -> Path:
-    """A copy of `pref` with the reference log-probs of `model_dir` (one rank, fp32)."""
+    """A copy of `pref` with the reference log-probs of `model_dir` (one rank, fp32), written by
+    the real command in its own process (what users run; shared by the tests below)."""
     ds = work / "stored"
     shutil.copytree(pref, ds)
     r = pack_ref(model_dir, ds)
@@ -126,6 +127,7 @@ def test_rerun_reuses_every_shard(stored, model_dir):
 
 
 def test_interrupted_run_resumes_byte_identical(pref, stored, model_dir, tmp_path):
+    # two pack-ref processes (~20 s each on 2 busy cores, mostly imports): a real SIGKILL mid-run
     ds = tmp_path / "ds"
     shutil.copytree(pref, ds)
     r = pack_ref(model_dir, ds, PACKTRAIN_FAULTPOINT="kill-after-shard:2")
@@ -231,3 +233,17 @@ def test_train_run_stored_reference_gives_live_losses(stored, model_dir, tmp_pat
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a, b)
         assert c["loss"] == b["loss"]  # auto: the stored values
     assert live[-1]["loss"] != live[0]["loss"]  # it trained: later losses depend on the reference
+
+
+def test_other_dtype_recomputes_every_shard(stored, model_dir, tmp_path):
+    """Sidecar shards of an fp32 run are not reused by a bf16 run (one precision per sidecar)."""
+    from pack.format import read_manifest
+
+    ds = tmp_path / "ds"
+    shutil.copytree(stored, ds)
+    r = pack_ref(model_dir, ds, "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "0 reused" in r.stdout
+    (entry,) = read_manifest(ds)["reference_logps"]
+    assert entry["dtype"] == "bf16"
+    assert sidecar_files(ds) != sidecar_files(stored)
