@@ -208,6 +208,7 @@ def run(args: Namespace, dist: Any, hooks: Any, fingerprint: str | None = None) 
     t0 = time.perf_counter()
     if todo:  # a finished earlier run needs no model: only the manifest entry, if it lacks it
         logps, model, keep_alive = load_reference(args, dist, manifest)
+        t0 = time.perf_counter()  # the summary's rate is the forwards' (loading is start-up)
         bar = _bar(sum(int(ds.shards[s]["packs"]) for s in todo), args.quiet or not dist.is_main)
         for k, s in enumerate(todo):
             rows = compute_shard(ds, s, logps, dist, args.zero == 3, bar.update)
