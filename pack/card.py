@@ -71,7 +71,8 @@ def info_text(manifest: dict[str, Any]) -> str:
         f"{'yes' if tpl['train_on_prompt'] else 'no'})",
         f"max_length       {manifest['max_length']:,}",
         f"packing          {pk['strategy']}, seed {pk['seed']}, overlong: {pk['overlong']}",
-        f"records          {s['records']:,} read, {s['samples_packed']:,} packed",
+        f"records          {s['records']:,} read, {s['samples_packed']:,} "
+        f"{'segments ' if 'pairs' in s else ''}packed",
         f"  dropped        {_counts(s.get('dropped'))}",
         f"  skipped        {_counts(s.get('skipped_invalid'))}",
         f"  truncated      {s['truncated']:,} ({s.get('truncated_tokens', 0):,} tokens cut off)",
@@ -132,7 +133,10 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         f"{'yes' if tpl['train_on_prompt'] else 'no'}) |",
         f"| max_length | {manifest['max_length']:,} |",
         f"| packing | {pk['strategy']}, seed {pk['seed']}, overlong samples: {pk['overlong']} |",
-        f"| records | {s['records']:,} read, {s['samples_packed']:,} packed |",
+        f"| records | {s['records']:,} read, {s['samples_packed']:,} "
+        f"{'segments ' if 'pairs' in s else ''}packed |",
+        *([f"| pairs | {s['pairs']['packed']:,} packed, each two segments (chosen, then "
+           f"rejected; columns `pair_id`, `role`) |"] if "pairs" in s else []),
         f"| dropped | {_counts(s.get('dropped'))} |",
         f"| skipped invalid | {_counts(s.get('skipped_invalid'))} |",
         f"| truncated | {s['truncated']:,} ({s.get('truncated_tokens', 0):,} tokens cut off) |",
@@ -153,7 +157,8 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         out += ["", "## Checks", "", "```", *(c.strip() for c in checks[1:]), "```"]
     hist = s.get("length_histogram")
     if hist and hist.get("counts"):
-        out += ["", "## Sample lengths (tokens)", "", "```"]
+        out += ["", "## Pair lengths (tokens)" if "pairs" in s else "## Sample lengths (tokens)",
+                "", "```"]
         out += text_histogram(hist["edges"], hist["counts"], width=36)
         out.append("```")
     out += [

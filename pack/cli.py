@@ -81,14 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record format (default: auto-detected per file)")
     p.add_argument("--template", choices=TEMPLATES, default="auto",
                    help="prompt template (default: alpaca for alpaca records, the tokenizer's "
-                        "chat template for messages, none for text)")
+                        "chat template for messages, none for text; for preference "
+                        "pairs the chat template, or none when the tokenizer has none)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template to use instead of the tokenizer's")
     p.add_argument("--train-on-prompt", action="store_true",
                    help="take loss on prompt tokens too (default: responses only)")
     p.add_argument("--overlong", choices=OVERLONG, default="truncate",
                    help="samples longer than --max-length: keep the first N tokens or drop them "
-                        "(counted either way; default: truncate)")
+                        "(counted either way; default: truncate); a preference pair is cut "
+                        "on both completions, never split")
     p.add_argument("--strategy", choices=STRATEGIES, default="bfd",
                    help="bin-packing strategy (default: bfd, best-fit decreasing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pack order (default: 0)")

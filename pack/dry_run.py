@@ -207,7 +207,8 @@ def plan_text(p: dict) -> str:
         f"output           {p['out']} ({p['out_state']})",
         f"estimate         from {e['sampled_records']:,} records rendered and tokenized "
         f"(an estimate, not a count):",
-        f"  samples        ~{e['samples']:,}",
+        (f"  pairs          ~{e['samples']:,} (two segments each)" if p["format"] == "preference"
+         else f"  samples        ~{e['samples']:,}"),
         f"  tokens         ~{e['tokens']:,} (95%: {e['tokens_95pct'][0]:,} to "
         f"{e['tokens_95pct'][1]:,}); ~{e['label_tokens']:,} with labels",
         f"  mean length    ~{e['mean_sample_length']:,} tokens; truncated ~{e['truncated']:,}"

@@ -622,7 +622,23 @@ def verify(path_or_url: str | os.PathLike, cache_dir: str | os.PathLike | None =
     except FormatError as e:
         return [str(e)]
     problems = Fetcher(view, check_packs=False).fetch_all(progress=progress)
+    manifest = fmt.read_manifest(view)
+    for entry in manifest.get("reference_logps") or ():
+        problems += fetch_reference(view, entry, manifest, progress)
     if problems:
         return problems
     return fmt.verify(view, checksums=checksums, progress=progress, **kw)
+
+
+def fetch_reference(view: str | os.PathLike, entry: dict, manifest: dict | None = None,
+                    progress: bool = False) -> list[str]:
+    """Fetch the sidecar files of one ``reference_logps`` entry (:mod:`pack.reference`) into a
+    cache view, each checked against its size and sha256 like a shard; return the problems.
+    A local dataset needs nothing fetched."""
+    if not is_remote(view):
+        return []
+    m = manifest if manifest is not None else fmt.read_manifest(view)
+    for info in entry["shards"]:
+        fmt.check_relative_path(info["path"])
+    return Fetcher(view, {**m, "shards": entry["shards"]}, check_packs=False).fetch_all(progress)
 

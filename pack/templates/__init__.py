@@ -6,8 +6,8 @@ API (used by ``pack.build``)::
     r.segments(record)       -> [(text, trained), ...]    raises PacktrainError / NothingToTrain
     r.encode_batch(records)  -> [(input_ids int32, labels int32) | PacktrainError, ...]
 
-``fmt`` is the record format (``alpaca`` | ``messages`` | ``text``), ``template`` how it is
-rendered, one small renderer per kind:
+``fmt`` is the record format (``alpaca`` | ``messages`` | ``text`` | ``preference``),
+``template`` how it is rendered, one small renderer per kind:
 
 ``alpaca``  (:mod:`.alpaca`) the Stanford Alpaca prompt, word for word (``PROMPT_INPUT`` /
             ``PROMPT_NO_INPUT``), the response right after ``### Response:`` and then the EOS
@@ -28,6 +28,12 @@ rendered, one small renderer per kind:
             of a message reach the template; other keys (``name``, ``tool_calls``, ``weight``)
             are ignored.
 ``none``    (:mod:`.text`) ``text`` records: BOS (as above) + text + EOS, all trained.
+
+``preference`` records (:mod:`.preference`: ``chosen`` + ``rejected``, with a ``prompt``, a
+``messages`` prompt or an implicit one) render through ``chat`` or, all strings, ``none`` (BOS +
+prompt untrained, completion + EOS trained) into *two* entries per record in
+:meth:`Renderer.encode_flat`, chosen then rejected, each starting with the same prompt text as a
+segment of its own; only completions are trained. ``train_on_prompt`` is refused for them.
 
 ``train_on_prompt=True`` trains every segment. Whatever the template, ``labels[0]`` is -100.
 

@@ -170,6 +170,11 @@ def check_whole_pairs(ds_dir: Path) -> set[int]:
         for k in pid[0::2].tolist():
             assert k not in seen
             seen.add(k)
+        ids, labels = row["input_ids"], row["labels"]
+        for a, b, c in zip(cu[0:-1:2], cu[1::2], cu[2::2]):  # the same prompt starts both sides
+            pc = int(np.flatnonzero(labels[a:b] != F.IGNORE_INDEX)[0])
+            pr = int(np.flatnonzero(labels[b:c] != F.IGNORE_INDEX)[0])
+            assert pc == pr and np.array_equal(ids[a:a + pc], ids[b:b + pr])
     return seen
 
 
@@ -290,6 +295,49 @@ def test_cli_end_to_end(tmp_path, tokenizer_dir, capsys):
     rc = build_main(["--tokenizer", str(tokenizer_dir), "--workers", "1", str(jsonl),
                      str(tmp_path / "dry"), "--dry-run"])
     assert rc in (0, None) and not (tmp_path / "dry").exists()
+    assert "pairs          ~6" in capsys.readouterr().out
     rc = build_main(["--tokenizer", str(tokenizer_dir), "--workers", "1", "--train-on-prompt",
                      str(jsonl), str(tmp_path / "top")])
     assert rc != 0 and "train-on-prompt" in capsys.readouterr().err
+
+
+def random_pair_pack(rng: np.random.Generator, max_length: int = 64):
+    n = 2 * int(rng.integers(1, 3))
+    lens = rng.integers(1, max_length // n + 1, size=n)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    ids = rng.integers(0, 1000, size=int(cu[-1])).astype(np.int32)
+    labels = np.where(rng.random(len(ids)) < 0.5, ids, F.IGNORE_INDEX).astype(np.int32)
+    labels[cu[:-1]] = F.IGNORE_INDEX
+    return ids, labels, cu, np.repeat(rng.integers(0, 10_000, size=n // 2), 2)
+
+
+def test_writer_batches_give_the_pack_by_pack_bytes_and_whole_pairs(tmp_path):
+    """ShardWriter(preference=True): add() and plan()/add_batch() write the same bytes, with
+    pair_id and role derived from sample_index; an odd number of segments is refused."""
+    rng = np.random.default_rng(8)
+    packs = [random_pair_pack(rng) for _ in range(17)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    wa = F.ShardWriter(a, max_packs=5, batch_packs=2, preference=True)
+    for ids, labels, cu, index in packs:
+        wa.add(ids, labels, cu, index)
+    one_by_one = wa.close()
+    wb = F.ShardWriter(b, max_packs=5, batch_packs=2, preference=True)
+    segs = np.array([len(p[3]) for p in packs])
+    for s, z, close in wb.plan(np.array([len(p[0]) for p in packs]), segs):
+        group = packs[s:z]
+        lens = np.concatenate([np.diff(p[2]) for p in group])
+        wb.add_batch(np.concatenate([p[0] for p in group]), np.concatenate([p[1] for p in group]),
+                     np.concatenate([[0], np.cumsum(lens)]), segs[s:z],
+                     np.concatenate([p[3] for p in group]), close)
+    assert [x.to_json() for x in wb.close()] == [x.to_json() for x in one_by_one]
+    table = F.read_arrow(a / one_by_one[0].path)
+    assert table.schema.equals(F.PREFERENCE_SCHEMA, check_metadata=True)
+    cols = F.table_columns(table)
+    assert list(F.pack_problems(cols, 64, 1000)) == []
+    off, role = cols["role"]
+    assert role.dtype == np.int8 and np.array_equal(role[off[0]:off[1]],
+                                                    np.arange(off[1] - off[0]) % 2)
+    ids, labels, cu, index = packs[0]
+    with pytest.raises(ValueError, match="whole pairs"):
+        F.ShardWriter(tmp_path, preference=True).add(ids, labels, [0, len(ids)], index[:1])

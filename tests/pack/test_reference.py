@@ -164,3 +164,30 @@ def test_model_fingerprint(tmp_path):
     assert model_fingerprint(d) != b
     with pytest.raises(PacktrainError, match="not a directory"):
         model_fingerprint(tmp_path / "nope")
+
+
+def test_a_remote_dataset_fetches_its_reference_files(pref_ds, tmp_path):
+    """A dataset read through a URL (file:// here) fetches the sidecar files into its cache view
+    (size and sha256 checked); pack-verify of the URL checks them, and a corrupt one fails."""
+    import shutil
+
+    from pack import remote
+
+    write_all(pref_ds)
+    published = tmp_path / "bucket" / "ds"
+    shutil.copytree(pref_ds, published)
+    shutil.rmtree(published / "eval")  # URL datasets carry no eval split
+    rewrite_manifest(published, lambda m: m.pop("eval"))
+    url = f"file://{published}"
+    cache = tmp_path / "cache"
+    assert remote.verify(url, cache_dir=cache) == []
+    view = Path(remote.resolve(url, cache))
+    entry = F.read_manifest(view)["reference_logps"][0]
+    reader = ReferenceReader(view, entry)
+    assert len(reader) == len(F.PackedDataset(view)) and reader[0].dtype == np.float64
+    bad = published / entry["shards"][1]["path"]
+    data = bytearray(bad.read_bytes())
+    data[-20] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    problems = remote.verify(url, cache_dir=tmp_path / "cache2")
+    assert problems and "sha256" in problems[0] and entry["shards"][1]["path"] in problems[0]
