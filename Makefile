@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: 2.13.0 is the CPU build on local disk; a bare `torch` would pull CUDA.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,plot,data,track,test]'
+	$(BIN)/python -m pip install -q -e '.[train,plot,data,track,test,qlora]'
 	# trl only for its chat-template files and the benchmarks' peers; its deps are ours already.
 	$(BIN)/python -m pip install -q --no-deps 'trl>=0.20'
 	touch $(STAMP)

@@ -11,9 +11,17 @@ at each sample start; one shorter last sample when the length does not divide). 
 runs forward + backward of packtrain's packed loss: N = 1 `train.loss.packed_loss` on the whole
 row, N > 1 `train.sequence_parallel.slice_loss` on its piece (the same code train-run runs).
 
-Memory: each rank's peak resident set (VmHWM, reset with /proc/self/clear_refs once the model and
-row are built) minus its resident set at that moment: what forward + backward added (activations,
-gradients, the loss's buffers). Linux only. The largest rank is reported. Exactness: the ranks'
+Memory, two ways, the largest rank reported:
+- saved/rank: the bytes autograd saves for backward during the forward (each storage once,
+  parameters left out): the activations, free of any allocator's behaviour;
+- peak/rank: each rank's peak resident set (VmHWM, reset with /proc/self/clear_refs once the model
+  and row are built) minus its resident set at that moment: what forward + backward added
+  (activations, gradients, the loss's buffers, transients). Linux only. By default the ranks run
+  with glibc's MALLOC_MMAP_THRESHOLD_=131072, so freed large buffers go back to the system: with
+  glibc's default adaptive threshold, freed all-to-all and backward transients stay in the heap
+  and count as resident (at 32k N = 2 that is ~0.5 GiB more; `--glibc-default` measures that way).
+
+Exactness: the ranks'
 gradients are summed (an all-reduce, after the memory is read) and compared with N = 1: relative
 error of the summed loss and the largest relative error (norm of difference / norm) over all
 parameters.
@@ -26,7 +34,9 @@ Outputs: a table on stdout and benchmarks/results/sequence_parallel.json (--out 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -50,6 +60,24 @@ def packed_row(length: int, sample_len: int, vocab: int):
     labels[0, cu[:-1].long()] = -100
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     return MicroBatch(ids, labels, pos, cu, max(lengths), [0])
+
+
+@contextlib.contextmanager
+def saved_activations(skip: set[int]):
+    """Bytes autograd saves for backward during the block, by storage (counted once however many
+    views of it are saved; parameters left out): the activation memory, free of allocator noise."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
 
 
 def rank_main(rank: int, n: int, port: int, a: argparse.Namespace, out_dir: str) -> None:
@@ -77,11 +105,13 @@ def rank_main(rank: int, n: int, port: int, a: argparse.Namespace, out_dir: str)
     base = proc_status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
-    if sp is None:
-        loss, count = packed_loss(model, mb.input_ids, mb.labels, mb.position_ids, mb.cu_seqlens,
-                                  a.chunk, max_length=mb.max_seqlen)
-    else:
-        loss, count = slice_loss(model, mb, a.chunk)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with saved_activations(params) as saved:
+        if sp is None:
+            loss, count = packed_loss(model, mb.input_ids, mb.labels, mb.position_ids,
+                                      mb.cu_seqlens, a.chunk, max_length=mb.max_seqlen)
+        else:
+            loss, count = slice_loss(model, mb, a.chunk)
     loss.backward()
     wall = time.perf_counter() - t0
     peak = proc_status("VmHWM")
@@ -91,7 +121,8 @@ def rank_main(rank: int, n: int, port: int, a: argparse.Namespace, out_dir: str)
     for g in grads.values():
         tdist.all_reduce(g)
     mem = [None] * n
-    tdist.all_gather_object(mem, {"extra_mb": (peak - base) / 2**20, "wall_s": wall})
+    tdist.all_gather_object(mem, {"extra_mb": (peak - base) / 2**20, "wall_s": wall,
+                                   "saved_mb": sum(saved.values()) / 2**20})
     if rank == 0:
         torch.save({k: g.clone() for k, g in grads.items()}, Path(out_dir) / f"grads-{n}.pt")
         (Path(out_dir) / f"result-{n}.json").write_text(json.dumps(
@@ -120,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="keep glibc's adaptive mmap threshold (freed buffers stay resident)")
     ap.add_argument("--out", default=str(RESULTS / "sequence_parallel.json"))
     a = ap.parse_args(argv)
+    if not a.glibc_default:  # read by glibc at each spawned rank's start
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     if not Path("/proc/self/clear_refs").exists():
         raise SystemExit("sequence_parallel: needs Linux /proc (VmHWM and clear_refs) to measure peak memory")
     import torch
@@ -139,19 +174,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"n": n, "length": a.length, "label_tokens": r["label_tokens"],
                          "loss_sum": r["loss_sum"],
                          "peak_extra_mb": max(x["extra_mb"] for x in r["ranks"]),
+                         "saved_mb": max(x["saved_mb"] for x in r["ranks"]),
                          "wall_s": max(x["wall_s"] for x in r["ranks"]),
                          "loss_rel_err": abs(r["loss_sum"] - ref_loss) / abs(ref_loss),
                          "grad_rel_err": max(float((grads[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30))
                                              for k in ref)})
     for r in rows:
         r["memory_vs_n1"] = r["peak_extra_mb"] / rows[0]["peak_extra_mb"]
+        r["saved_vs_n1"] = r["saved_mb"] / rows[0]["saved_mb"]
     print(table(rows, [("n", "N", "d"), ("length", "tokens", "d"), ("label_tokens", "label tokens", "d"),
                        ("peak_extra_mb", "peak/rank MiB", ".0f"), ("memory_vs_n1", "vs N=1", ".2f"),
+                       ("saved_mb", "saved/rank MiB", ".0f"), ("saved_vs_n1", "vs N=1", ".2f"),
                        ("wall_s", "fwd+bwd s", ".1f"), ("loss_rel_err", "loss rel err", ".1e"),
                        ("grad_rel_err", "grad rel err", ".1e")]))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(a), "cpu": cpu_name(), "environment": environment(),
+                               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
                                "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -200,7 +200,8 @@ def resume_point(arg: str | None, out: Path) -> Path | None:
 
 # Model config keys that say nothing about the weights' shapes or meaning.
 _VOLATILE_CONFIG = {"_attn_implementation", "_attn_implementation_internal", "_name_or_path",
-                    "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash"}
+                    "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash",
+                    "quantization_config", "_pre_quantization_dtype"}  # --qlora: its own key
 
 
 def run_identity(run: Run) -> dict:
@@ -220,6 +221,7 @@ def run_identity(run: Run) -> dict:
         "lora": ({"r": a.lora_r, "alpha": a.lora_alpha, "targets": a.lora_targets}
                  if a.lora else None),
         "zero": a.zero,
+        "qlora": bool(getattr(a, "qlora", False)),
     }
 
 
@@ -244,7 +246,8 @@ def check_identity(run: Run, path: Path, saved: dict | None) -> bool:
         return False
     now = run_identity(run)
     what = {"model_config_sha256": "another model (its config differs)",
-            "lora": "other LoRA settings", "zero": "another ZeRO stage"}
+            "lora": "other LoRA settings", "zero": "another ZeRO stage",
+            "qlora": "another --qlora setting"}
     for key, text in what.items():
         if key in saved and saved[key] != now[key]:
             raise PacktrainError(f"--resume {path}: the checkpoint is of {text} than this run "
@@ -269,9 +272,14 @@ def restore_checkpoint(run: Run, path: Path) -> DataState:
     state = json.loads(state_file.read_text())
     new_data = check_identity(run, path, state.get("identity"))
     try:
+        # --qlora: the saved module state also holds bitsandbytes' quant-state tensors of the
+        # 4-bit base (absmax, quant_map, ...), which load_state_dict calls unexpected; the base
+        # comes from --model (check_identity has matched model and LoRA settings), the LoRA
+        # weights and optimizer from here
         load_path, _ = run.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                   load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True,
+                                                  load_module_strict=not getattr(run.args, "qlora", False))
     except (RuntimeError, KeyError, ValueError) as e:  # a checkpoint older than its identity
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise PacktrainError(f"--resume {path}: the checkpoint does not fit this model ({msg}); "
@@ -349,6 +357,7 @@ def write_run_files(run: Run) -> None:
         "global_batch_packs": run.stream.global_batch_packs,
         "deepspeed_config": run.ds_config,
         "lora": bool(run.args.lora),
+        "qlora": bool(getattr(run.args, "qlora", False)),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_atomic(out / "run.json", (json.dumps(info, indent=2, default=str) + "\n").encode())
@@ -364,7 +373,16 @@ def write_run_files(run: Run) -> None:
     d = json.loads(cfg_path.read_text())
     if str(d.get("_attn_implementation", "")).startswith("packtrain_"):
         d.pop("_attn_implementation")
+    # --qlora: the exported model is plain (dequantised); how the base was quantised is in
+    # qlora.json, which export reads to rebuild that base
+    d.pop("quantization_config", None)
+    d.pop("_pre_quantization_dtype", None)
     write_atomic(cfg_path, (json.dumps(d, indent=2, sort_keys=True) + "\n").encode())
+    if getattr(run.args, "qlora", False):
+        from train.qlora import SETTINGS_FILE, settings
+
+        write_atomic(mc / SETTINGS_FILE,
+                     (json.dumps(settings(run.dtype), indent=2, sort_keys=True) + "\n").encode())
     gen = getattr(base, "generation_config", None)
     if gen is not None:
         try:

@@ -119,6 +119,10 @@ def run_parser() -> argparse.ArgumentParser:
                         "dataset has them for the reference model")
     g = ap.add_argument_group("LoRA")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
+    g.add_argument("--qlora", action="store_true",
+                   help="QLoRA: load the base as bitsandbytes NF4 (double quantisation, compute "
+                        "dtype from --dtype) and train LoRA adapters on it; implies --lora "
+                        "(needs packtrain[qlora])")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=float, default=32)
     g.add_argument("--lora-dropout", type=float, default=0.05)
@@ -202,6 +206,9 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     check_preference_args(args)
     check_installed(args)
+    from train.qlora import check_args as check_qlora
+
+    check_qlora(args)
     for flag in ("shards", "model", "output", "resume", "deepspeed", "cache_dir", "tracking_dir",
                  "ref_model"):
         if getattr(args, flag) is not None and not str(getattr(args, flag)).strip():

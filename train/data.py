@@ -147,10 +147,37 @@ def collate(packs: list[dict[str, np.ndarray]], pack_ids: list[int] | None = Non
                     int(np.diff(cu).max()), list(pack_ids or []), token_groups,
                     bounds=cu.tolist(), label_tokens=int((labels[1:] != IGNORE_INDEX).sum()))
     if "role" in packs[0]:
-        from train.preference import add_pairs
-
         add_pairs(mb, packs, labels)
     return mb
+
+
+def add_pairs(mb: MicroBatch, packs: list[dict], labels: np.ndarray) -> None:
+    """Fill a collated micro-batch's preference fields from its packs (the pair invariants are
+    pack.format.check_pack's, checked as packs are read): the pairs, each segment's label
+    tokens, and the stored reference log-probs when every pack carries them (`ref_logps`)."""
+    mb.pairs = (len(mb.bounds) - 1) // 2
+    mb.segment_labels = torch.from_numpy(segment_label_counts(labels, mb.bounds))
+    if all("ref_logps" in p for p in packs):
+        mb.ref_logps = torch.from_numpy(
+            np.concatenate([np.asarray(p["ref_logps"], dtype=np.float64) for p in packs]))
+
+
+def segment_ids(bounds: list[int]) -> torch.Tensor:
+    """The segment of every position of a row with boundaries `bounds` (cu_seqlens as ints),
+    [T] int64 on the host."""
+    b = np.asarray(bounds, dtype=np.int64)
+    return torch.from_numpy(np.repeat(np.arange(len(b) - 1, dtype=np.int64), np.diff(b)))
+
+
+def segment_label_counts(labels: np.ndarray, bounds: list[int]) -> np.ndarray:
+    """Label tokens of each segment as the loss counts them: labels[s + 1:e] != -100 (the label
+    at a segment's first token is never predicted)."""
+    starts = np.asarray(bounds[:-1], dtype=np.int64)
+    if not len(starts):
+        return np.zeros(0, np.int64)
+    mask = np.asarray(labels).reshape(-1) != IGNORE_INDEX
+    mask[starts] = False
+    return np.add.reduceat(mask.astype(np.int64), starts)
 
 
 def checked_pack(ds: PackedDataset, i: int) -> dict[str, np.ndarray]:

@@ -20,6 +20,11 @@ stage 0    ``mp_rank_00_model_states.pt['module']``: the whole model in its trai
 stage 1-3  DeepSpeed's own ``zero_to_fp32`` reassembly of the fp32 master partitions of every rank
            (frozen parameters, e.g. a LoRA base, come from the model-state files).
 
+QLoRA runs (``model_config/qlora.json``): only the LoRA tensors are read from the checkpoint. The
+adapter is written as for --lora; ``merge=True`` re-quantises the run's base model (run.json's
+``model_path``) with the same bitsandbytes settings, dequantises it to the compute dtype and
+merges the adapter into that, so the merged model computes what the QLoRA model did.
+
 Loading safety: every ``torch.load`` here uses ``weights_only=True``. DeepSpeed's ``zero_to_fp32``
 hard-codes ``weights_only=False`` (full pickle); we run it with its ``torch.load`` replaced by a
 ``weights_only=True`` load that allowlists only the few DeepSpeed classes its optimizer files hold
@@ -439,14 +444,20 @@ def _export(checkpoint, out_dir: Path, merge: bool, dtype: str | None) -> Path:
     run = {}
     if (output / "run.json").is_file():
         run = _read_json(output / "run.json", "it is written by train-run")
-
-    config, model = _build_model(model_config, lora)
-    state_dict, warnings = read_fp32_state_dict(ckpts, tag, model)
-    load_strict(model, state_dict, str(ckpts / tag))
-    del state_dict
-
-    target_dtype = _torch_dtype(dtype or _config_dtype(config))
     base_path = _base_model_path(run)
+    qlora = _qlora_settings(model_config, lora)
+
+    if qlora is not None:
+        config, model, warnings = _qlora_model(model_config, lora, qlora, base_path, ckpts, tag,
+                                               merge)
+    else:
+        config, model = _build_model(model_config, lora)
+        state_dict, warnings = read_fp32_state_dict(ckpts, tag, model)
+        load_strict(model, state_dict, str(ckpts / tag))
+        del state_dict
+
+    default_dtype = qlora["compute_dtype"] if qlora is not None else _config_dtype(config)
+    target_dtype = _torch_dtype(dtype or default_dtype)
     tmp = _prepare_out(out_dir)
     try:
         if lora is not None and not merge:
@@ -471,8 +482,11 @@ def _export(checkpoint, out_dir: Path, merge: bool, dtype: str | None) -> Path:
                 step = json.loads(state_file.read_text()).get("step")
             except (ValueError, AttributeError):
                 step = None
+        if qlora is not None:
+            kind = "qlora-" + kind
         info = {"kind": kind, "checkpoint": str((ckpts / tag).resolve()), "tag": tag,
                 "step": step, "base_model": base_path,
+                **({"qlora": qlora} if qlora is not None else {}),
                 "dtype": "float32" if kind == "lora-adapter" else str(target_dtype).split(".")[-1],
                 "warnings": warnings, "seconds": round(time.time() - t0, 3)}
         write_atomic(tmp / EXPORT_INFO, (json.dumps(info, indent=2) + "\n").encode())
@@ -481,6 +495,106 @@ def _export(checkpoint, out_dir: Path, merge: bool, dtype: str | None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# ---------------------------------------------------------------- QLoRA runs
+
+def _qlora_settings(model_config: Path, lora: dict | None) -> dict | None:
+    """model_config/qlora.json (train-run --qlora writes it), or None for other runs."""
+    from train.qlora import SETTINGS_FILE
+
+    f = model_config / SETTINGS_FILE
+    if not f.is_file():
+        return None
+    s = _read_json(f, "it is written by train-run --qlora")
+    if lora is None or not {"quant_type", "double_quant", "compute_dtype", "quant_storage"} <= s.keys():
+        raise PacktrainError(f"{f}: a QLoRA run needs lora.json beside it and quant_type, "
+                             f"double_quant, compute_dtype, quant_storage in it; restore the "
+                             f"model_config/ train-run wrote")
+    return s
+
+
+def _qlora_model(model_config: Path, lora: dict, qlora: dict, base_path: str | None,
+                 ckpts: Path, tag: str, merge: bool):
+    """(config, peft model, warnings) of a --qlora checkpoint. The checkpoint holds the trained
+    LoRA weights; the base is not taken from it. For the adapter alone, any base of the right
+    shapes carries them (built from model_config/, as for --lora). For --merge, the base is the
+    one trained against: the run's --model quantised again with qlora.json's settings (NF4
+    quantisation is deterministic) and dequantised to the compute dtype."""
+    from train.qlora import check_installed, dequantized_base
+
+    if not merge:
+        config, model = _build_model(model_config, lora)
+    else:
+        check_installed()
+        if not base_path or not (Path(base_path) / "config.json").is_file():
+            raise PacktrainError(f"{base_path or 'run.json'}: --merge of a --qlora run re-quantises "
+                                 f"the base model it trained from, which is not there; restore "
+                                 f"that model directory (run.json's model_path), or export the "
+                                 f"adapter without --merge")
+        base, packed = dequantized_base(base_path, qlora)
+        _check_same_config(base.config, model_config)
+        config = base.config
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(**dict(lora, base_model_name_or_path=None))
+        lcfg.inference_mode = False
+        model = get_peft_model(base, lcfg)
+    state_dict, warnings = read_fp32_state_dict(ckpts, tag, model)
+    if merge:
+        _check_same_base(packed, state_dict, base_path, ckpts / tag)
+    load_lora(model, state_dict, str(ckpts / tag))
+    return config, model, warnings
+
+
+def _check_same_base(packed: dict, state_dict: dict, base_path: str, where: Path) -> None:
+    """The base re-quantised now must have the 4-bit bytes the checkpoint saved: a base model
+    directory changed since training (same config, other weights) is refused, never merged."""
+    from train.qlora import same_bytes
+
+    for name, fresh in packed.items():
+        key = "base_model.model." + name[:-len(".weight")] + ".base_layer.weight"
+        saved = state_dict.get(key)
+        if saved is None:
+            raise PacktrainError(f"{where}: holds no 4-bit weight {key}; not a checkpoint of this "
+                                 f"--qlora run's model")
+        if not same_bytes(fresh, saved):
+            raise PacktrainError(f"{base_path}: quantised again, its weight {name} differs from "
+                                 f"the one the run trained against ({where}); the base model "
+                                 f"changed since training — export with the original one")
+
+
+def _check_same_config(config, model_config: Path) -> None:
+    """The base found at export must be the model the run trained (its config)."""
+    from train.checkpoint import _VOLATILE_CONFIG
+
+    from transformers import AutoConfig
+
+    want = AutoConfig.from_pretrained(str(model_config), local_files_only=True).to_dict()
+    have = config.to_dict()
+    diff = sorted(k for k in want.keys() | have.keys()
+                  if k not in _VOLATILE_CONFIG and want.get(k) != have.get(k))
+    if diff:
+        raise PacktrainError(f"{model_config / 'config.json'}: the run's base model has changed "
+                             f"since training ({', '.join(diff[:4])} differ); export with the "
+                             f"base model the run trained from")
+
+
+def load_lora(model, state_dict: dict, where: str) -> None:
+    """Load exactly the model's LoRA tensors from `state_dict` (a --qlora checkpoint: its base
+    tensors are 4-bit and not used). Missing or misshapen ones raise PacktrainError."""
+    want = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    have = {k: v for k, v in state_dict.items() if "lora_" in k}
+    missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if missing or unexpected or not want:
+        raise PacktrainError(f"{where}: the checkpoint's LoRA tensors do not match lora.json "
+                             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} "
+                             f"unexpected, e.g. {unexpected[:2]}); was model_config/ edited?")
+    for k in sorted(want):
+        if tuple(have[k].shape) != tuple(want[k].shape):
+            raise PacktrainError(f"{where}: tensor {k} has shape {tuple(have[k].shape)}, lora.json "
+                                 f"wants {tuple(want[k].shape)}; the checkpoint belongs to another run")
+    model.load_state_dict(have, strict=False)
 
 
 def _torch_dtype(name: str):

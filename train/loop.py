@@ -29,7 +29,13 @@ HF's own loss (reduction sum / label tokens) on the same samples unpacked and pa
 agree to ~4e-8), and 2 ranks x ZeRO 0-3 against 1 rank with the same global batch (losses to
 ~2e-7 over 8 steps).
 
-The forward goes through the engine (`micro_loss`, train.forward: why it must).
+Preference objectives (--objective dpo|simpo, train.preference) take the same path with pairs in
+place of label tokens: N counts the pairs of the step (all ranks, all micro-steps; under
+--sequence-parallel once per group), each micro-step backwards its summed pair loss times
+(grad_accum * world_size) / N, so the gradient is that of the mean pair loss of the step; the
+reward, accuracy and log-prob sums ride in the same reduction and the same host read.
+
+The forward goes through the engine (`micro_loss`, `micro_pairs`, train.forward: why it must).
 """
 
 from __future__ import annotations
@@ -175,9 +181,9 @@ def train_step(run: Run, micro_batches: list[MicroBatch],
          sum(mb.num_tokens for mb in micro_batches), *local_counts(micro_batches, k),
          *([] if pref is None else [sum(mb.num_label_tokens for mb in micro_batches)])],
         dtype=torch.float64), dist)
-    group_sums = loss_sums(k, dist.device)
-    if pref is not None:
-        group_sums = torch.zeros(len(STATS) - 1, dtype=torch.float64, device=dist.device)
+    # a mixture's per-dataset CE sums, or a preference step's STATS sums (the loss apart)
+    group_sums = loss_sums(k, dist.device) if pref is None else \
+        torch.zeros(len(STATS) - 1, dtype=torch.float64, device=dist.device)
     scale = (ga * dist.world_size / counts[0].clamp(min=1)).float()
     lr = float(engine.optimizer.param_groups[0]["lr"]) if hasattr(engine.optimizer, "param_groups") \
         else float(engine.get_lr()[0])
@@ -459,6 +465,8 @@ def finish(run: Run, last: dict | None, elapsed: float) -> dict:
     # Release the engine and the ZeRO-3 config: with HfDeepSpeedConfig alive, a model built by
     # the export would be partitioned with collectives that only rank 0 enters (a hang).
     run.engine = run.model = run.keep_alive = None
+    if run.pref is not None:  # a live reference model (and its ZeRO-3 engine) goes too
+        run.pref.ref_model = run.pref.ref_engine = None
     _unset_hf_deepspeed_config()
     if args.export:
         summary["export"] = on_rank0(

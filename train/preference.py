@@ -26,16 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pack.errors import PacktrainError
-from pack.format import IGNORE_INDEX
 
-__all__ = ["OBJECTIVES", "DEFAULT_BETA", "DEFAULT_SIMPO_GAMMA", "segment_logps", "segment_ids", "segment_label_counts",
-           "pair_losses", "add_pairs", "Preference",
-           "STATS", "policy_logps", "pair_step", "pair_metrics"]
+__all__ = ["OBJECTIVES", "DEFAULT_BETA", "DEFAULT_SIMPO_GAMMA", "segment_logps",
+           "pair_losses", "Preference", "STATS", "policy_logps", "pair_step", "pair_metrics"]
 
 OBJECTIVES = ("sft", "dpo", "simpo")
 # DPO: beta 0.1 (Rafailov et al. 2023; TRL's DPOConfig). SimPO: beta 2.0 (the SimPO paper used
@@ -43,22 +40,6 @@ OBJECTIVES = ("sft", "dpo", "simpo")
 # (loss_type="simpo": -logsigmoid(beta * delta - simpo_gamma), simpo_gamma default 0.5).
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
 DEFAULT_SIMPO_GAMMA = 0.5
-
-
-def segment_ids(bounds: list[int]) -> torch.Tensor:
-    """The segment of every position of a row with boundaries `bounds` (cu_seqlens as ints),
-    [T] int64 on the host."""
-    b = np.asarray(bounds, dtype=np.int64)
-    return torch.from_numpy(np.repeat(np.arange(len(b) - 1, dtype=np.int64), np.diff(b)))
-
-
-def segment_label_counts(labels: np.ndarray, bounds: list[int]) -> np.ndarray:
-    """Label tokens of each segment as the loss counts them: labels[s + 1:e] != -100 (the label
-    at a segment's first token is never predicted)."""
-    mask = np.asarray(labels).reshape(-1) != IGNORE_INDEX
-    mask[np.asarray(bounds[:-1], dtype=np.int64)] = False
-    return np.add.reduceat(mask.astype(np.int64), np.asarray(bounds[:-1], dtype=np.int64)) \
-        if len(bounds) > 1 else np.zeros(0, np.int64)
 
 
 def segment_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -71,6 +52,7 @@ def segment_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
     `label_count`: host facts of checked packs (train.data.collate); then nothing is read back
     from the device. Without `bounds` cu_seqlens is read once (and validated)."""
     from train.attention import packed_forward_kwargs
+    from train.data import segment_ids
     from train.loss import head_token_losses, model_hidden_and_head
 
     parts = model_hidden_and_head(model)
@@ -94,31 +76,22 @@ def pair_losses(objective: str, policy: torch.Tensor, reference: torch.Tensor | 
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [P], chosen reward [P], rejected reward [P]) of P pairs from per-segment log-probs
     `policy` [2P] (chosen, rejected alternating), `reference` [2P] (dpo; constants) and the
-    segments' label-token counts `lengths` [2P] (simpo). The rewards carry no gradient."""
-    pc, pr = policy[0::2], policy[1::2]
+    segments' label-token counts `lengths` [2P] (simpo). The rewards carry no gradient.
+    Computed in float64: a log-prob sum of a long response is large, and the DPO margin is a
+    small difference of such sums (stored references are float64); the loss returns as fp32."""
+    pol = policy.double()
+    pc, pr = pol[0::2], pol[1::2]
     if objective == "dpo":
-        ref = reference.to(policy.dtype).detach()
+        ref = reference.to(pol.dtype).detach()
         chosen, rejected = pc - ref[0::2], pr - ref[1::2]
         logits = beta * (chosen - rejected)
     elif objective == "simpo":
-        n = lengths.to(policy.dtype).clamp(min=1)
+        n = lengths.to(pol.dtype).clamp(min=1)
         chosen, rejected = pc / n[0::2], pr / n[1::2]
         logits = beta * (chosen - rejected) - gamma
     else:
         raise ValueError(f"unknown preference objective {objective!r}")
-    return -F.logsigmoid(logits), (beta * chosen).detach(), (beta * rejected).detach()
-
-
-def add_pairs(mb: Any, packs: list[dict], labels: np.ndarray) -> None:
-    """Fill a collated micro-batch's preference fields from its packs (train.data.collate; the
-    pair invariants are pack.format.check_pack's, checked as packs are read): the pairs, each
-    segment's label tokens, and the stored reference log-probs when every pack carries them
-    (`ref_logps`, pack.reference)."""
-    mb.pairs = (len(mb.bounds) - 1) // 2
-    mb.segment_labels = torch.from_numpy(segment_label_counts(labels, mb.bounds))
-    if all("ref_logps" in p for p in packs):
-        mb.ref_logps = torch.from_numpy(
-            np.concatenate([np.asarray(p["ref_logps"], dtype=np.float64) for p in packs]))
+    return (-F.logsigmoid(logits)).float(), (beta * chosen).detach(), (beta * rejected).detach()
 
 
 # ---------------------------------------------------------------- the run's objective
@@ -133,9 +106,11 @@ class Preference:
     beta: float
     gamma: float = 0.0
     reference: str = "none"
+    ref_path: str = ""      # 'model': the reference model's directory
     ref_model: Any = None
     ref_engine: Any = None  # ZeRO-3: the DeepSpeed engine that partitions ref_model
-    eval_entry: Any = None  # 'stored': the eval set's manifest entry (pack.reference)
+    train_entry: Any = None  # 'stored': the training set's manifest entry (pack.reference)
+    eval_entry: Any = None  # 'stored': the eval set's
 
     def reference_logps(self, model: Any, mb: Any, chunk_size: int,
                         sp: Any) -> torch.Tensor | None:

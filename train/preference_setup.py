@@ -69,27 +69,25 @@ def check_preference_args(args: Namespace) -> None:
         raise PacktrainError("--simpo-gamma: only for --objective simpo")
 
 
-def setup_preference(args: Namespace, manifest: dict, model: Any, model_path: str, dist: Any,
-                     ds_config: dict, backend: str, sp: Any) -> tuple[Preference | None, Any]:
-    """(the run's Preference, the training set's stored-reference reader or None); (None, None)
-    for SFT. `backend`: the packtrain attention backend (before any Ulysses wrapper)."""
+def plan_preference(args: Namespace, manifest: dict, model_path: str) -> Preference | None:
+    """The run's objective (None: SFT) and its reference source, decided and printed before any
+    model is loaded: --objective against the datasets, stored log-probs found or refused."""
+    check_objectives(args, manifest)
     if args.objective == "sft":
-        return None, None
+        return None
     beta = args.beta if args.beta is not None else DEFAULT_BETA[args.objective]
     if args.objective == "simpo":
         gamma = args.simpo_gamma if args.simpo_gamma is not None else DEFAULT_SIMPO_GAMMA
         log0(f"objective: simpo (beta {beta}, gamma {gamma}; no reference model)")
-        return Preference("simpo", beta, gamma), None
+        return Preference("simpo", beta, gamma)
     ref_path = str(args.ref_model or model_path)
     mode = args.ref_logps or "auto"
     entries = _stored_entries(args, manifest, ref_path) if mode != "live" else None
     if entries is not None:
-        from pack.reference import ReferenceReader
-
         log0(f"objective: dpo (beta {beta}); reference: stored log-probs of {ref_path} "
              f"({entries[0]['dir']})")
-        return (Preference("dpo", beta, reference="stored", eval_entry=entries[1]),
-                ReferenceReader(args.shards, entries[0]))
+        return Preference("dpo", beta, reference="stored", train_entry=entries[0],
+                          eval_entry=entries[1])
     if mode == "stored":
         raise PacktrainError(f"--ref-logps stored: {args.shards} (or the eval set) holds no "
                              f"reference log-probs for {ref_path}; run pack-ref {ref_path} on "
@@ -97,12 +95,25 @@ def setup_preference(args: Namespace, manifest: dict, model: Any, model_path: st
     if args.lora and args.ref_model is None:
         log0(f"objective: dpo (beta {beta}); reference: live, the frozen base model "
              f"{model_path} (LoRA adapters disabled)")
-        return Preference("dpo", beta, reference="adapter"), None
+        return Preference("dpo", beta, reference="adapter")
     log0(f"objective: dpo (beta {beta}); reference: live, a frozen copy of {ref_path}")
-    pref = Preference("dpo", beta, reference="model")
-    pref.ref_model, pref.ref_engine = load_reference_model(args, ref_path, dist, ds_config,
-                                                           backend, sp)
-    return pref, None
+    return Preference("dpo", beta, reference="model", ref_path=ref_path)
+
+
+def start_reference(pref: Preference | None, args: Namespace, dist: Any, ds_config: dict,
+                    backend: str, sp: Any) -> Any:
+    """After the policy is loaded: load a live reference model ('model'), or open the training
+    set's stored log-probs ('stored': the reader is returned, for the data stream); else None.
+    `backend`: the packtrain attention backend (before any Ulysses wrapper)."""
+    if pref is None:
+        return None
+    if pref.reference == "stored":
+        return open_reference(args.shards, pref.train_entry,
+                              getattr(args, "shards_url", None) or args.shards)
+    if pref.reference == "model":
+        pref.ref_model, pref.ref_engine = load_reference_model(pref.ref_path, dist, ds_config,
+                                                               backend, sp)
+    return None
 
 
 def _stored_entries(args: Namespace, manifest: dict, ref_path: str) -> tuple[dict, Any] | None:
@@ -128,17 +139,28 @@ def eval_reference(pref: Preference | None, eval_dir: str) -> Any:
     """The eval set's stored-reference reader (stored runs), else None."""
     if pref is None or pref.reference != "stored":
         return None
+    return open_reference(eval_dir, pref.eval_entry, eval_dir)
+
+
+def open_reference(data_dir: str, entry: dict, where: str) -> Any:
+    """A stored-reference reader over `data_dir`; a URL's cache view first fetches the entry's
+    sidecar files (size and sha256 checked, like shards; a lock per file shares the work
+    between ranks)."""
     from pack.reference import ReferenceReader
+    from pack.remote import fetch_reference
 
-    return ReferenceReader(eval_dir, pref.eval_entry)
+    problems = fetch_reference(data_dir, entry)
+    if problems:
+        raise PacktrainError(f"{where}: the stored reference log-probs of {entry['model']} did "
+                             f"not arrive intact ({problems[0]}); retry, or use --ref-logps live")
+    return ReferenceReader(data_dir, entry)
 
 
-def load_reference_model(args: Namespace, ref_path: str, dist: Any, ds_config: dict,
-                         backend: str, sp: Any) -> tuple[Any, Any]:
+def load_reference_model(ref_path: str, dist: Any, ds_config: dict, backend: str,
+                         sp: Any) -> tuple[Any, Any]:
     """(the frozen reference model, its ZeRO-3 engine or None): same dtype and attention as the
     policy; under ZeRO-3 partitioned at load (the policy's HfDeepSpeedConfig is alive) and
     wrapped in an optimizer-less DeepSpeed engine, as TRL prepares its reference model."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from train.attention import enable_packed_attention

@@ -282,8 +282,8 @@ def slice_segment_logps(model: Any, mb: SeqSlice, chunk_size: int, sp: SPGroup) 
     """train.preference.segment_logps of the whole row, from this rank's piece: per-token
     log-probs of the piece's label tokens summed per segment, then summed over the group (the
     per-segment sums travel, never logits). [segments of the padded row] float32."""
+    from train.data import segment_ids
     from train.loss import head_token_losses
-    from train.preference import segment_ids
 
     parts, hidden = _slice_hidden(model, mb)
     token_ce, idx = head_token_losses(parts.head, hidden, mb.labels.reshape(-1), chunk_size,

@@ -54,9 +54,10 @@ def preflight_checks(args: Namespace, shards: str, manifest: dict, model: Any,
 # ---------------------------------------------------------------- model, optimizer, schedule
 
 def load_model(args: Namespace, model_path: str, dtype: str,
-               ds_config: dict) -> tuple[Any, Any]:
+               ds_config: dict, device: Any = None) -> tuple[Any, Any]:
     """Returns (model, keep_alive). ZeRO-3 builds under HfDeepSpeedConfig so from_pretrained
-    partitions parameters at load (keep_alive must outlive the engine)."""
+    partitions parameters at load (keep_alive must outlive the engine). --qlora loads the base
+    4-bit on `device` (train.qlora)."""
     from transformers import AutoModelForCausalLM
     from train.config import DTYPES
 
@@ -68,9 +69,17 @@ def load_model(args: Namespace, model_path: str, dtype: str,
     from safetensors import SafetensorError
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], local_files_only=True, trust_remote_code=False,
-            output_loading_info=True)
+        if getattr(args, "qlora", False):
+            from train.qlora import load_quantized, settings
+
+            # ZeRO-3 (HfDeepSpeedConfig) places parameters itself and refuses a device_map
+            where = None if keep_alive is not None else (device or "cpu")
+            model, info = load_quantized(model_path, settings(dtype), where,
+                                         output_loading_info=True)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=DTYPES[dtype], local_files_only=True,
+                trust_remote_code=False, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PacktrainError(f"{model_path}: cannot load a causal LM ({msg}); pass --model PATH "
@@ -206,13 +215,13 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     manifest = read_manifest(args.shards)
-    from train.preference_setup import check_objectives, setup_preference
-
-    check_objectives(args, manifest)
     model_path = args.model or manifest["tokenizer"]["path"]
     if not Path(model_path).is_dir():
         raise PacktrainError(f"{model_path}: no such model directory; pass --model PATH to a "
                              f"local Hugging Face model (default: the dataset's tokenizer path)")
+    from train.preference_setup import plan_preference, start_reference
+
+    pref = plan_preference(args, manifest, model_path)
     out = Path(args.output)
     sp = setup_sequence_parallel(args, dist.world_size, dist.rank)
     dtype = resolve_dtype(args.dtype, dist.device)
@@ -220,11 +229,14 @@ def build(args: Namespace, dist: Dist, hooks: Hooks | None = None) -> Run:
 
     # same seed on every rank while building: identical initial weights (LoRA init) everywhere
     seed_everything(args.seed)
-    model, keep_alive = load_model(args, model_path, dtype, ds_config)
+    model, keep_alive = load_model(args, model_path, dtype, ds_config, dist.device)
+    if getattr(args, "qlora", False):
+        from train.qlora import describe, settings
+
+        log0(describe(model, settings(dtype)))
     backend = select_backend(args.attn, dist.device, DTYPES[dtype])
     enable_packed_attention(model, backend)
-    pref, reference = setup_preference(args, manifest, model, model_path, dist, ds_config,
-                                       backend, sp)
+    reference = start_reference(pref, args, dist, ds_config, backend, sp)
     if sp is not None:
         backend = enable_ulysses(model, backend, sp)
     log0(f"attention backend: {backend} (--attn {args.attn}, {dist.device.type}, {dtype})")

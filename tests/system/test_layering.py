@@ -67,9 +67,10 @@ def test_pack_never_imports_train_or_torch():
 
 def test_train_uses_only_the_format_from_pack():
     # remote: URL -> local cache view; errors/files/cli_config: shared helpers; tokenize.loading:
-    # the tokenizer a dataset names (checks compare it with the model's)
+    # the tokenizer a dataset names (checks compare it with the model's); reference: the
+    # format's reference log-prob sidecars (format 2.1, preference datasets)
     allowed = {"pack", "pack.format", "pack.remote", "pack.errors", "pack.files",
-               "pack.cli_config", "pack.tokenize", "pack.tokenize.loading"}
+               "pack.cli_config", "pack.tokenize", "pack.tokenize.loading", "pack.reference"}
     for f in sorted((ROOT / "train").glob("*.py")):
         extra = {"pack.offline"} if f.name == "demo.py" else set()
         used = {m for m in imported_modules(f) if m == "pack" or m.startswith("pack.")}

@@ -125,6 +125,7 @@ def driver(cases_file: str, out_file: str) -> None:
     the unpacked reference of the same pairs; rank 0 writes the comparison."""
     from train.cli import parse_run_args
     from train.dist import setup_distributed
+    from train.evaluate import evaluate, open_eval_set
     from train.loop import _unset_hf_deepspeed_config
     from train.setup import build
 
@@ -132,22 +133,24 @@ def driver(cases_file: str, out_file: str) -> None:
     results = {}
     for name, argv in json.load(open(cases_file)).items():
         args = parse_run_args(argv)
-        reader = _reader(args)
+        reader = stored_reader(args)
         dp = dist.world_size // int(args.sequence_parallel or 1)
         ref_loss, ref_grads, pairs = unpacked_reference(args, step_packs(args, dp), reader)
         run = build(args, dist)
+        run.eval_set = open_eval_set(args, run.manifest, run.model, dist, run.pref)
+        before = evaluate(run) if run.eval_set is not None else None  # the initial weights
         res, grads = packed_step(run)
         if dist.is_main:
             results[name] = {"loss": res.loss, "ref_loss": ref_loss, "pairs": res.pairs["pairs"],
                              "ref_pairs": pairs, "grad_err": rel_grad_error(grads, ref_grads),
-                             "reference": run.pref.reference}
+                             "reference": run.pref.reference, "eval": before}
         run.engine = run.model = run.keep_alive = None
         _unset_hf_deepspeed_config()
     if dist.is_main:
         Path(out_file).write_text(json.dumps(results))
 
 
-def _reader(args):
+def stored_reader(args):
     """The stored reference reader a --ref-logps stored run uses (for the unpacked side)."""
     if args.ref_logps != "stored":
         return None

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.attention import enable_packed_attention
-from train.preference import pair_losses, segment_label_counts, segment_logps
+from train.data import segment_label_counts
+from train.preference import pair_losses, segment_logps
 
 V = 64
 
@@ -116,7 +117,7 @@ def test_pair_losses_formulas():
     loss, ch, rj = pair_losses("dpo", pol, ref, None, beta=0.1)
     z = 0.1 * torch.tensor([(-3 + 4) - (-5 + 4), (-2 + 2.5) - (-1 + 1.5)])
     assert torch.allclose(loss, -F.logsigmoid(z))
-    assert torch.allclose(ch - rj, z)
+    assert torch.allclose((ch - rj).float(), z)
     n = torch.tensor([3, 5, 2, 1])
     loss, ch, rj = pair_losses("simpo", pol, None, n, beta=2.0, gamma=0.5)
     z = 2.0 * torch.tensor([-3 / 3 + 5 / 5, -2 / 2 + 1 / 1]) - 0.5
@@ -134,7 +135,7 @@ from pathlib import Path  # noqa: E402
 
 from preference_cases import (COMMON, packed_step, rel_grad_error, step_packs,  # noqa: E402
                               unpacked_reference)
-from test_loop import DIST_VARS, clean_env, inproc  # noqa: E402,F401
+from test_loop import clean_env, inproc  # noqa: E402,F401
 
 HERE = Path(__file__).parent
 
@@ -180,6 +181,8 @@ CASES = {  # name: (dataset fixture, extra options); one packed step vs the pair
     "dpo-live-model": ("pairs_data", ["--objective", "dpo", "--ref-model", "REF"]),
     "dpo-stored": ("stored_data", ["--objective", "dpo", "--ref-logps", "stored"]),
     "dpo-lora-base": ("pairs_data", ["--objective", "dpo", "--lora", "--lora-r", "4"]),
+    "dpo-lora-base-ckpt": ("pairs_data", ["--objective", "dpo", "--lora", "--lora-r", "4",
+                                          "--gradient-checkpointing"]),
     "simpo": ("pairs_data", ["--objective", "simpo"]),
 }
 
@@ -197,13 +200,13 @@ def test_packed_step_equals_pairs_unpacked(inproc, request, model_dir, ref_dir, 
                  "--micro-batch", "2", *extra)
     reader = None
     if args.ref_logps == "stored":
-        from preference_cases import _reader
+        from preference_cases import stored_reader
 
-        reader = _reader(args)
+        reader = stored_reader(args)
     ref_loss, ref_grads, pairs = unpacked_reference(args, step_packs(args, 1), reader)
     run = build(args, inproc)
     want = {"dpo-live-model": "model", "dpo-stored": "stored", "dpo-lora-base": "adapter",
-            "simpo": "none"}[case]
+            "dpo-lora-base-ckpt": "adapter", "simpo": "none"}[case]
     assert run.pref.reference == want
     res, grads = packed_step(run)
     assert res.pairs["pairs"] == pairs > 4  # several pairs per pack
@@ -223,15 +226,17 @@ def two_rank_pairs(pairs_data, stored_data, model_dir, ref_dir, work) -> dict:
     z3 = work / "z3.json"
     z3.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     base = ["--model", str(model_dir), *COMMON, "--grad-accum", "2", "--objective", "dpo"]
+    evals = ["--eval-shards", str(pairs_data), "--eval-max-packs", "5"]
     cases = {
-        "live-model-z0": ["--shards", str(pairs_data), "--zero", "0", "--ref-model", str(ref_dir)],
+        "live-model-z0": ["--shards", str(pairs_data), "--zero", "0", "--ref-model", str(ref_dir),
+                          *evals],
         "stored-z2": ["--shards", str(stored_data), "--zero", "2", "--ref-logps", "stored"],
         "sp2-live-model-z1": ["--shards", str(pairs_data), "--zero", "1", "--ref-model",
-                              str(ref_dir), "--sequence-parallel", "2"],
+                              str(ref_dir), "--sequence-parallel", "2", *evals],
         "lora-base-z3": ["--shards", str(pairs_data), "--zero", "3", "--deepspeed", str(z3),
                          "--lora", "--lora-r", "4"],
         "live-model-z3": ["--shards", str(pairs_data), "--zero", "3", "--deepspeed", str(z3),
-                          "--ref-model", str(ref_dir)],
+                          "--ref-model", str(ref_dir), *evals],
     }
     jobs = {name: [*argv, *base, "--output", str(work / f"r2-{name}")]
             for name, argv in cases.items()}
@@ -257,3 +262,76 @@ def test_two_ranks_packed_dpo_equals_unpacked(two_rank_pairs, case):
     assert r["reference"] == {"stored-z2": "stored", "lora-base-z3": "adapter"}.get(case, "model")
     assert abs(r["loss"] - r["ref_loss"]) / r["ref_loss"] < 1e-5, r
     assert r["grad_err"] < 1e-5, r
+
+
+@pytest.mark.slow
+def test_two_ranks_eval_pairs_agree(two_rank_pairs):
+    """The eval set's pair metrics before training (same weights, same reference) agree across
+    ZeRO 0, ZeRO 3 and sequence parallel 2 (each rank evaluating its piece of every row)."""
+    runs = {k: v["eval"] for k, v in two_rank_pairs.items() if v["eval"] is not None}
+    assert set(runs) == {"live-model-z0", "sp2-live-model-z1", "live-model-z3"}
+    want = runs.pop("live-model-z0")
+    assert want["eval_pairs"] > 4 and want["eval_loss"] > 0
+    for name, got in runs.items():
+        assert got["eval_pairs"] == want["eval_pairs"], name
+        for key in ("eval_loss", "eval_rewards/margin", "eval_logps/chosen"):
+            assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), (name, key, got, want)
+        assert got["eval_rewards/accuracy"] == want["eval_rewards/accuracy"], name
+
+
+# ---------------------------------------------------------------- train-run end to end
+
+def test_train_run_dpo_stored_reference_eval_and_best(inproc, stored_data, model_dir, tmp_path,
+                                                      capsys):
+    """train-run --objective dpo on a dataset with stored reference log-probs (auto picks them,
+    the eval set's too): metrics.jsonl has the pair metrics every step and the eval's at steps
+    0, 2 and 3; --save-best follows the eval loss."""
+    from train.cli import run_main
+
+    out = tmp_path / "o"
+    assert run_main(["--shards", str(stored_data), "--model", str(model_dir), "--output",
+                     str(out), *COMMON, "--objective", "dpo", "--beta", "0.5", "--max-steps",
+                     "3", "--eval-shards", str(stored_data), "--eval-every", "2",
+                     "--eval-max-packs", "6", "--save-best", "--lr", "3e-3"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "reference: stored log-probs of" in printed and "beta 0.5" in printed
+    step_lines = [x for x in captured.err.splitlines() if x.startswith("step 3/3 loss")]
+    assert step_lines and " margin " in step_lines[0] and " acc " in step_lines[0], captured.err
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        assert m["pairs"] > 0 and 0 <= m["rewards/accuracy"] <= 1
+        assert m["rewards/margin"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"])
+        assert m["logps/chosen"] < 0 and m["logps/rejected"] < 0
+    evals = [m for m in lines if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 2, 3]
+    assert all(m["eval_pairs"] == evals[0]["eval_pairs"] > 0 for m in evals)
+    assert all("eval_rewards/accuracy" in m for m in evals)
+    best = min(evals, key=lambda m: m["eval_loss"])
+    if best["step"]:
+        assert (out / "checkpoints" / "best").read_text().strip().endswith(f"{best['step']:08d}")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--objective", "dpo"], "is an SFT dataset"),
+    (["--objective", "sft", "PAIRS"], "a preference dataset"),
+    (["--beta", "0.2"], "--beta: only for --objective dpo or simpo"),
+    (["--objective", "simpo", "--ref-model", "X", "PAIRS"], "SimPO uses no reference"),
+    (["--objective", "dpo", "--simpo-gamma", "1", "PAIRS"], "--simpo-gamma: only for"),
+    (["--objective", "dpo", "--beta", "0", "PAIRS"], "--beta 0.0: must be"),
+    (["--objective", "dpo", "--ref-logps", "stored", "PAIRS"], "--ref-logps stored:"),
+    (["--objective", "dpo", "--shards", "PAIRS", "PAIRS"], "mixtures of datasets"),
+])
+def test_wrong_objective_options_are_one_line_errors(inproc, dataset, pairs_data, model_dir,
+                                                     tmp_path, capsys, flags, says):
+    from train.cli import run_main
+
+    shards = pairs_data if "PAIRS" in flags else dataset
+    flags = [str(pairs_data) if f == "PAIRS" and i and flags[i - 1] == "--shards" else f
+             for i, f in enumerate(flags) if f != "PAIRS" or (i and flags[i - 1] == "--shards")]
+    rc = run_main(["--shards", str(shards), "--model", str(model_dir), "--output",
+                   str(tmp_path / "o"), *COMMON, *flags])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and says in lines[0], lines
