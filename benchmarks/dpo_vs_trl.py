@@ -41,8 +41,8 @@ no padding), pairs = pairs of the step. Rates per round are the timed steps' tot
 seconds; reported: median over --rounds (round-robin, so load from other processes hits all rows
 alike) with the range. Also each row's process wall time (imports, model load, checks, ref pass).
 
-    python benchmarks/dpo_vs_trl.py [--pairs 320] [--max-length 2048] [--steps 12] [--rounds 3]
-    python benchmarks/dpo_vs_trl.py --smoke          # a minute: tiny model, a few steps
+    python benchmarks/dpo_vs_trl.py [--pairs 120] [--max-length 1024] [--rounds 2] [--rows live,stored]
+    python benchmarks/dpo_vs_trl.py --smoke          # minutes: tiny model, 3 steps, 1 round
 """
 
 from __future__ import annotations
@@ -351,13 +351,13 @@ def render(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="small", choices=sorted(SIZES))
-    ap.add_argument("--pairs", type=int, default=320)
-    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--pairs", type=int, default=120)
+    ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=0,
                     help="optimizer steps per row, warm-up included (0: one epoch, every pack once, so "
                          "both reference passes cover the pairs trained on)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
