@@ -190,7 +190,7 @@ def test_gpu_check_train_run_cpu_smoke(tmp_path):
     assert "train-run tok/s" in p.stdout and "n/a" in p.stdout
 
 
-@pytest.mark.slow  # six processes (pack-build, 2 TRL, pack-ref, 2 train-run): ~3-6 min on 2 busy cores
+@pytest.mark.slow  # six processes (pack-build, 2 TRL, pack-ref, 2 train-run): 81 s alone, ~6 min on busy cores
 def test_dpo_vs_trl_smoke(tmp_path):
     """Every row runs on the same pairs in the same steps (same real tokens per step), every row's
     first loss is ln 2 and the first steps' losses agree with TRL's, the rates and ratios in the
