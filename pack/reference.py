@@ -39,6 +39,7 @@ from .format import (REF_COLUMN, REFERENCE_DIR, SIDECAR_SCHEMA, open_sidecar,  #
 
 _META_DATA_SHA = b"data_sha256"
 _META_FINGERPRINT = b"fingerprint"
+_META_DTYPE = b"dtype"  # a rerun in another dtype recomputes: one sidecar, one precision
 
 
 # ---------------------------------------------------------------- the model
@@ -101,7 +102,7 @@ class ReferenceWriter:
 
     def _meta(self, shard_index: int) -> dict[bytes, bytes]:
         return {_META_DATA_SHA: self.manifest["shards"][shard_index]["sha256"].encode(),
-                _META_FINGERPRINT: self.fingerprint.encode()}
+                _META_FINGERPRINT: self.fingerprint.encode(), _META_DTYPE: self.dtype.encode()}
 
     def done(self, shard_index: int) -> bool:
         """Whether shard ``shard_index``'s sidecar file is finished (an earlier, interrupted run

@@ -6,7 +6,9 @@ Off unless set; a run without them pays one empty check per step.
   (default 0) after optimizer step N, before any checkpoint of it; `kill-in-ckpt:N[@R]` after
   DeepSpeed wrote step N's files, before our state file and `latest`; `stop-after-step:N[@R]`
   SIGSTOPs it (a hung rank); `step-sleep:S` sleeps S seconds before every step (a window for tests
-  to send signals mid-run). tests/system/test_faults_train.py drives them.
+  to send signals mid-run). tests/system/test_faults_train.py drives them. pack-ref:
+  `kill-after-shard:N[@R]` SIGKILLs rank R after its N-th sidecar shard of this run
+  (tests/train/test_pack_ref.py).
 * PACKTRAIN_DEBUG_PACKS=DIR: each rank appends the pack ids of every step to
   DIR/packs-rankR.jsonl (tests and the demo check which packs each rank trained on).
 """
@@ -35,12 +37,13 @@ def parse_faultpoints() -> list[Faultpoint]:
     spec = os.environ.get(FAULTPOINT_ENV, "").strip()
     out = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        m = re.fullmatch(r"(kill-after-step|kill-in-ckpt|stop-after-step|step-sleep):"
+        m = re.fullmatch(r"(kill-after-step|kill-in-ckpt|stop-after-step|step-sleep|kill-after-shard):"
                          r"([0-9.]+)(?:@(\d+))?", item)
         if not m:
             raise PacktrainError(f"{FAULTPOINT_ENV}={spec!r}: cannot parse {item!r}; expected "
-                                 f"kill-after-step:N[@R], kill-in-ckpt:N[@R], stop-after-step:N[@R] "
-                                 f"or step-sleep:SECONDS (a test-only setting: unset it)")
+                                 f"kill-after-step:N[@R], kill-in-ckpt:N[@R], stop-after-step:N[@R], "
+                                 f"step-sleep:SECONDS or kill-after-shard:N[@R] (a test-only "
+                                 f"setting: unset it)")
         out.append((m.group(1), float(m.group(2)), None if m.group(3) is None else int(m.group(3))))
     return out
 

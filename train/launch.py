@@ -87,8 +87,10 @@ def _describe(failures: dict) -> str:
     return ", ".join(parts) or "a rank failed"
 
 
-def launch_local(nproc: int, argv: list[str], output: str | None = None) -> int:
-    """Run `python -m train.cli argv` on `nproc` local ranks; returns the exit code."""
+def launch_local(nproc: int, argv: list[str], output: str | None = None,
+                 module: str = "train.cli") -> int:
+    """Run `python -m MODULE argv` (train-run's train.cli; pack-ref's train.pack_ref) on `nproc`
+    local ranks; returns the exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -100,7 +102,7 @@ def launch_local(nproc: int, argv: list[str], output: str | None = None) -> int:
     os.environ["PACKTRAIN_LAUNCH_ID"] = launch_id  # inherited by the ranks
     grace = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(PREEMPT_GRACE_S))
     targs = parse_args(["--standalone", f"--nproc_per_node={nproc}", f"--shutdown-timeout={grace}",
-                        "--module", "train.cli", *strip_nproc(argv)])
+                        "--module", module, *strip_nproc(argv)])
     # torch's elastic loggers set their own levels (LOGLEVEL); the ranks' lines say what happened
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -193,3 +193,34 @@ def test_gpu_check_train_run_cpu_smoke(tmp_path):
     assert "train-run tok/s" in p.stdout and "n/a" in p.stdout
     log = (tmp_path / "gpu_train_run_work" / "run-tiny-256-z2-compile.log").read_text()
     assert "compile: 2 decoder layers" in log and "kernels: none (--kernels none)" in log
+
+
+@pytest.mark.slow  # six processes (pack-build, 2 TRL, pack-ref, 2 train-run): 81 s alone, ~6 min on busy cores
+def test_dpo_vs_trl_smoke(tmp_path):
+    """Every row runs on the same pairs in the same steps (same real tokens per step), every row's
+    first loss is ln 2 and the first steps' losses agree with TRL's, the rates and ratios in the
+    JSON are those of the steps it timed, and both reference passes are reported."""
+    import math
+
+    pytest.importorskip("trl")
+    out = tmp_path / "dpo.json"
+    p = _run(["benchmarks/dpo_vs_trl.py", "--smoke", "--out", str(out)], timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["complete"] and r["rounds"] == 1
+    rows = {row["kind"]: row for row in r["rows"]}
+    assert set(rows) == {"trl", "trl_pre", "live", "stored"}
+    trl = rows["trl"]
+    for row in rows.values():
+        assert row["same_tokens_as_trl"]
+        assert abs(row["loss"][0] - math.log(2)) < 1e-6 and len(row["loss"]) == r["steps"]
+        assert row["max_loss_diff_vs_trl"] < 1e-4
+        assert row["x_trl"] == pytest.approx(row["pairs_per_s"] / trl["pairs_per_s"])
+        (rnd,) = row["rounds"]
+        timed = sum(rnd["step_s"][r["warmup"]:])
+        assert row["tokens_per_s"] == pytest.approx(sum(rnd["step_tokens"][r["warmup"]:]) / timed)
+        assert row["pairs_per_s"] == pytest.approx(sum(rnd["step_pairs"][r["warmup"]:]) / timed)
+    assert rows["trl_pre"]["ref_pass_s"] > 0 and rows["stored"]["ref_pass_s"] > 0
+    assert rows["trl"]["ref_pass_s"] is None and rows["live"]["ref_pass_s"] is None
+    assert "pack-ref:" in rows["stored"]["rounds"][0]["pack_ref_summary"]
+    assert "train-run dpo, stored ref" in p.stdout and "x TRL" in p.stdout
