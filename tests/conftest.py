@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import DIST_VARS
 from pack.offline import chitchat_conversations, llama3_tokenizer_dir
 
 
@@ -58,6 +59,23 @@ def alpaca_jsonl(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- tiny training runs
 # test_loop.py and test_faults_train.py train the same tiny model on the same small dataset.
+
+@pytest.fixture(scope="module")
+def inproc():
+    """Single-process distributed environment for in-process runs (restored afterwards)."""
+    from train.dist import distributed_env, setup_distributed
+
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    for k in DIST_VARS:
+        os.environ.pop(k, None)
+    os.environ.update(distributed_env())
+    yield setup_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 
 @pytest.fixture(scope="module")
 def work(request, tmp_path_factory) -> Path:

@@ -15,6 +15,10 @@ from pack.files import file_sha256
 from pack.format import COLUMNS, SHARD_SCHEMA, open_shard, read_manifest, verify
 from pack.offline import chitchat_conversations
 
+# what a launcher sets; tests that launch or emulate ranks remove them from their environment
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
+
 
 def exchanges_jsonl(path: Path, limit: int = 160) -> Path:
     """Single user/assistant exchanges from real chitchat conversations, as `messages` JSONL

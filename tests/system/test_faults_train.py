@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import DIST_VARS
+
 
 STEPS = 10  # the dataset fixture: 29 packs, 2 ranks x 1 pack = 14 steps per epoch, more than STEPS
 COMMON = ["--dtype", "fp32", "--lr", "3e-3", "--schedule", "constant", "--warmup-steps", "2",
           "--grad-clip", "1.0", "--seed", "0", "--log-every", "1", "--zero", "2",
           "--max-steps", str(STEPS), "--save-every", "2", "--no-export"]
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
 TRAIN_RUN = str(Path(sys.executable).parent / "train-run")
 # Bounds asserted below (measured on the loaded 2-core development machine in brackets):
 PREEMPT_BOUND_S = 60   # SIGTERM -> launcher exit: rest of a ~1 s step + checkpoint [4-6 s]
@@ -313,20 +313,6 @@ class Evil:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture
-def inproc():
-    from train.dist import distributed_env, setup_distributed
-
-    saved = {k: os.environ.get(k) for k in DIST_VARS}
-    for k in DIST_VARS:
-        os.environ.pop(k, None)
-    os.environ.update(distributed_env())
-    yield setup_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_malicious_checkpoint_is_refused_on_resume_and_export(inproc, dataset, model_dir,

@@ -19,35 +19,18 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import DIST_VARS
 
 STEPS = 8
 # Constant LR after a 2-step warm-up: the schedule does not depend on the total step count, so
 # a run stopped with --max-steps 3 and resumed to 6 must match an uninterrupted run exactly.
 COMMON = ["--dtype", "fp32", "--lr", "3e-3", "--schedule", "constant", "--warmup-steps", "2",
           "--grad-clip", "1.0", "--seed", "0", "--log-every", "4"]
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
 
 
 # ---------------------------------------------------------------- fixtures
 # (work, dataset, model_dir: tests/conftest.py)
 
-@pytest.fixture(scope="module")
-def inproc():
-    """Single-process distributed environment for in-process runs (restored afterwards)."""
-    from train.dist import distributed_env, setup_distributed
-
-    saved = {k: os.environ.get(k) for k in DIST_VARS}
-    for k in DIST_VARS:
-        os.environ.pop(k, None)
-    os.environ.update(distributed_env())
-    dist = setup_distributed()
-    yield dist
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 # The venv's console script, not whatever `train-run` PATH finds (make test does not activate).

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import DIST_VARS
 from pack.offline import chitchat_conversations
 
 ROOT = Path(__file__).resolve().parents[2]
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
 
 
 def pairs_jsonl(path: Path, n: int = 36) -> Path:

@@ -20,30 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import DIST_VARS
+
 pytest.importorskip("bitsandbytes")
 
 COMMON = ["--qlora", "--dtype", "fp32", "--lr", "1e-2", "--schedule", "constant",
           "--warmup-steps", "0", "--grad-clip", "1.0", "--seed", "0", "--log-every", "4",
           "--lora-r", "4", "--lora-alpha", "8"]
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
 
 
-@pytest.fixture(scope="module")
-def inproc():
-    """Single-process distributed environment for in-process runs (restored afterwards)."""
-    from train.dist import distributed_env, setup_distributed
-
-    saved = {k: os.environ.get(k) for k in DIST_VARS}
-    for k in DIST_VARS:
-        os.environ.pop(k, None)
-    os.environ.update(distributed_env())
-    yield setup_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def qlora_args(dataset, model_dir, out, *extra):
