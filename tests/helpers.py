@@ -57,6 +57,19 @@ def make_packed_dataset(tokenizer_dir: Path, work: Path, max_length: int = 128,
     return out
 
 
+def randomise_lora_b(model, seed: int = 1) -> None:
+    """LoRA starts with B = 0, so A gets no gradient on the first step (and under DPO with the
+    adapters-disabled reference, policy = reference); a random B makes every LoRA weight's
+    gradient informative."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
 def rewrite_shard(ds, rows: list[dict], index: int = 0) -> None:
     """Replace shard `index` with `rows` and fix its manifest entry (size, sha256, counts) so
     only the pack invariants can object."""

@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 
-from test_loop import inproc, train_args  # noqa: F401  (a fixture and a helper)
+from test_loop import train_args
 
 
 def _row(lengths: list[int], vocab: int, seed: int):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_loop import COMMON, TRAIN_RUN, clean_env, inproc, metrics  # noqa: F401 (fixture)
+from test_loop import COMMON, TRAIN_RUN, clean_env, metrics
 
 EVAL = ["--micro-batch", "2", "--no-export", "--zero", "0"]  # 2 packs per row, per step
 

@@ -19,7 +19,6 @@ import torch
 from pack.errors import PacktrainError
 from pack.format import PackedDataset
 from train.data import DataState
-from test_loop import inproc  # noqa: F401  (fixture: the loop tests' one-rank process group)
 from train.mixture import (MixtureStream, dataset_picks, epoch_picks, epoch_targets,
                            parse_weights)
 

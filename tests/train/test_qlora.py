@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DIST_VARS
+from helpers import DIST_VARS, randomise_lora_b
 
 pytest.importorskip("bitsandbytes")
 
@@ -53,16 +53,6 @@ def linear4bit_layers(model) -> list:
     import bitsandbytes as bnb
 
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
-def randomise_lora_b(model, seed: int = 1) -> None:
-    """LoRA starts with B = 0, so A gets no gradient on the first step; a random B makes every
-    LoRA weight's gradient informative."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 # ---------------------------------------------------------------- loading and training
@@ -183,6 +173,44 @@ def test_qlora_packed_step_equals_unpacked(inproc, dataset, model_dir, tmp_path)
           f"max grad diff {worst:.3g} (max grad {scale:.3g})")
     assert abs(res.loss - out.loss.item()) < 1e-5
     assert scale > 1e-3 and worst < 1e-6 + 1e-5 * scale, (worst, scale)
+
+
+def test_train_run_dpo_qlora(inproc, pairs_data, model_dir, tmp_path, capsys):
+    """train-run --objective dpo --qlora (default ZeRO 2), 3 steps: the reference is the NF4 base
+    with the adapters disabled, every number metrics.jsonl logs is finite, and every LoRA weight
+    of the exported adapter moved from where the run started (A: its seeded init, B: 0) by no
+    more than 3 Adam steps of --lr 1e-2 allow (so the start is rebuilt right). Packed DPO under
+    --qlora equals the pairs unpacked: tests/train/test_preference.py, case dpo-qlora-base."""
+    import math
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from train.cli import parse_run_args, run_main
+    from train.setup import load_model, seed_everything
+
+    out = tmp_path / "dpo"
+    argv = ["--shards", str(pairs_data), "--model", str(model_dir), "--output", str(out),
+            *COMMON, "--objective", "dpo", "--max-steps", "3"]
+    assert run_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "QLoRA: nf4 base" in printed and "(LoRA adapters disabled)" in printed, printed
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        assert m["pairs"] > 0 and "rewards/margin" in m and "logps/chosen" in m, m
+        assert all(math.isfinite(v) for v in m.values() if isinstance(v, (int, float))), m
+
+    args = parse_run_args(argv)
+    seed_everything(args.seed)  # as train.setup.build does before loading: the same LoRA init
+    start = get_peft_model_state_dict(load_model(args, str(model_dir), "fp32",
+                                                 {"zero_optimization": {"stage": 0}})[0])
+    end = load_file(str(out / "export" / "adapter_model.safetensors"))
+    assert start.keys() == end.keys() and len(end) == 2 * 2 * 7
+    moved = {k: float((end[k] - start[k]).abs().max()) for k in end}
+    print(f"dpo --qlora: losses {[round(m['loss'], 6) for m in steps]}; LoRA weights moved "
+          f"{min(moved.values()):.3g} .. {max(moved.values()):.3g}")
+    assert all(0 < d < 3 * 1e-2 * 1.5 for d in moved.values()), moved
 
 
 # ---------------------------------------------------------------- checkpoints and export

@@ -9,7 +9,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from test_loop import inproc, train_args  # noqa: F401  (fixture: one-rank process group)
+from test_loop import train_args
 
 # The documented minimum per optimizer step (train.loop.train_step), --grad-accum 2:
 #   packtrain     1  the step's one batched read (loss sum, counts, gradient norm)

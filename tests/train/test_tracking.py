@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_loop import inproc, losses, metrics  # noqa: F401  (inproc: a fixture)
+from test_loop import losses, metrics
 
 TRACKED = ["--zero", "0", "--dtype", "fp32", "--lr", "3e-3", "--max-steps", "3",
            "--no-export", "--log-every", "3"]
