@@ -231,7 +231,8 @@ def parse_run_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _user_error(e: Exception) -> int:
+def user_error(e: Exception) -> int:
+    """Print a user error as one line (naming the rank when not 0); the exit status, 2."""
     rank = int(os.environ.get("RANK", "0"))
     where = f" (rank {rank})" if rank else ""
     msg = " ".join(str(e).split()) or type(e).__name__
@@ -243,7 +244,8 @@ _LOST_PEER = re.compile(r"gloo|Connection closed by peer|Connection reset|[Tt]im
                         r"Socket Timeout|ProcessGroup")
 
 
-def _lost_peers(e: Exception) -> int:
+def lost_peers(e: Exception) -> int:
+    """Print one line for a rank that lost its peers (a collective failed); the exit status, 1."""
     rank = int(os.environ.get("RANK", "0"))
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
     print(f"error (rank {rank}): lost contact with the other ranks ({first[:300]}); one of them "
@@ -283,13 +285,13 @@ def run_main(argv: list[str] | None = None) -> int:
                 print(str(e), file=sys.stderr, flush=True)
             return PREEMPTED_EXIT
         except tdist.DistError as e:  # gloo/nccl: peer gone, collective timed out
-            return _lost_peers(e)
+            return lost_peers(e)
         except RuntimeError as e:  # gloo raises plain RuntimeError for a peer's closed socket
             if not _LOST_PEER.search(str(e)):
                 raise
-            return _lost_peers(e)
+            return lost_peers(e)
     except PacktrainError as e:
-        return _user_error(e)
+        return user_error(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -323,7 +325,7 @@ def export_main(argv: list[str] | None = None) -> int:
         for w in info.get("warnings", []):
             print(f"warning: {w}", file=sys.stderr)
     except PacktrainError as e:
-        return _user_error(e)
+        return user_error(e)
     return 0
 
 

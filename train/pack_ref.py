@@ -249,7 +249,7 @@ def summary(args: Namespace, stats: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The pack-ref console script. Exit codes as train-run's: 0 done, 1 lost peers, 2 user error,
     130 interrupted."""
-    from train.cli import _lost_peers, _user_error
+    from train.cli import lost_peers, user_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -277,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         except AttentionBackendError as e:
             raise PacktrainError(str(e)) from None
         except tdist.DistError as e:
-            return _lost_peers(e)
+            return lost_peers(e)
         close_distributed_at_exit()
         log0(summary(args, stats))
     except PacktrainError as e:
-        return _user_error(e)
+        return user_error(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
