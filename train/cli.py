@@ -24,6 +24,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pack.cli_config import add_config_arg, expand_config
 from pack.errors import PacktrainError
@@ -253,49 +254,67 @@ def lost_peers(e: Exception) -> int:
     return 1
 
 
-def run_main(argv: list[str] | None = None) -> int:
-    from train.launch import in_launched_rank, launch_local
-
-    argv = list(sys.argv[1:] if argv is None else argv)
+def command_exit(body: Callable[[], int]) -> int:
+    """Run a console command's body: a user error becomes one line and exit 2, Ctrl-C exit 130."""
     try:
-        argv = expand_config(run_parser, argv)  # the ranks get the file's options as flags
-        args = parse_run_args(argv)
-        from train.mixture import read_manifests
-
-        read_manifests(args)  # fail fast, in the parent, before any rank starts
-        if args.nproc > 1 and not in_launched_rank():
-            return launch_local(args.nproc, argv, args.output)
-        import torch.distributed as tdist
-
-        from train.attention import AttentionBackendError
-        from train.dist import PREEMPTED_EXIT, Preempted, close_distributed_at_exit
-        from train.loop import train
-
-        try:
-            train(args)
-            close_distributed_at_exit()
-        except AttentionBackendError as e:
-            raise PacktrainError(str(e)) from None
-        except Preempted as e:
-            # the checkpoint is complete; a launcher's SIGTERM while we exit must not turn
-            # this clean stop into a kill
-            with contextlib.suppress(ValueError):  # ValueError: not the main thread
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(str(e), file=sys.stderr, flush=True)
-            return PREEMPTED_EXIT
-        except tdist.DistError as e:  # gloo/nccl: peer gone, collective timed out
-            return lost_peers(e)
-        except RuntimeError as e:  # gloo raises plain RuntimeError for a peer's closed socket
-            if not _LOST_PEER.search(str(e)):
-                raise
-            return lost_peers(e)
+        return body()
     except PacktrainError as e:
         return user_error(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def rank_exit(body: Callable[[], None]) -> int:
+    """Run a rank's distributed work (train-run's, pack-ref's): 0 when done; a lost peer becomes
+    one line and exit 1, a preemption (checkpoint written) exit 75; an attention backend's
+    refusal is a user error."""
+    import torch.distributed as tdist
+
+    from train.attention import AttentionBackendError
+    from train.dist import PREEMPTED_EXIT, Preempted, close_distributed_at_exit
+
+    try:
+        body()
+        close_distributed_at_exit()
+    except AttentionBackendError as e:
+        raise PacktrainError(str(e)) from None
+    except Preempted as e:
+        # the checkpoint is complete; a launcher's SIGTERM while we exit must not turn
+        # this clean stop into a kill
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
+    except tdist.DistError as e:  # gloo/nccl: peer gone, collective timed out
+        return lost_peers(e)
+    except RuntimeError as e:  # gloo raises plain RuntimeError for a peer's closed socket
+        if not _LOST_PEER.search(str(e)):
+            raise
+        return lost_peers(e)
     return 0
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """The train-run console script (exit codes: README)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return command_exit(lambda: _run(argv))
+
+
+def _run(argv: list[str]) -> int:
+    from train.launch import in_launched_rank, launch_local
+
+    argv = expand_config(run_parser, argv)  # the ranks get the file's options as flags
+    args = parse_run_args(argv)
+    from train.mixture import read_manifests
+
+    read_manifests(args)  # fail fast, in the parent, before any rank starts
+    if args.nproc > 1 and not in_launched_rank():
+        return launch_local(args.nproc, argv, args.output)
+    from train.loop import train
+
+    return rank_exit(lambda: train(args))
 
 
 def export_main(argv: list[str] | None = None) -> int:

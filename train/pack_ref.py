@@ -249,43 +249,32 @@ def summary(args: Namespace, stats: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The pack-ref console script. Exit codes as train-run's: 0 done, 1 lost peers, 2 user error,
     130 interrupted."""
-    from train.cli import lost_peers, user_error
+    from train.cli import command_exit
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parser().parse_args(argv)
-        check_inputs(args)  # fail fast, in the parent, before any rank starts
-        from pack.reference import model_fingerprint
-        from train.launch import in_launched_rank, launch_local
+    return command_exit(lambda: _main(argv))
 
-        launched = in_launched_rank()
-        if args.nproc > 1 and not launched:
-            return launch_local(args.nproc, argv, module="train.pack_ref")
-        # one process: hash the weights here, before the slow imports (a directory without
-        # weights is refused at once); ranks of a launch leave it to rank 0
-        fingerprint = None if launched else model_fingerprint(args.model)
-        import torch.distributed as tdist
 
-        from train.attention import AttentionBackendError
-        from train.dist import close_distributed_at_exit, log0, setup_distributed
-        from train.hooks import Hooks
+def _main(argv: list[str]) -> int:
+    from train.cli import rank_exit
 
-        hooks = Hooks.from_env()
-        dist = setup_distributed()
-        try:
-            stats = run(args, dist, hooks, fingerprint)
-        except AttentionBackendError as e:
-            raise PacktrainError(str(e)) from None
-        except tdist.DistError as e:
-            return lost_peers(e)
-        close_distributed_at_exit()
-        log0(summary(args, stats))
-    except PacktrainError as e:
-        return user_error(e)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    args = parser().parse_args(argv)
+    check_inputs(args)  # fail fast, in the parent, before any rank starts
+    from pack.reference import model_fingerprint
+    from train.launch import in_launched_rank, launch_local
+
+    launched = in_launched_rank()
+    if args.nproc > 1 and not launched:
+        return launch_local(args.nproc, argv, module="train.pack_ref")
+    # one process: hash the weights here, before the slow imports (a directory without
+    # weights is refused at once); ranks of a launch leave it to rank 0
+    fingerprint = None if launched else model_fingerprint(args.model)
+    from train.dist import log0, setup_distributed
+    from train.hooks import Hooks
+
+    hooks = Hooks.from_env()
+    dist = setup_distributed()
+    return rank_exit(lambda: log0(summary(args, run(args, dist, hooks, fingerprint))))
 
 
 if __name__ == "__main__":
