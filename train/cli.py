@@ -32,6 +32,36 @@ from train.run_config import run_config
 from train.tracking import add_tracking_args, check_installed
 
 
+def add_objective_args(ap: argparse.ArgumentParser) -> None:
+    """train-run's options for what is trained: the objective (SFT, DPO, SimPO) and LoRA/QLoRA."""
+    g = ap.add_argument_group("objective")
+    g.add_argument("--objective", choices=("sft", "dpo", "simpo"), default="sft",
+                   help="sft: next-token loss over label tokens (SFT datasets); dpo / simpo: "
+                        "preference pairs (datasets packed from chosen/rejected pairs)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="dpo / simpo: the reward scale beta (default: dpo 0.1, simpo 2.0)")
+    g.add_argument("--simpo-gamma", type=float, default=None,
+                   help="simpo: the target reward margin gamma (default 0.5)")
+    g.add_argument("--ref-model", metavar="PATH", default=None,
+                   help="dpo: the reference model (default: --model; under --lora the frozen "
+                        "base, with the adapters disabled)")
+    g.add_argument("--ref-logps", choices=("auto", "stored", "live"), default=None,
+                   help="dpo: reference log-probs from pack-ref's sidecar (stored) or a "
+                        "reference forward every step (live); auto (default): stored when the "
+                        "dataset has them for the reference model")
+    g = ap.add_argument_group("LoRA")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
+    g.add_argument("--qlora", action="store_true",
+                   help="QLoRA: load the base as bitsandbytes NF4 (double quantisation, compute "
+                        "dtype from --dtype) and train LoRA adapters on it; implies --lora "
+                        "(needs packtrain[qlora])")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", default="all-linear",
+                   help="comma-separated module names, or all-linear")
+
+
 def run_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="train-run",
@@ -110,32 +140,7 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=float, default=1800, metavar="SECONDS",
                    help="a collective that waits this long for its peers (a rank died or hangs) "
                         "fails and the rank exits with code 1, even without a launcher")
-    g = ap.add_argument_group("objective")
-    g.add_argument("--objective", choices=("sft", "dpo", "simpo"), default="sft",
-                   help="sft: next-token loss over label tokens (SFT datasets); dpo / simpo: "
-                        "preference pairs (datasets packed from chosen/rejected pairs)")
-    g.add_argument("--beta", type=float, default=None,
-                   help="dpo / simpo: the reward scale beta (default: dpo 0.1, simpo 2.0)")
-    g.add_argument("--simpo-gamma", type=float, default=None,
-                   help="simpo: the target reward margin gamma (default 0.5)")
-    g.add_argument("--ref-model", metavar="PATH", default=None,
-                   help="dpo: the reference model (default: --model; under --lora the frozen "
-                        "base, with the adapters disabled)")
-    g.add_argument("--ref-logps", choices=("auto", "stored", "live"), default=None,
-                   help="dpo: reference log-probs from pack-ref's sidecar (stored) or a "
-                        "reference forward every step (live); auto (default): stored when the "
-                        "dataset has them for the reference model")
-    g = ap.add_argument_group("LoRA")
-    g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
-    g.add_argument("--qlora", action="store_true",
-                   help="QLoRA: load the base as bitsandbytes NF4 (double quantisation, compute "
-                        "dtype from --dtype) and train LoRA adapters on it; implies --lora "
-                        "(needs packtrain[qlora])")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=float, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--lora-targets", default="all-linear",
-                   help="comma-separated module names, or all-linear")
+    add_objective_args(ap)
     g = ap.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=0,
                    help="checkpoint every N optimizer steps (always at the end)")
